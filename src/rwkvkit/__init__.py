@@ -1,0 +1,17 @@
+"""rwkvkit: RWKV models (RWKV-7 "Goose" first) for training, inference and research.
+
+Public API::
+
+    model = rwkvkit.load_model("RWKV-x070-World-0.1B-...pth")   # or a saved directory
+    logits, state = model(tokens)                               # tokens: LongTensor [B, T]
+    text = rwkvkit.generate(model, "The capital of France is", max_new_tokens=20)
+"""
+
+from .checkpoint import load_model
+from .config import ModelConfig
+from .errors import RwkvkitError
+from .state import RecurrentState
+from .tokenizer import WorldTokenizer
+
+__all__ = ["ModelConfig", "RecurrentState", "RwkvkitError", "WorldTokenizer", "load_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""Reading and writing checkpoints; detecting the architecture of official files.
+
+Official BlinkDL ``.pth`` files are read with ``torch.load(weights_only=True, mmap=True)``
+only: a pickle that asks for anything but tensors is refused before it can run code.
+Files that rwkvkit writes are ``model.safetensors`` + ``config.json`` (+ tokenizer files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import ModelConfig
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    StateDictError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+)
+from .models.base import LanguageModel
+from .models.registry import model_class
+from .state import RecurrentState
+
+_PREFIXES = ("_forward_module.", "module.")
+_MAX_LISTED = 12
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.pth`` file (weights only, memory-mapped when possible)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # Legacy (non-zip) format, or not a torch file at all: read it without mmap.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "Weights only load failed" in msg:
+            found = re.search(r"(?:GLOBAL|global) ([\w.]+(?: [\w.]+)?)", msg)
+            what = f" (it references {found.group(1)})" if found else ""
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: the pickle holds objects other than tensors{what}; "
+                "nothing from it was executed"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg.splitlines()[0]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
+    return _as_tensor_dict(obj, path)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a ``.safetensors`` file."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    return tensors, meta
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+
+
+def _as_tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: expected a dict of tensors, but key {key!r} holds {type(value).__name__}"
+            )
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+# -- architecture -----------------------------------------------------------------------------
+def detect_arch(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """The architecture of an official state dict, from its key names.
+
+    Raises UnsupportedArchitectureError naming what was found for files rwkvkit cannot run.
+    """
+    if "emb.weight" not in sd or not any(k.startswith("blocks.0.") for k in sd):
+        first = _listed(sorted(sd)) if sd else "no keys"
+        raise UnsupportedArchitectureError(
+            f"{source}: not an RWKV checkpoint (no emb.weight / blocks.0.*; found {first})"
+        )
+    if "blocks.0.att.r_k" in sd or "blocks.0.att.x_r" in sd:
+        if any(".ffn.s_emb" in k for k in sd):
+            raise UnsupportedArchitectureError(
+                f"{source}: RWKV-7 DeepEmbed variant (ffn.s_emb keys) is not supported"
+            )
+        return "rwkv7"
+    if "blocks.0.att.time_maa_x" in sd:
+        return "rwkv6"
+    decay = sd.get("blocks.0.att.time_decay")
+    if "blocks.0.att.ln_x.weight" in sd:
+        if (
+            "blocks.0.att.gate.weight" in sd
+            and decay is not None
+            and decay.dim() == 2
+            and decay.shape[1] > 1
+        ):
+            return "rwkv5"
+        shape = tuple(decay.shape) if decay is not None else None
+        raise UnsupportedArchitectureError(
+            f"{source}: RWKV-5.0/5.1 checkpoint (per-head decay, time_decay shape {shape}) is not supported"
+        )
+    if "blocks.0.att.time_first" in sd:
+        raise UnsupportedArchitectureError(f"{source}: RWKV-4 checkpoint (time_first, no ln_x) is not supported")
+    raise UnsupportedArchitectureError(
+        f"{source}: unknown RWKV variant (blocks.0 keys: {_listed(sorted(k for k in sd if k.startswith('blocks.0.')))})"
+    )
+
+
+# -- building a model -------------------------------------------------------------------------
+def _check_keys(model: LanguageModel, sd: dict[str, torch.Tensor], ignored: set[str], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected and k not in ignored)
+    if missing:
+        raise StateDictError(f"{source}: missing key(s): {_listed(missing)}")
+    if unexpected:
+        raise StateDictError(f"{source}: unexpected key(s): {_listed(unexpected)}")
+    wrong = [
+        f"{k} expected {list(shape)} found {list(sd[k].shape)}"
+        for k, shape in expected.items()
+        if tuple(sd[k].shape) != shape
+    ]
+    if wrong:
+        raise StateDictError(f"{source}: wrong shape(s): {_listed(wrong)}")
+
+
+def build_model(
+    config: ModelConfig,
+    sd: dict[str, torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    source: str = "checkpoint",
+) -> LanguageModel:
+    """A model of ``config`` holding the tensors of ``sd`` (checked against its keys and shapes).
+
+    ``dtype`` None keeps each tensor's dtype from the file.
+    """
+    cls = model_class(config.arch)
+    with torch.device("meta"):
+        model = cls(config)
+    _check_keys(model, sd, cls.ignored_keys(sd), source)
+    tensors = {}
+    for key in model.state_dict():
+        t = sd[key]
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[key] = t.to(device)
+    model.load_state_dict(tensors, assign=True)
+    return model.eval()
+
+
+def _state_from_tensors(arch: str, sd: dict[str, torch.Tensor], prefix: str) -> RecurrentState | None:
+    fields = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not fields:
+        return None
+    return RecurrentState(arch=arch, **fields)
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> LanguageModel:
+    """Load a model from an official ``.pth``, a directory written by ``model.save``, or a
+    ``.safetensors`` file with its ``config.json`` beside it.
+
+    The model carries ``.config`` and ``.tokenizer`` (the World tokenizer for official
+    65536-vocabulary files; None when unknown). ``dtype`` None keeps the file's dtype.
+    """
+    from .tokenizer import WorldTokenizer, load_tokenizer
+
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        directory = path if path.is_dir() else path.parent
+        weights = directory / "model.safetensors" if path.is_dir() else path
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{config_path}: no such file (a saved model needs its config.json)")
+        try:
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
+        config = ModelConfig.from_dict(meta, source=str(config_path))
+        sd, _ = read_safetensors(weights)
+        default_state = _state_from_tensors(config.arch, sd, "default_state.")
+        sd = {k: v for k, v in sd.items() if not k.startswith("default_state.")}
+        model = build_model(config, sd, device=device, dtype=dtype, source=str(weights))
+        if isinstance(meta.get("tokenizer"), dict):
+            model.tokenizer = load_tokenizer(meta["tokenizer"], directory)
+    else:
+        sd = read_pth(path)
+        arch = detect_arch(sd, str(path))
+        config = model_class(arch).config_from_state_dict(sd)
+        default_state = None
+        model = build_model(config, sd, device=device, dtype=dtype, source=str(path))
+        if config.vocab_size == 65536:
+            model.tokenizer = WorldTokenizer()
+    if default_state is not None:
+        model.init_state(1).check_compatible(default_state, f"{path}: default_state")
+        model.default_state = default_state.to(device)
+    return model
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``rwkvkit info`` prints: architecture, sizes, parameter count, state size."""
+    model = load_model(path, dtype=None)
+    cfg = model.config
+    file_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    return {
+        "path": str(path),
+        "arch": cfg.arch,
+        "n_layer": cfg.n_layer,
+        "n_embd": cfg.n_embd,
+        "n_head": cfg.n_head,
+        "head_size": cfg.head_size,
+        "vocab_size": cfg.vocab_size,
+        "ffn_dim": cfg.ffn_dim,
+        "lora": dict(cfg.lora),
+        "dtype": ", ".join(file_dtypes),
+        "parameters": model.num_parameters(),
+        "state_bytes_fp32": _state_bytes_fp32(model),
+        "tuned_state": model.default_state is not None,
+        "tokenizer": getattr(model.tokenizer, "kind", None),
+    }
+
+
+def _state_bytes_fp32(model: LanguageModel) -> int:
+    state = model.init_state(1)
+    return sum(t.numel() * 4 for t in state.tensor_fields().values())

@@ -1,0 +1,34 @@
+"""WKV recurrences: one interface, several backends.
+
+``wkv7`` picks the backend: the recurrent step for T == 1 and the chunked-parallel form
+otherwise (GPU kernels slot in here). ``reference`` holds the step-by-step spec.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import wkv7_chunked
+from .reference import wkv7_reference, wkv7_step
+
+__all__ = ["wkv7", "wkv7_chunked", "wkv7_reference", "wkv7_step"]
+
+
+def wkv7(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-7 WKV: inputs [B, T, H, N], state [B, H, N, N] ([value, key]).
+
+    Returns ``(y, new_state)``; the given state is not modified. ``y`` and the new state are
+    in the state's dtype.
+    """
+    if r.shape[1] == 1:
+        y, s = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
+        return y.unsqueeze(1), s
+    return wkv7_chunked(r, log_w, k, v, a, b, state)

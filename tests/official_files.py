@@ -1,0 +1,89 @@
+"""Random checkpoints in the official BlinkDL layouts (key names, shapes, bf16 storage),
+plus a runner that gets logits from the reference ``rwkv`` package in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+RUNNER = Path(__file__).with_name("rwkv_reference_runner.py")
+
+
+def make_rwkv7_state_dict(
+    n_layer: int = 2,
+    n_embd: int = 128,
+    head_size: int = 64,
+    vocab_size: int = 256,
+    lora: tuple[int, int, int, int] = (32, 32, 32, 64),
+    ffn_dim: int | None = None,
+    *,
+    seed: int = 0,
+    layer0_v: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> "OrderedDict[str, torch.Tensor]":
+    """Random weights with the official RWKV-7 keys and shapes, in realistic ranges."""
+    g = torch.Generator().manual_seed(seed)
+    C, H, N, V = n_embd, n_embd // head_size, head_size, vocab_size
+    F = ffn_dim or 4 * C
+    Dw, Da, Dv, Dg = lora
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    def unif(*shape, lo=0.0, hi=1.0):
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    sd["emb.weight"] = randn(V, C)
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        if i == 0:
+            sd[p + "ln0.weight"], sd[p + "ln0.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        sd[p + "ln1.weight"], sd[p + "ln1.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        sd[p + "ln2.weight"], sd[p + "ln2.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        for n in "rwkvag":
+            sd[p + f"att.x_{n}"] = unif(1, 1, C)
+        sd[p + "att.w0"] = randn(1, 1, C, scale=1.5, shift=-1.0)
+        sd[p + "att.w1"], sd[p + "att.w2"] = randn(C, Dw, scale=0.1), randn(Dw, C, scale=0.1)
+        sd[p + "att.a0"] = randn(1, 1, C, scale=0.5)
+        sd[p + "att.a1"], sd[p + "att.a2"] = randn(C, Da, scale=0.1), randn(Da, C, scale=0.1)
+        if i > 0 or layer0_v:
+            sd[p + "att.v0"] = randn(1, 1, C, scale=0.5, shift=0.5)
+            sd[p + "att.v1"], sd[p + "att.v2"] = randn(C, Dv, scale=0.1), randn(Dv, C, scale=0.1)
+        sd[p + "att.g1"], sd[p + "att.g2"] = randn(C, Dg, scale=0.1), randn(Dg, C, scale=0.1)
+        sd[p + "att.k_k"] = randn(1, 1, C, scale=0.1, shift=0.7)
+        sd[p + "att.k_a"] = randn(1, 1, C, scale=0.1, shift=1.0)
+        sd[p + "att.r_k"] = randn(H, N, scale=0.1)
+        for n in ("receptance", "key", "value", "output"):
+            sd[p + f"att.{n}.weight"] = randn(C, C, scale=C**-0.5)
+        sd[p + "att.ln_x.weight"], sd[p + "att.ln_x.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        sd[p + "ffn.x_k"] = unif(1, 1, C)
+        sd[p + "ffn.key.weight"] = randn(F, C, scale=C**-0.5)
+        sd[p + "ffn.value.weight"] = randn(C, F, scale=F**-0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+    sd["head.weight"] = randn(V, C, scale=C**-0.5)
+    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+
+
+def reference_logits(version: str, model_path: Path, chunks: list[list[int]]) -> list[torch.Tensor]:
+    """Logits of the ``rwkv`` package (cpu fp32) for token chunks fed one after another
+    with the state carried: one [T_i, V] tensor per chunk (full_output)."""
+    out = model_path.with_suffix(".ref.pt")
+    env = {**os.environ, "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
+    if version == "7":
+        env["RWKV_V7_ON"] = "1"
+    else:
+        env.pop("RWKV_V7_ON", None)
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), str(model_path), json.dumps(chunks), str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference runner failed:\n{proc.stdout}\n{proc.stderr}")
+    return torch.load(out, weights_only=True)
