@@ -60,12 +60,14 @@ class LanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, RecurrentState]:
         """Logits float32 [B, T, V] ([B, 1, V] with ``last_only``) and the new state.
 
-        ``state`` (None: the initial state) is not modified.
+        ``state`` (None: the initial state) is not modified. A float64 model returns float64
+        logits (for exactness checks).
         """
         h, state = self.hidden(tokens, state)
         if last_only:
             h = h[:, -1:]
-        return self.head(h).float(), state
+        logits = self.head(h)
+        return (logits if logits.dtype == torch.float64 else logits.float()), state
 
     # -- helpers for subclasses -------------------------------------------------------------
     @property

@@ -100,7 +100,7 @@ class TimeMix(nn.Module):
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * self.k_a)
-        log_w = -DECAY_SCALE * torch.sigmoid(z.float())
+        log_w = -DECAY_SCALE * torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
 
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = ops.wkv7(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv)
