@@ -232,8 +232,9 @@ def load_model(
     else:
         sd = read_pth(path)
         arch = detect_arch(sd, str(path))
-        config = model_class(arch).config_from_state_dict(sd)
-        default_state = None
+        cls = model_class(arch)
+        config = cls.config_from_state_dict(sd)
+        default_state = cls.default_state_from_state_dict(sd)
         model = build_model(config, sd, device=device, dtype=dtype, source=str(path))
         if config.vocab_size == 65536:
             model.tokenizer = WorldTokenizer()

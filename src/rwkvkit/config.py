@@ -25,7 +25,8 @@ class ModelConfig:
         n_embd: model width C.
         vocab_size: rows of the embedding and the head.
         head_size: channels per head N (64 in official models); heads H = C / N.
-        ffn_dim: hidden width of the channel-mix (4C for RWKV-7).
+        ffn_dim: hidden width of the channel-mix (0: the architecture's default, e.g. 4C
+            for RWKV-7, set when the model is built).
         lora: low-rank sizes by name (RWKV-7: "w", "a", "v", "g").
     """
 
@@ -46,8 +47,6 @@ class ModelConfig:
             raise ConfigError(
                 f"config: n_embd {self.n_embd} is not a multiple of head_size {self.head_size}"
             )
-        if self.ffn_dim == 0:
-            self.ffn_dim = 4 * self.n_embd
         for name, size in self.lora.items():
             if not isinstance(size, int) or size <= 0:
                 raise ConfigError(f"config: lora size {name!r} must be a positive integer, got {size!r}")

@@ -46,6 +46,11 @@ class LanguageModel(nn.Module):
         """Keys official files may carry that the model does not use."""
         return set()
 
+    @classmethod
+    def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:
+        """The tuned initial state an official file carries (state tuning), if any."""
+        return None
+
     def init_state(self, batch_size: int = 1) -> RecurrentState:
         raise NotImplementedError
 

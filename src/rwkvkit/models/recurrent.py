@@ -1,0 +1,175 @@
+"""The skeleton RWKV-5, -6 and -7 share: embedding, pre-LN blocks, head, recurrent state.
+
+    x = ln0(emb[tokens])
+    for each block:  x = x + att(ln1(x));  x = x + ffn(ln2(x))
+    h = ln_out(x);   logits = head(h)
+
+Each version supplies its own time-mix (``att``) and channel-mix (``ffn``) modules. The
+time-mix takes ``(x, x_prev, wkv, v_first)`` and returns ``(out, new wkv, v_first)``;
+``v_first`` is RWKV-7's value residual and passes through untouched elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import StateDictError, StateError
+from ..state import RecurrentState
+from .base import LanguageModel
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """The previous token's input at every position: [prev, x_0, ..., x_{T-2}]."""
+    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def shape_of(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """The shape of ``sd[key]``, or a StateDictError naming the key needed to infer sizes."""
+    if key not in sd:
+        raise StateDictError(f"missing key {key!r}, needed to infer the model's sizes")
+    return tuple(sd[key].shape)
+
+
+def layer_count(sd: dict[str, torch.Tensor]) -> int:
+    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+
+
+class Block(nn.Module):
+    """One pre-LN block; layer 0 also owns ``ln0`` (applied to the embedding)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, att: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        C = config.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = att
+        self.ffn = ffn
+
+
+class RWKVModel(LanguageModel):
+    """An RWKV-5/6/7 language model; subclasses build the blocks' att and ffn modules."""
+
+    def __init__(self, config: ModelConfig, make_att: Callable[[int], nn.Module], make_ffn: Callable[[int], nn.Module]) -> None:
+        super().__init__(config)
+        C = config.n_embd
+        self.emb = nn.Embedding(config.vocab_size, C)
+        self.blocks = nn.ModuleList(Block(config, i, make_att(i), make_ffn(i)) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(C)
+        self.head = nn.Linear(C, config.vocab_size, bias=False)
+
+    @classmethod
+    def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:
+        """The tuned initial state of a state-tuned file (``blocks.i.att.time_state``, stored
+        [H, value, key] like our wkv state), or None."""
+        keys = [f"blocks.{i}.att.time_state" for i in range(layer_count(sd))]
+        present = [k for k in keys if k in sd]
+        if not present:
+            return None
+        if len(present) != len(keys):
+            missing = sorted(set(keys) - set(present))
+            raise StateDictError(f"state-tuned file lacks {', '.join(missing)}")
+        wkv = torch.stack([sd[k].float() for k in keys]).unsqueeze(1)  # [L, 1, H, N, N]
+        L, C = wkv.shape[0], sd["emb.weight"].shape[1]
+        zeros = torch.zeros(L, 1, C)
+        return RecurrentState(arch=cls.arch, att_shift=zeros, wkv=wkv, ffn_shift=zeros.clone())
+
+    @classmethod
+    def ignored_keys(cls, sd: dict[str, torch.Tensor]) -> set[str]:
+        return {k for k in sd if k.endswith(".att.time_state")}
+
+    def init_state(self, batch_size: int = 1) -> RecurrentState:
+        """The initial state for ``batch_size`` rows: the tuned state if any, else zeros."""
+        cfg = self.config
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        dev, dt = self.device, self.dtype
+        wkv_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        if self.default_state is not None:
+            s = self.default_state.expand(batch_size)
+            return RecurrentState(
+                arch=self.arch,
+                att_shift=s.att_shift.to(dev, dt),
+                wkv=s.wkv.to(dev, wkv_dtype),
+                ffn_shift=s.ffn_shift.to(dev, dt),
+            )
+        return RecurrentState(
+            arch=self.arch,
+            att_shift=torch.zeros(L, batch_size, C, dtype=dt, device=dev),
+            wkv=torch.zeros(L, batch_size, H, N, N, dtype=wkv_dtype, device=dev),
+            ffn_shift=torch.zeros(L, batch_size, C, dtype=dt, device=dev),
+        )
+
+    def hidden(
+        self, tokens: torch.Tensor, state: RecurrentState | None = None
+    ) -> tuple[torch.Tensor, RecurrentState]:
+        tokens = self.check_tokens(tokens)
+        B = tokens.shape[0]
+        if state is None:
+            state = self.init_state(B)
+        else:
+            self.init_state(1).check_compatible(state)
+            if state.batch_size != B:
+                raise StateError(f"state has batch size {state.batch_size}, tokens have {B} rows")
+        x = self.emb(tokens)
+        v_first = None
+        att_shift, wkv, ffn_shift = [], [], []
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            xa = block.ln1(x)
+            out, s, v_first = block.att(xa, state.att_shift[i].to(xa.dtype), state.wkv[i], v_first)
+            x = x + out
+            xf = block.ln2(x)
+            x = x + block.ffn(xf, state.ffn_shift[i].to(xf.dtype))
+            att_shift.append(xa[:, -1])
+            wkv.append(s)
+            ffn_shift.append(xf[:, -1])
+        new_state = RecurrentState(
+            arch=self.arch,
+            att_shift=torch.stack(att_shift).to(state.att_shift.dtype),
+            wkv=torch.stack(wkv).to(state.wkv.dtype),
+            ffn_shift=torch.stack(ffn_shift).to(state.ffn_shift.dtype),
+        )
+        return self.ln_out(x), new_state
+
+
+def group_norm_heads(y: torch.Tensor, ln_x: nn.GroupNorm, out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-head LayerNorm of the WKV output [B, T, H, N] (GroupNorm, eps 64e-5) in float32
+    or better, returned as [B, T, C] in ``out_dtype``."""
+    B, T, H, N = y.shape
+    w, b = ln_x.weight.to(y.dtype), ln_x.bias.to(y.dtype)
+    return nn.functional.group_norm(y.reshape(B * T, H * N), H, w, b, eps=ln_x.eps).view(B, T, H * N).to(out_dtype)
+
+
+def orthogonal_(w: torch.Tensor, gain: float) -> None:
+    """The official init of a matrix: orthogonal, gain scaled by sqrt(rows/cols) for tall
+    matrices; gain 0 means zeros."""
+    if gain == 0:
+        nn.init.zeros_(w)
+        return
+    rows, cols = w.shape
+    nn.init.orthogonal_(w, gain=gain * (math.sqrt(rows / cols) if rows > cols else 1.0))
+
+
+def official_matrix_init(model: RWKVModel, gains: dict[str, float]) -> None:
+    """The official ``generate_init_weight`` for the big matrices: orthogonal with the given
+    gains (by parameter-name suffix, e.g. "att.key.weight": 0.1), a small uniform embedding
+    (paired with ln0), the head at gain 0.5*sqrt(V/C), LayerNorms at identity."""
+    cfg = model.config
+    V, C = cfg.vocab_size, cfg.n_embd
+    nn.init.uniform_(model.emb.weight, -1e-4, 1e-4)
+    orthogonal_(model.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+    for name, p in model.named_parameters():
+        for suffix, gain in gains.items():
+            if name.endswith(suffix):
+                orthogonal_(p, gain)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
