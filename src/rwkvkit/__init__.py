@@ -10,8 +10,22 @@ Public API::
 from .checkpoint import load_model
 from .config import ModelConfig
 from .errors import RwkvkitError
+from .generation import ChatSession, SamplingParams, complete, generate, generate_batch, prefill, stream
 from .state import RecurrentState
 from .tokenizer import WorldTokenizer
 
-__all__ = ["ModelConfig", "RecurrentState", "RwkvkitError", "WorldTokenizer", "load_model"]
+__all__ = [
+    "ChatSession",
+    "ModelConfig",
+    "RecurrentState",
+    "RwkvkitError",
+    "SamplingParams",
+    "WorldTokenizer",
+    "complete",
+    "generate",
+    "generate_batch",
+    "load_model",
+    "prefill",
+    "stream",
+]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ Files that rwkvkit writes are ``model.safetensors`` + ``config.json`` (+ tokeniz
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -209,7 +210,7 @@ def load_model(
     The model carries ``.config`` and ``.tokenizer`` (the World tokenizer for official
     65536-vocabulary files; None when unknown). ``dtype`` None keeps the file's dtype.
     """
-    from .tokenizer import WorldTokenizer, load_tokenizer
+    from .tokenizer import load_tokenizer
 
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
@@ -237,11 +238,19 @@ def load_model(
         default_state = cls.default_state_from_state_dict(sd)
         model = build_model(config, sd, device=device, dtype=dtype, source=str(path))
         if config.vocab_size == 65536:
-            model.tokenizer = WorldTokenizer()
+            model.tokenizer = _bundled_world_tokenizer()
     if default_state is not None:
         model.init_state(1).check_compatible(default_state, f"{path}: default_state")
         model.default_state = default_state.to(device)
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_world_tokenizer():
+    """One shared instance of the bundled World tokenizer (it is immutable and thread-safe)."""
+    from .tokenizer import WorldTokenizer
+
+    return WorldTokenizer()
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

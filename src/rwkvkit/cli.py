@@ -246,6 +246,8 @@ register(Command("generate", "continue a prompt, streaming the text", _add_gener
 register(Command("chat", "interactive User/Assistant chat (reads lines from stdin)", _add_chat, _run_chat))
 register(Command("info", "show a checkpoint's architecture and sizes", _add_info, _run_info))
 
+from .train import commands as _train_commands  # noqa: E402,F401  (prepare, eval-ppl)
+
 
 # -- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:

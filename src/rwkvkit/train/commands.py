@@ -1,0 +1,172 @@
+"""The ``rwkvkit prepare`` and ``rwkvkit eval-ppl`` subcommands.
+
+    rwkvkit prepare INPUT... --output PATH [--tokenizer world|VOCAB] [--val-fraction 0.01 |
+        --val-tokens N] [--format tokens|binidx] [--seed 0] [--skip-bad]
+        [--text-split file|blank-lines|lines] [--ctx-len N]
+    rwkvkit eval-ppl --model PATH DATA... [--ctx-len 1024] [--batch-size 1] [--max-tokens N]
+        [--device D] [--dtype fp32|bf16|fp16] [--text-split ...] [--json]
+
+Importing this module registers both with :mod:`rwkvkit.cli`. It imports nothing heavy: the
+data and model code is imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..cli import Command, _add_model_options, _load, register
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _text_split_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-split", choices=("file", "blank-lines", "lines"), default="file",
+                   help="how .txt/.md files become documents: the whole file (default), runs of "
+                        "lines between blank lines, or every non-blank line")
+
+
+# -- prepare -------------------------------------------------------------------------------------
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".txt/.md files (one document each), JSON Lines with a \"text\" field "
+                        "(.jsonl/.json/.ndjson), optionally .gz, or folders of them (recursive)")
+    p.add_argument("--output", "-o", required=True, metavar="PATH",
+                   help="output name: PATH.tokens + PATH.json (or PATH.bin + PATH.idx), and "
+                        "PATH.val.* for the validation split")
+    p.add_argument("--tokenizer", default="world", metavar="world|VOCAB",
+                   help="the bundled World tokenizer (default) or a World vocabulary file")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=_fraction, default=0.01, metavar="F",
+                       help="fraction of the documents held out for validation (default: %(default)s; 0: none)")
+    split.add_argument("--val-tokens", type=_positive_int, default=None, metavar="N",
+                       help="hold out whole documents until at least N tokens instead")
+    p.add_argument("--format", choices=("tokens", "binidx"), default="tokens",
+                   help="rwkvkit token files (default) or Megatron/RWKV-LM .bin + .idx")
+    p.add_argument("--seed", type=int, default=0, help="picks the validation documents (default: %(default)s)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable records (listed at the end) instead of stopping at the first")
+    _text_split_option(p)
+    p.add_argument("--ctx-len", type=_positive_int, default=None, metavar="N",
+                   help="also print the magic prime of the training file for this context length")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .data import DataError, magic_prime, prepare
+
+    result = prepare(
+        args.inputs,
+        args.output,
+        args.tokenizer,
+        val_fraction=0.0 if args.val_tokens else args.val_fraction,
+        val_tokens=args.val_tokens,
+        seed=args.seed,
+        format=args.format,
+        text_split=args.text_split,
+        skip_bad=args.skip_bad,
+        progress=None,
+    )
+    for bad in result.skipped:
+        print(f"skipped {bad}", file=sys.stderr)
+    rows = [
+        ("files", f"{result.files:,}"),
+        ("documents", f"{result.documents:,}"
+         + (f" ({result.empty_documents:,} empty skipped)" if result.empty_documents else "")),
+        ("tokens", f"{result.tokens:,}"),
+        ("train", f"{result.train_documents:,} documents, {result.train_tokens:,} tokens -> {result.train_path}"),
+    ]
+    if result.val_path is not None:
+        rows.append(("validation", f"{result.val_documents:,} documents, {result.val_tokens:,} tokens "
+                                   f"-> {result.val_path}"))
+    else:
+        rows.append(("validation", "none"))
+    if result.skipped:
+        rows.append(("bad records", f"{len(result.skipped):,} skipped (listed above, on stderr)"))
+    if args.ctx_len:
+        try:
+            rows.append(("magic prime", f"{magic_prime(result.train_tokens, args.ctx_len)} (ctx_len {args.ctx_len})"))
+        except DataError as exc:
+            rows.append(("magic prime", f"none: {exc}"))
+    rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    rows.append(("time", f"{result.seconds:.1f} s ({rate:,.0f} tokens/s)"))
+    width = max(len(k) for k, _ in rows)
+    sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
+    return 0
+
+
+# -- eval-ppl ------------------------------------------------------------------------------------
+def _add_eval_ppl(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="a token file (NAME.tokens/.json, or NAME.bin/.idx), or text inputs as for "
+                        "`rwkvkit prepare` (tokenized with the model's tokenizer)")
+    p.add_argument("--ctx-len", type=_positive_int, default=1024, metavar="N",
+                   help="tokens per forward window; the state carries over (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="B",
+                   help="score B parts of the stream side by side, cut at document starts "
+                        "(default 1: the one exact stream)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="score only the first N tokens")
+    _text_split_option(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_eval_ppl(args: argparse.Namespace) -> int:
+    from .data import DataError, is_token_data, open_tokens, tokenize_documents
+    from .loss import evaluate_loss
+
+    token_input = len(args.data) == 1 and is_token_data(args.data[0])
+    if not token_input:
+        for item in args.data:
+            if is_token_data(item):
+                raise DataError(f"{item}: a token file must be the only DATA argument")
+    model = _load(args)
+    if token_input:
+        data = open_tokens(args.data[0])
+        if data.vocab_size is not None and data.vocab_size > model.config.vocab_size:
+            raise DataError(f"{data.path}: vocab_size {data.vocab_size} is larger than the model's "
+                            f"{model.config.vocab_size}")
+        tokens, offsets = data.tokens, data.doc_offsets
+    else:
+        if model.tokenizer is None:
+            raise DataError(f"{args.model}: the model has no tokenizer; give a token file made by "
+                            "`rwkvkit prepare` instead of text")
+        tokens, offsets = tokenize_documents(args.data, model.tokenizer, text_split=args.text_split)
+    result = evaluate_loss(model, tokens, doc_offsets=offsets, ctx_len=args.ctx_len,
+                           batch_size=args.batch_size, max_tokens=args.max_tokens, progress=None)
+    if args.json:
+        out = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
+               "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
+        sys.stdout.write(json.dumps(out) + "\n")
+        return 0
+    rows = [
+        ("loss", f"{result.loss:.6f} nats/token"),
+        ("perplexity", f"{result.perplexity:.4f}"),
+        ("tokens", f"{result.tokens:,}"),
+        ("time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"),
+    ]
+    sys.stdout.write("".join(f"{k:<10}  {v}\n" for k, v in rows))
+    return 0
+
+
+register(Command("prepare", "tokenize text / JSON Lines into training token files", _add_prepare, _run_prepare))
+register(Command("eval-ppl", "loss and perplexity of a model over a token file or text", _add_eval_ppl, _run_eval_ppl))
