@@ -71,17 +71,99 @@ def make_rwkv7_state_dict(
     return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
 
 
-def reference_logits(version: str, model_path: Path, chunks: list[list[int]]) -> list[torch.Tensor]:
+def _common(g, sd, n_layer, C, V, F, layer_fn):
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    sd["emb.weight"] = randn(V, C)
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        if i == 0:
+            sd[p + "ln0.weight"], sd[p + "ln0.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        sd[p + "ln1.weight"], sd[p + "ln1.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        sd[p + "ln2.weight"], sd[p + "ln2.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        layer_fn(p, randn)
+        for n in ("receptance", "key", "value", "gate", "output"):
+            sd[p + f"att.{n}.weight"] = randn(C, C, scale=C**-0.5)
+        sd[p + "att.ln_x.weight"], sd[p + "att.ln_x.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        sd[p + "ffn.key.weight"] = randn(F, C, scale=C**-0.5)
+        sd[p + "ffn.receptance.weight"] = randn(C, C, scale=C**-0.5)
+        sd[p + "ffn.value.weight"] = randn(C, F, scale=F**-0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+    sd["head.weight"] = randn(V, C, scale=C**-0.5)
+
+
+def make_rwkv6_state_dict(
+    n_layer: int = 2, n_embd: int = 128, head_size: int = 64, vocab_size: int = 256,
+    lora: tuple[int, int] = (32, 64), ffn_dim: int | None = None, *, seed: int = 0,
+    time_state: bool = False, dtype: torch.dtype = torch.float32,
+) -> "OrderedDict[str, torch.Tensor]":
+    """Random weights with the official RWKV-6 keys and shapes (lora = (maa, decay))."""
+    g = torch.Generator().manual_seed(seed)
+    C, H, N, V = n_embd, n_embd // head_size, head_size, vocab_size
+    F = ffn_dim or int((C * 3.5) // 32 * 32)
+    Dm, Dd = lora
+    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def layer(p, randn):
+        for n in "xwkvrg":
+            sd[p + f"att.time_maa_{n}"] = torch.rand(1, 1, C, generator=g)
+        sd[p + "att.time_maa_w1"] = randn(C, 5 * Dm, scale=0.1)
+        sd[p + "att.time_maa_w2"] = randn(5, Dm, C, scale=0.1)
+        sd[p + "att.time_decay"] = randn(1, 1, C, scale=1.5, shift=-1.5)
+        sd[p + "att.time_decay_w1"] = randn(C, Dd, scale=0.1)
+        sd[p + "att.time_decay_w2"] = randn(Dd, C, scale=0.1)
+        sd[p + "att.time_faaaa"] = randn(H, N, scale=0.5)
+        if time_state:
+            sd[p + "att.time_state"] = randn(H, N, N, scale=0.5)
+        sd[p + "ffn.time_maa_k"] = torch.rand(1, 1, C, generator=g)
+        sd[p + "ffn.time_maa_r"] = torch.rand(1, 1, C, generator=g)
+
+    _common(g, sd, n_layer, C, V, F, layer)
+    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+
+
+def make_rwkv5_state_dict(
+    n_layer: int = 2, n_embd: int = 128, head_size: int = 64, vocab_size: int = 256,
+    ffn_dim: int | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+) -> "OrderedDict[str, torch.Tensor]":
+    """Random weights with the official RWKV-5.2 keys and shapes."""
+    g = torch.Generator().manual_seed(seed)
+    C, H, N, V = n_embd, n_embd // head_size, head_size, vocab_size
+    F = ffn_dim or int((C * 3.5) // 32 * 32)
+    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def layer(p, randn):
+        for n in "kvrg":
+            sd[p + f"att.time_mix_{n}"] = torch.rand(1, 1, C, generator=g)
+        sd[p + "att.time_decay"] = randn(H, N, scale=1.5, shift=-1.5)
+        sd[p + "att.time_faaaa"] = randn(H, N, scale=0.5)
+        sd[p + "ffn.time_mix_k"] = torch.rand(1, 1, C, generator=g)
+        sd[p + "ffn.time_mix_r"] = torch.rand(1, 1, C, generator=g)
+
+    _common(g, sd, n_layer, C, V, F, layer)
+    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+
+
+def reference_logits(
+    version: str, model_path: Path, chunks: list[list[int]], wkv_states: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
     """Logits of the ``rwkv`` package (cpu fp32) for token chunks fed one after another
-    with the state carried: one [T_i, V] tensor per chunk (full_output)."""
+    with the state carried: one [T_i, V] tensor per chunk (full_output). ``wkv_states``:
+    an initial per-layer WKV state in the package's layout (zeros otherwise)."""
     out = model_path.with_suffix(".ref.pt")
+    extra = []
+    if wkv_states is not None:
+        states_path = model_path.with_suffix(".state.pt")
+        torch.save(wkv_states, states_path)
+        extra = [str(states_path)]
     env = {**os.environ, "RWKV_JIT_ON": "1", "RWKV_CUDA_ON": "0"}
     if version == "7":
         env["RWKV_V7_ON"] = "1"
     else:
         env.pop("RWKV_V7_ON", None)
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), str(model_path), json.dumps(chunks), str(out)],
+        [sys.executable, str(RUNNER), str(model_path), json.dumps(chunks), str(out), *extra],
         env=env, capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:

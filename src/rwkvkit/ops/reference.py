@@ -58,3 +58,54 @@ def wkv7_reference(
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N, dtype=dtype)
     return y, s
+
+
+def wkv6_step(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RWKV-5.2 / RWKV-6 step for inputs ``[B, H, N]``, bonus ``u`` ``[H, N]`` and state
+    ``[B, H, N(value), N(key)]``.
+
+    y = S r + (sum_j r[j] u[j] k[j]) v ;  S' = S diag(w) + v k^T   (y reads the state before
+    this token's update; the bonus ``u`` weighs the current token instead).
+    Computes in the state's dtype and returns ``(y, S')`` in that dtype.
+    """
+    dt = state.dtype
+    w = log_w.to(dt).exp()  # in dt: a decay close to 1 keeps its digits
+    r, k, v, u = (x.to(dt) for x in (r, k, v, u))
+    y = torch.einsum("bhij,bhj->bhi", state, r) + (r * u * k).sum(-1, keepdim=True) * v
+    state = state * w.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+    return y, state
+
+
+def wkv6_reference(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-5.2 / RWKV-6 WKV over a sequence, one step at a time, computed in ``dtype``.
+
+    ``log_w`` is per token ``[B, T, H, N]`` (RWKV-5.2: the same static decay at every token).
+    Returns ``(y [B, T, H, N], final state [B, H, N, N])``, both in ``dtype``.
+    """
+    B, T, H, N = r.shape
+    if state is None:
+        s = torch.zeros(B, H, N, N, dtype=dtype, device=r.device)
+    else:
+        s = state.to(dtype)
+    ys = []
+    for t in range(T):
+        y, s = wkv6_step(r[:, t], log_w[:, t], k[:, t], v[:, t], u, s)
+        ys.append(y)
+    y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N, dtype=dtype)
+    return y, s
