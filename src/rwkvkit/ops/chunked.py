@@ -132,9 +132,10 @@ def wkv7_chunked(
     U = v.transpose(-1, -2) @ k_e + Q.transpose(-1, -2) @ b_e  # [.., N_value, N_key]
 
     entering = []
-    for c in range(nc):
+    # unbind, not M[:, :, c]: indexing inside the loop makes the backward quadratic in nc
+    for M_c, U_c in zip(M.unbind(2), U.unbind(2)):
         entering.append(s)
-        s = s @ M[:, :, c] + U[:, :, c]
+        s = s @ M_c + U_c
     S0 = torch.stack(entering, dim=2)  # [B, H, nc, N_value, N_key]
     y = Rq @ S0.transpose(-1, -2) + Y0  # [B, H, nc, L, N_value]
     y = y.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
