@@ -159,3 +159,35 @@ def test_incomplete_time_state_is_an_error(tmp_path):
     torch.save(sd, tmp_path / "t.pth")
     with pytest.raises(StateDictError, match="blocks.1.att.time_state"):
         load_model(tmp_path / "t.pth")
+
+
+@pytest.mark.parametrize("arch", ["rwkv5", "rwkv6"])
+def test_info_generate_and_chat(tmp_path, capsys, arch):
+    """`rwkvkit info`, generation and chat work unchanged with v5.2 and v6 files."""
+    import json
+
+    from rwkvkit import ChatSession, generate
+    from rwkvkit.cli import main
+
+    sizes = dict(n_layer=2, n_embd=64, head_size=32, vocab_size=65536)
+    if arch == "rwkv6":
+        sizes["lora"] = (8, 16)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(MAKERS[arch](seed=1, dtype=torch.bfloat16, **sizes), path)
+
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["arch"] == arch and info["n_head"] == 2 and info["head_size"] == 32
+    assert info["state_bytes_fp32"] == 4 * 2 * (64 + 64 + 2 * 32 * 32)
+    assert main(["info", str(path)]) == 0
+    assert arch in capsys.readouterr().out
+
+    model = load_model(path)
+    text = generate(model, "Hello", max_new_tokens=8, temperature=0, stop_tokens=())
+    ids = model.tokenizer.encode("Hello")
+    logits, state = model(torch.tensor([ids]))
+    first = int(logits[0, -1].argmax())
+    assert text.startswith(model.tokenizer.decode([first])) or first == 0
+    chat = ChatSession(model, max_new_tokens=5)
+    reply = chat.send("Hi there")
+    assert reply.stop_reason == "length" and len(reply.tokens) == 5 and reply.state.arch == arch
