@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..errors import StateDictError, StateError
@@ -63,6 +64,8 @@ class RWKVModel(LanguageModel):
         self.blocks = nn.ModuleList(Block(config, i, make_att(i), make_ffn(i)) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
+        # Recompute each block in the backward pass instead of keeping its activations.
+        self.gradient_checkpointing = False
 
     @classmethod
     def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:
@@ -105,6 +108,18 @@ class RWKVModel(LanguageModel):
             ffn_shift=torch.zeros(L, batch_size, C, dtype=dt, device=dev),
         )
 
+    @staticmethod
+    def _block_forward(block: Block, i: int, x, v_first, att_shift, wkv, ffn_shift):
+        """One block over [B, T, C]: returns (x, v_first, last ln1 output, wkv, last ln2 output)."""
+        if i == 0:
+            x = block.ln0(x)
+        xa = block.ln1(x)
+        out, s, v_first = block.att(xa, att_shift.to(xa.dtype), wkv, v_first)
+        x = x + out
+        xf = block.ln2(x)
+        x = x + block.ffn(xf, ffn_shift.to(xf.dtype))
+        return x, v_first, xa[:, -1], s, xf[:, -1]
+
     def hidden(
         self, tokens: torch.Tensor, state: RecurrentState | None = None
     ) -> tuple[torch.Tensor, RecurrentState]:
@@ -119,17 +134,16 @@ class RWKVModel(LanguageModel):
         x = self.emb(tokens)
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
-            xa = block.ln1(x)
-            out, s, v_first = block.att(xa, state.att_shift[i].to(xa.dtype), state.wkv[i], v_first)
-            x = x + out
-            xf = block.ln2(x)
-            x = x + block.ffn(xf, state.ffn_shift[i].to(xf.dtype))
-            att_shift.append(xa[:, -1])
+            args = (block, i, x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i])
+            if checkpointing:
+                x, v_first, xa_last, s, xf_last = checkpoint(self._block_forward, *args, use_reentrant=False)
+            else:
+                x, v_first, xa_last, s, xf_last = self._block_forward(*args)
+            att_shift.append(xa_last)
             wkv.append(s)
-            ffn_shift.append(xf[:, -1])
+            ffn_shift.append(xf_last)
         new_state = RecurrentState(
             arch=self.arch,
             att_shift=torch.stack(att_shift).to(state.att_shift.dtype),
@@ -164,7 +178,8 @@ def official_matrix_init(model: RWKVModel, gains: dict[str, float]) -> None:
     cfg = model.config
     V, C = cfg.vocab_size, cfg.n_embd
     nn.init.uniform_(model.emb.weight, -1e-4, 1e-4)
-    orthogonal_(model.head.weight, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+    # The head's gain is 0.5 * sqrt(V / C) in total (not scaled again for its shape).
+    nn.init.orthogonal_(model.head.weight, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)
     for name, p in model.named_parameters():
         for suffix, gain in gains.items():
             if name.endswith(suffix):

@@ -1,12 +1,18 @@
-"""The ``rwkvkit prepare`` and ``rwkvkit eval-ppl`` subcommands.
+"""The ``rwkvkit prepare``, ``eval-ppl``, ``train`` and ``export-pth`` subcommands.
 
     rwkvkit prepare INPUT... --output PATH [--tokenizer world|VOCAB] [--val-fraction 0.01 |
         --val-tokens N] [--format tokens|binidx] [--seed 0] [--skip-bad]
         [--text-split file|blank-lines|lines] [--ctx-len N]
     rwkvkit eval-ppl --model PATH DATA... [--ctx-len 1024] [--batch-size 1] [--max-tokens N]
         [--device D] [--dtype fp32|bf16|fp16] [--text-split ...] [--json]
+    rwkvkit train [CONFIG.toml] [--resume | --resume-from CKPT] [--set KEY=VALUE ...] [--out DIR]
+        [--steps N] [--stop-at STEP] [--data PATH] [--preset NAME] [--arch ARCH]
+        [--device D] [--precision auto|fp32|bf16] [--no-progress]
+    rwkvkit export-pth CHECKPOINT OUTPUT.pth [--dtype bf16|fp16|fp32]
 
-Importing this module registers both with :mod:`rwkvkit.cli`. It imports nothing heavy: the
+(multi-GPU: ``torchrun --nproc-per-node N -m rwkvkit train CONFIG.toml``)
+
+Importing this module registers them with :mod:`rwkvkit.cli`. It imports nothing heavy: the
 data and model code is imported when a command runs.
 """
 
@@ -170,3 +176,79 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
 
 register(Command("prepare", "tokenize text / JSON Lines into training token files", _add_prepare, _run_prepare))
 register(Command("eval-ppl", "loss and perplexity of a model over a token file or text", _add_eval_ppl, _run_eval_ppl))
+
+
+# -- train ---------------------------------------------------------------------------------------
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml",
+                   help="training config (see examples/train_tiny.toml); keys may also all come from --set")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue exactly from the latest checkpoint in the output folder")
+    resume.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
+                        help="continue exactly from this checkpoint directory (OUT/checkpoints/step-N)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config key, e.g. --set lr_init=3e-4 --set data.ctx_len=1024 (repeatable; "
+                        "values are read as TOML, else as strings)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (train.out_dir)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="run length in optimizer steps (optim.total_steps, replacing total_tokens)")
+    p.add_argument("--stop-at", type=_positive_int, default=None, metavar="STEP",
+                   help="save and stop at this step, keeping the schedule of the whole run (train.stop_at_step)")
+    p.add_argument("--data", default=None, metavar="PATH", help="training token file (data.train_data)")
+    p.add_argument("--preset", default=None, help="model preset: tiny, 0.1b, 0.4b (model.preset)")
+    p.add_argument("--arch", default=None, help="rwkv7 (default), rwkv6 or rwkv5 (model.arch)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 (train.device)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="auto: bf16 autocast on GPU, fp32 on CPU (train.precision)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every log_every steps")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .loop import train
+
+    explicit = {"out_dir": args.out, "stop_at_step": args.stop_at, "train_data": args.data,
+                "preset": args.preset, "arch": args.arch, "device": args.device, "precision": args.precision,
+                "progress": False if args.no_progress else None}
+    if args.steps is not None:
+        explicit.update(total_steps=args.steps, total_tokens=0)
+    cfg = load_config(args.config, args.overrides, **explicit)
+    result = train(cfg, resume=args.resume_from or args.resume)
+    return 130 if result.stopped == "SIGINT" else 0
+
+
+# -- export-pth ----------------------------------------------------------------------------------
+_EXPORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a checkpoint directory, a training run's out_dir (its latest checkpoint), or any "
+                        "model load_model reads")
+    p.add_argument("output", metavar="OUTPUT.pth", help="the official-layout .pth to write")
+    p.add_argument("--dtype", choices=sorted(_EXPORT_DTYPES), default="bf16",
+                   help="tensor dtype in the file (default: bf16, as the released files)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..checkpoint import load_model
+    from .checkpointing import export_official, latest_checkpoint
+
+    source = Path(args.checkpoint)
+    if source.is_dir() and not (source / "config.json").is_file():
+        found = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
+        if found is not None:
+            source = found
+    model = load_model(source, dtype=None)
+    path = export_official(model, args.output, dtype=getattr(torch, _EXPORT_DTYPES[args.dtype]))
+    print(f"{source} -> {path} ({args.dtype})")
+    return 0
+
+
+register(Command("train", "train an RWKV model from a TOML config (CPU, GPU, or torchrun)", _add_train, _run_train))
+register(Command("export-pth", "write a checkpoint as an official RWKV .pth file", _add_export, _run_export))

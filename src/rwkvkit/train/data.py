@@ -59,7 +59,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import time
 import zlib
 from array import array
