@@ -1,11 +1,14 @@
 """WKV recurrences: one interface, several backends.
 
 ``wkv7`` (RWKV-7) and ``wkv6`` (RWKV-5.2 and RWKV-6) pick the backend: the recurrent step
-for T == 1 and the chunked-parallel form otherwise (GPU kernels slot in here).
+for T == 1, the Triton kernels for RWKV-7 on CUDA when triton is installed
+(``RWKVKIT_WKV_BACKEND=torch`` turns them off), and the PyTorch chunked form otherwise.
 ``reference`` holds the step-by-step spec.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -41,6 +44,11 @@ def wkv7(
     if r.shape[1] == 1:
         y, s = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], state)
         return y.unsqueeze(1), s
+    if r.is_cuda and os.environ.get("RWKVKIT_WKV_BACKEND", "auto") != "torch":
+        from .triton import wkv7_triton, wkv7_triton_supports
+
+        if wkv7_triton_supports(r, log_w, k, v, a, b, state):
+            return wkv7_triton(r, log_w, k, v, a, b, state, out_dtype=state.dtype)
     return wkv7_chunked(r, log_w, k, v, a, b, state)
 
 

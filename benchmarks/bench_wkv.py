@@ -1,0 +1,399 @@
+"""Benchmark the RWKV-7 WKV kernels on CUDA.
+
+Times forward and forward+backward (triton.testing.do_bench, median) of
+  ours     rwkvkit.ops.triton.wkv7_triton
+  chunked  rwkvkit.ops.wkv7_chunked (PyTorch; small shapes only)
+  fla      fla.ops.rwkv7.chunk_rwkv7, if importable, at its defaults ("fla") and as fla's
+           RWKV-7 layer calls it ("fla-layer": chunk_size=64, safe_gate=True,
+           lower_bound=-exp(-0.5)); scale=1.0 in both
+on bf16 inputs, prints a table (ms, fla/ours) with the memory floor of the forward, the
+relative errors of ours and fla against a float32 chunked reference at one moderate shape,
+and writes everything as JSON to --out.
+
+    python benchmarks/bench_wkv.py --out runs/bench_wkv.json
+    python benchmarks/bench_wkv.py --sweep --out runs/sweep.json    # tune chunk/block_v/warps/bwd mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SHAPES = [(8, 4096, 32, 64), (16, 1024, 12, 64), (2, 16384, 32, 64)]
+ACCURACY_SHAPE = (2, 2048, 8, 64)
+CHUNKED_MAX_TOKENS = 16 * 1024 * 12  # B*T*H up to which the PyTorch chunked form is timed
+DECAY_BOUND = -math.exp(-0.5)
+
+
+def make_inputs(B, T, H, N, *, dtype, logw_dtype, device="cuda", seed=0):
+    """RWKV-7-like inputs: unit-norm kk per head, a = -kk, b = kk * sigmoid(...), log-decay
+    in (-e^-0.5, 0). Returns ([r, log_w, k, v, a, b], state float32 [B, H, N, N])."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g)
+
+    log_w = DECAY_BOUND * torch.sigmoid(randn(B, T, H, N) * 2 - 1)
+    kk = F.normalize(randn(B, T, H, N), dim=-1)
+    a_icl = torch.sigmoid(randn(B, T, H, N))
+    r, k, v = randn(B, T, H, N), randn(B, T, H, N), randn(B, T, H, N)
+    k = k * (1 + (a_icl - 1) * 0.5)
+    xs = [r, log_w, k, v, -kk, kk * a_icl]
+    xs = [x.to(logw_dtype if i == 1 else dtype).contiguous() for i, x in enumerate(xs)]
+    return xs, randn(B, H, N, N) * 0.1
+
+
+def load_ops():
+    """(wkv7_chunked, the Triton kernels module). Falls back to loading the op files alone
+    when the package's own imports fail (a GPU box with torch and triton but without
+    numpy/safetensors/tqdm): they need only torch and triton."""
+    try:
+        from rwkvkit.ops import wkv7_chunked
+        from rwkvkit.ops.triton import wkv7 as kernels
+
+        return wkv7_chunked, kernels
+    except ImportError as e:
+        import importlib.util
+
+        print(f"# rwkvkit import failed ({e}); loading ops/chunked.py and ops/triton/wkv7.py alone")
+        ops_dir = Path(__file__).resolve().parents[1] / "src" / "rwkvkit" / "ops"
+
+        def load(name, path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+
+        chunked = load("bench_wkv7_chunked", ops_dir / "chunked.py")
+        return chunked.wkv7_chunked, load("bench_wkv7_triton", ops_dir / "triton" / "wkv7.py")
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# --- implementations: each returns fn(xs, s0) -> (y, final state [B, H, V, K]) ----------------
+
+
+def ours_fn(cfg):
+    kernels = load_ops()[1]
+    return lambda xs, s0: kernels.wkv7_triton(*xs, s0, **cfg)
+
+
+def chunked_fn():
+    wkv7_chunked = load_ops()[0]
+    return lambda xs, s0: wkv7_chunked(*xs, s0)
+
+
+def fla_fns():
+    """{name: fn} for fla's chunk_rwkv7 (empty if fla is missing), and a note."""
+    try:
+        import fla
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except Exception as e:  # noqa: BLE001 - any import failure means "no fla"
+        return {}, f"fla not importable: {type(e).__name__}: {e}"
+    params = inspect.signature(chunk_rwkv7).parameters
+    decay_arg = "log_w" if "log_w" in params else "w"  # old API: w = raw decay, log_w = log-decay
+    layer_args = (("chunk_size", 64), ("safe_gate", True), ("lower_bound", DECAY_BOUND))
+    layer_extra = {n: v for n, v in layer_args if n in params}
+
+    def make(extra):
+        def fn(xs, s0):
+            r, lw, k, v, a, b = xs
+            kw = dict(r=r, k=k, v=v, a=a, b=b, scale=1.0, output_final_state=True,
+                      initial_state=None if s0 is None else s0.transpose(-1, -2).contiguous())
+            kw[decay_arg] = lw
+            o, s = chunk_rwkv7(**kw, **extra)[:2]
+            return o, s.transpose(-1, -2)  # fla's state is [B, H, K, V]
+
+        return fn
+
+    fns = {"fla": make({})}
+    if layer_extra:
+        fns["fla-layer"] = make(layer_extra)
+    note = f"fla {getattr(fla, '__version__', '?')}: decay passed as {decay_arg!r}; layer-style args {layer_extra}"
+    return fns, note
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def bench(fn, **kw) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median", **kw)
+
+
+def time_forward(fn, xs, s0) -> float:
+    def run():
+        with torch.no_grad():
+            fn(xs, s0)
+
+    return bench(run)
+
+
+def time_forward_backward(fn, xs, s0) -> float:
+    leaves = [x.detach().requires_grad_() for x in xs]
+    s_leaf = s0.detach().requires_grad_()
+    y, s = fn(leaves, s_leaf)
+    dy, ds = torch.randn_like(y), torch.randn_like(s)
+
+    def run():
+        y, s = fn(leaves, s_leaf)
+        torch.autograd.backward([y, s], [dy, ds])
+
+    return bench(run, grad_to_none=leaves + [s_leaf])
+
+
+def measure_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), 1 GiB buffers."""
+    n = 1 << 28
+    src = torch.empty(n, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def forward_bytes(xs, s0, y_dtype) -> int:
+    B, T, H, N = xs[0].shape
+    inputs = sum(x.numel() * x.element_size() for x in xs)
+    y = B * T * H * N * torch.tensor([], dtype=y_dtype).element_size()
+    return inputs + y + 2 * s0.numel() * 4
+
+
+def backward_bytes(xs, s0) -> int:
+    """Minimal traffic of the backward alone: read the inputs and dy, write six gradients,
+    read dS_T, write dS_0 (intermediate chunk states not counted)."""
+    inputs = sum(x.numel() * x.element_size() for x in xs)
+    dy = xs[3].numel() * xs[3].element_size()
+    return 2 * inputs + dy + 2 * s0.numel() * 4
+
+
+# --- accuracy ---------------------------------------------------------------------------------
+
+
+def accuracy(impls, shape, dtype, logw_dtype) -> dict:
+    """Relative errors of y, final state and all gradients against the float32 chunked form
+    (autograd) on the same rounded inputs."""
+    wkv7_chunked = load_ops()[0]
+    xs, s0 = make_inputs(*shape, dtype=dtype, logw_dtype=logw_dtype, seed=1)
+    names = ["r", "log_w", "k", "v", "a", "b", "state"]
+    ref_in = [x.float().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
+    y_ref, s_ref = wkv7_chunked(*ref_in)
+    gy, gs = torch.randn_like(y_ref), torch.randn_like(s_ref)
+    ref_grads = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), ref_in)
+    out = {}
+    for name, fn in impls.items():
+        try:
+            leaves = [x.detach().requires_grad_() for x in xs] + [s0.clone().requires_grad_()]
+            y, s = fn(leaves[:6], leaves[6])
+            grads = torch.autograd.grad((y.float() * gy).sum() + (s.float() * gs).sum(), leaves, allow_unused=True)
+            errs = {"y": rel_err(y, y_ref), "state": rel_err(s, s_ref)}
+            for n, g, g_ref in zip(names, grads, ref_grads):
+                errs["d" + n] = float("nan") if g is None else rel_err(g, g_ref)
+            errs["finite"] = bool(torch.isfinite(y).all() and all(g is None or torch.isfinite(g).all() for g in grads))
+            out[name] = errs
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+# --- sweep ------------------------------------------------------------------------------------
+
+
+def sweep(shape, dtype, logw_dtype, configs_fwd, configs_bwd) -> list[dict]:
+    """Forward configs timed through wkv7_triton (no grad); backward configs timed on the
+    backward launch alone (states computed once per chunk size)."""
+    kernels = load_ops()[1]
+    xs, s0 = make_inputs(*shape, dtype=dtype, logw_dtype=logw_dtype)
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    rows = []
+    for cfg in configs_fwd:
+        row = {"pass": "fwd", **cfg}
+        try:
+            row["ms"] = time_forward(lambda x, s: kernels.wkv7_triton(*x, s, **cfg), xs, s0)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print("  ", row, flush=True)
+    states_by_chunk = {}
+    dy = torch.randn(xs[0].shape, device="cuda", dtype=dtype)
+    dsT = torch.randn_like(s0)
+    for cfg in configs_bwd:
+        row = {"pass": "bwd", **cfg}
+        L = cfg["chunk_size"]
+        try:
+            if L not in states_by_chunk:
+                states_by_chunk[L] = kernels.wkv7_forward(
+                    *xs, s0, chunk_size=L, block_v=None, num_warps=None, precision=precision,
+                    out_dtype=dtype, save_states=True)[2]
+            states = states_by_chunk[L]
+            row["ms"] = bench(lambda: kernels.wkv7_backward(
+                *xs, states, dy, dsT, chunk_size=L, block_v=cfg["block_v"], num_warps=cfg["num_warps"],
+                precision=precision, mode=cfg["bwd_mode"]))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print("  ", row, flush=True)
+    return rows
+
+
+def sweep_configs(quick: bool):
+    fwd, bwd = [], []
+    for L in (16, 32, 64):
+        for bv in (16, 32, 64):
+            if L == 64 and bv == 64:
+                continue  # over the H100's shared memory
+            for w in (4, 8):
+                if quick and (L, bv, w) not in {(16, 64, 8), (16, 32, 8), (32, 32, 8), (16, 16, 4), (64, 32, 8)}:
+                    continue
+                fwd.append(dict(chunk_size=L, block_v=bv, num_warps=w))
+                for mode in ("fused", "split"):
+                    if mode == "fused" and L * bv * 64 > 1 << 16:
+                        continue  # over the H100's shared memory (see _auto_block_v)
+                    bwd.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_mode=mode))
+    return fwd, bwd
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
+                   help="B,T,H,N;B,T,H,N;... (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--logw-fp32", action="store_true", help="log_w in float32 (as rwkvkit's layer passes it)")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--block-v", type=int, default=None)
+    p.add_argument("--num-warps", type=int, default=None)
+    p.add_argument("--bwd-block-v", type=int, default=None)
+    p.add_argument("--bwd-num-warps", type=int, default=None)
+    p.add_argument("--bwd-mode", default=None, choices=["fused", "split"])
+    p.add_argument("--precision", default=None, choices=["ieee", "tf32", "tf32x3"])
+    p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape, then exit")
+    p.add_argument("--sweep-full", action="store_true", help="with --sweep: every config, not a short list")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_wkv: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    logw_dtype = torch.float32 if args.logw_fp32 else dtype
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+    cfg = {k: v for k, v in dict(
+        chunk_size=args.chunk_size, block_v=args.block_v, num_warps=args.num_warps, bwd_block_v=args.bwd_block_v,
+        bwd_num_warps=args.bwd_num_warps, bwd_mode=args.bwd_mode, precision=args.precision).items() if v is not None}
+
+    props = torch.cuda.get_device_properties(0)
+    report = {
+        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(), "dtype": args.dtype,
+        "logw_dtype": str(logw_dtype).replace("torch.", ""), "ours_config": cfg,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    print(f"# {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}")
+
+    def save():
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+
+    if args.sweep:
+        fwd, bwd = sweep_configs(quick=not args.sweep_full)
+        print(f"# sweep at {shapes[0]}: {len(fwd)} forward and {len(bwd)} backward configs")
+        report["sweep_shape"] = shapes[0]
+        report["sweep"] = sweep(shapes[0], dtype, logw_dtype, fwd, bwd)
+        for pas in ("fwd", "bwd"):
+            ok = sorted((r for r in report["sweep"] if r["pass"] == pas and "ms" in r), key=lambda r: r["ms"])
+            print(f"# best {pas}:", *(f"\n   {r['ms']:.3f} ms  {r}" for r in ok[:5]))
+        save()
+        return 0
+
+    bw = measure_bandwidth()
+    report["bandwidth_GBps"] = bw / 1e9
+    print(f"# measured copy bandwidth: {bw / 1e9:.0f} GB/s")
+
+    impls = {"ours": ours_fn(cfg)}
+    fla, fla_note = ({}, "skipped (--no-fla)") if args.no_fla else fla_fns()
+    impls.update(fla)
+    report["fla"] = fla_note
+    print(f"# {fla_note}")
+
+    rows = []
+    report["results"] = rows
+    for shape in shapes:
+        B, T, H, N = shape
+        xs, s0 = make_inputs(*shape, dtype=dtype, logw_dtype=logw_dtype)
+        fb = forward_bytes(xs, s0, dtype)
+        names = dict(impls)
+        if B * T * H <= CHUNKED_MAX_TOKENS:
+            names["chunked"] = chunked_fn()
+        for name, fn in names.items():
+            row = {"shape": shape, "impl": name}
+            for pas, timer in (("fwd_ms", time_forward), ("fwdbwd_ms", time_forward_backward)):
+                try:
+                    row[pas] = timer(fn, xs, s0)
+                except Exception as e:  # noqa: BLE001
+                    row[pas + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc(limit=2)
+                torch.cuda.empty_cache()
+            row["fwd_floor_ms"] = fb / bw * 1e3
+            row["fwd_bytes"] = fb
+            row["fwdbwd_floor_ms"] = (fb + backward_bytes(xs, s0)) / bw * 1e3
+            rows.append(row)
+            save()
+        del xs, s0
+        torch.cuda.empty_cache()
+
+    # table
+    print(f"\n{'shape (B,T,H,N)':22s} {'impl':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'fwd floor':>10s}"
+          f" {'ours/floor':>10s} {'impl/ours fwd':>14s} {'impl/ours f+b':>14s}")
+    for shape in shapes:
+        mine = next((r for r in rows if r["shape"] == shape and r["impl"] == "ours"), {})
+        for r in (r for r in rows if r["shape"] == shape):
+            def ratio(key):
+                return f"{r[key] / mine[key]:.2f}" if key in r and key in mine else "-"
+
+            def ms(key):
+                return f"{r[key]:.3f}" if key in r else "error"
+
+            print(f"{str(shape):22s} {r['impl']:10s} {ms('fwd_ms'):>9s} {ms('fwdbwd_ms'):>11s} "
+                  f"{r['fwd_floor_ms']:>10.3f} {(mine.get('fwd_ms', float('nan')) / r['fwd_floor_ms']):>10.2f} "
+                  f"{ratio('fwd_ms'):>14s} {ratio('fwdbwd_ms'):>14s}")
+
+    if not args.no_accuracy:
+        acc_impls = dict(impls)
+        report["accuracy_shape"] = ACCURACY_SHAPE
+        report["accuracy"] = accuracy(acc_impls, ACCURACY_SHAPE, dtype, logw_dtype)
+        print(f"\n# relative error vs float32 chunked form at {ACCURACY_SHAPE}, {args.dtype} inputs")
+        for name, errs in report["accuracy"].items():
+            print(f"  {name:10s} " + "  ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in errs.items()))
+    save()
+    if args.out:
+        print(f"\n# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
