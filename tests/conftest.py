@@ -14,6 +14,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per test: the tests' models are tiny, and on a busy 2-core machine
+    the threads' barriers make small ops (sorts, draws over 65536 tokens) many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A fresh seed per test (or RWKVKIT_TEST_SEED), printed when the test fails."""

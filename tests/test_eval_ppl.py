@@ -22,12 +22,6 @@ from rwkvkit.train.data import open_tokens, write_tokens
 from rwkvkit.train.loss import chunked_cross_entropy, evaluate_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ================================================================================================

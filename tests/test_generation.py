@@ -38,14 +38,6 @@ from rwkvkit.tokenizer import WorldTokenizer
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
-    threads' barriers make sorts and draws over 65536 tokens many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- fixtures ------------------------------------------------------------------------------------

@@ -37,13 +37,6 @@ TEXT = ("Once upon a time, a small fox found a red ball in the tall grass. "
         "She rolled it to her friend the owl, who laughed and rolled it back. ")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; one thread also makes CPU runs repeatable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from .. import ops
 from ..config import ModelConfig
 from .recurrent import RWKVModel, group_norm_heads, layer_count, official_matrix_init, shape_of, token_shift
 from .registry import register
+from . import rwkv6
 from .rwkv6 import GROUPNORM_EPS, RWKV56_MATRIX_GAINS, ffn_default, init_decay_and_bonus
 
 
@@ -65,22 +66,13 @@ class TimeMix(nn.Module):
         return self.output(group_norm_heads(y, self.ln_x, x.dtype) * g), wkv, v_first
 
 
-class ChannelMix(nn.Module):
-    """The RWKV-5 feed-forward ("ffn") sub-block."""
+class ChannelMix(rwkv6.ChannelMix):
+    """The RWKV-5 feed-forward ("ffn") sub-block: RWKV-6's with RWKV-5 token mixing."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        C, F_ = config.n_embd, config.ffn_dim
-        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
-        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
+    MIX = ("time_mix_k", "time_mix_r")
 
-    def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        prev = token_shift(x, x_prev)
-        xk, xr = mix(x, prev, self.time_mix_k), mix(x, prev, self.time_mix_r)
-        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2)
+    def mix(self, x: torch.Tensor, prev: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        return mix(x, prev, mu)
 
 
 @register("rwkv5")

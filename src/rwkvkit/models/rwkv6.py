@@ -89,18 +89,24 @@ class TimeMix(nn.Module):
 class ChannelMix(nn.Module):
     """The RWKV-6 feed-forward ("ffn") sub-block: squared ReLU with a receptance gate."""
 
+    MIX = ("time_maa_k", "time_maa_r")  # RWKV-5 names them time_mix_*
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         C, F_ = config.n_embd, config.ffn_dim
-        self.time_maa_k = nn.Parameter(torch.empty(1, 1, C))
-        self.time_maa_r = nn.Parameter(torch.empty(1, 1, C))
+        for name in self.MIX:
+            setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
         self.key = nn.Linear(C, F_, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
+    def mix(self, x: torch.Tensor, prev: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """RWKV-6/7 token mixing: ``mu`` is the weight of the previous token."""
+        return x + (prev - x) * mu
+
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        xx = token_shift(x, x_prev) - x
-        xk, xr = x + xx * self.time_maa_k, x + xx * self.time_maa_r
+        prev = token_shift(x, x_prev)
+        xk, xr = (self.mix(x, prev, getattr(self, name)) for name in self.MIX)
         return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2)
 
 

@@ -47,17 +47,7 @@ def wkv7_reference(
 
     Returns ``(y [B, T, H, N], final state [B, H, N, N])``, both in ``dtype``.
     """
-    B, T, H, N = r.shape
-    if state is None:
-        s = torch.zeros(B, H, N, N, dtype=dtype, device=r.device)
-    else:
-        s = state.to(dtype)
-    ys = []
-    for t in range(T):
-        y, s = wkv7_step(r[:, t], log_w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], s)
-        ys.append(y)
-    y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N, dtype=dtype)
-    return y, s
+    return _scan(lambda t, s: wkv7_step(r[:, t], log_w[:, t], k[:, t], v[:, t], a[:, t], b[:, t], s), r, state, dtype)
 
 
 def wkv6_step(
@@ -98,14 +88,16 @@ def wkv6_reference(
     ``log_w`` is per token ``[B, T, H, N]`` (RWKV-5.2: the same static decay at every token).
     Returns ``(y [B, T, H, N], final state [B, H, N, N])``, both in ``dtype``.
     """
+    return _scan(lambda t, s: wkv6_step(r[:, t], log_w[:, t], k[:, t], v[:, t], u, s), r, state, dtype)
+
+
+def _scan(step, r: torch.Tensor, state: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``step(t, S) -> (y_t, S')`` for t = 0..T-1 from ``state`` (zeros if None), in ``dtype``."""
     B, T, H, N = r.shape
-    if state is None:
-        s = torch.zeros(B, H, N, N, dtype=dtype, device=r.device)
-    else:
-        s = state.to(dtype)
+    s = torch.zeros(B, H, N, N, dtype=dtype, device=r.device) if state is None else state.to(dtype)
     ys = []
     for t in range(T):
-        y, s = wkv6_step(r[:, t], log_w[:, t], k[:, t], v[:, t], u, s)
+        y, s = step(t, s)
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N, dtype=dtype)
     return y, s
