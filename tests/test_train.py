@@ -586,3 +586,13 @@ tensorboard = false
     assert [r["step"] for r in recs if r["type"] == "eval"] == [3, 6]
     assert main(["train", str(toml), "--steps", "8", "--out", str(tmp_path / "o"), "--resume"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "o" / "metrics.jsonl") if r["type"] == "train"] == list(range(1, 9))
+
+
+def test_load_model_takes_a_run_folder(data, tmp_path):
+    """load_model of a run folder, its checkpoints folder or the latest pointer: the newest checkpoint."""
+    train(make_cfg(data, tmp_path / "run", total_steps=3))
+    newest = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    x = torch.randint(0, 100, (1, 5))
+    want = load_model(newest)(x)[0]
+    for p in (tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run" / "checkpoints" / "latest"):
+        assert torch.equal(load_model(p)(x)[0], want), p

@@ -7,7 +7,7 @@ Public API::
     text = rwkvkit.generate(model, "The capital of France is", max_new_tokens=20)
 """
 
-from .checkpoint import load_model
+from .checkpoint import load_default_model, load_model
 from .config import ModelConfig
 from .errors import RwkvkitError
 from .generation import ChatSession, SamplingParams, complete, generate, generate_batch, prefill, stream
@@ -24,6 +24,7 @@ __all__ = [
     "complete",
     "generate",
     "generate_batch",
+    "load_default_model",
     "load_model",
     "prefill",
     "stream",

@@ -32,6 +32,9 @@ from .models.registry import model_class
 from .state import RecurrentState
 
 _PREFIXES = ("_forward_module.", "module.")
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+"""The small bundled RWKV-7 (L8 D256, 8192-token World subset; docs/default_model.md)."""
 _MAX_LISTED = 12
 
 
@@ -204,15 +207,16 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
 ) -> LanguageModel:
-    """Load a model from an official ``.pth``, a directory written by ``model.save``, or a
-    ``.safetensors`` file with its ``config.json`` beside it.
+    """Load a model from an official ``.pth``, a directory written by ``model.save``, a
+    ``.safetensors`` file with its ``config.json`` beside it, or a training run's folder (its
+    newest checkpoint).
 
     The model carries ``.config`` and ``.tokenizer`` (the World tokenizer for official
     65536-vocabulary files; None when unknown). ``dtype`` None keeps the file's dtype.
     """
     from .tokenizer import load_tokenizer
 
-    path = Path(path)
+    path = _newest_checkpoint(Path(path))
     if path.is_dir() or path.suffix == ".safetensors":
         directory = path if path.is_dir() else path.parent
         weights = directory / "model.safetensors" if path.is_dir() else path
@@ -245,12 +249,36 @@ def load_model(
     return model
 
 
+def _newest_checkpoint(path: Path) -> Path:
+    """A training run's folder, its ``checkpoints`` folder or their ``latest`` pointer -> the
+    newest checkpoint in it; any other path unchanged."""
+    if path.is_file() and path.name == "latest":
+        root = path.parent
+    elif path.is_dir() and not (path / "config.json").exists():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if not (root / "latest").is_file():
+            return path
+    else:
+        return path
+    from .train.checkpointing import latest_checkpoint
+
+    return latest_checkpoint(root) or path
+
+
 @functools.lru_cache(maxsize=1)
 def _bundled_world_tokenizer():
     """One shared instance of the bundled World tokenizer (it is immutable and thread-safe)."""
     from .tokenizer import WorldTokenizer
 
     return WorldTokenizer()
+
+
+def load_default_model(
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+) -> LanguageModel:
+    """The small RWKV-7 that ships with rwkvkit (11M parameters, trained on public-domain
+    books and TinyStories): good for trying the API and the CLI, not for real work."""
+    return load_model(DEFAULT_MODEL_DIR, device=device, dtype=dtype)
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -66,8 +66,9 @@ def _unescape(text: str) -> str:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, metavar="PATH",
-                   help="official .pth, a saved model directory, or a .safetensors with its config.json")
+    p.add_argument("--model", "-m", default=None, metavar="PATH",
+                   help="official .pth, a saved model directory, or a .safetensors with its config.json "
+                        "(default: the small bundled model)")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
@@ -113,7 +114,7 @@ def _sampling_params(args: argparse.Namespace, base: Any) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
-    from .checkpoint import load_model
+    from .checkpoint import DEFAULT_MODEL_DIR, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -123,7 +124,8 @@ def _load(args: argparse.Namespace) -> Any:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available")
     dtype_name = args.dtype or ("fp32" if dev.type == "cpu" else "bf16")
-    return load_model(args.model, device=dev, dtype=getattr(torch, _DTYPES[dtype_name]))
+    path = args.model if args.model is not None else DEFAULT_MODEL_DIR
+    return load_model(path, device=dev, dtype=getattr(torch, _DTYPES[dtype_name]))
 
 
 def _write(out: TextIO, text: str) -> None:
