@@ -148,3 +148,34 @@ def test_logits_match_reference_package(tmp_path, seed, sizes):
     for tokens, expected in zip(chunks, ref):
         logits, state = model(torch.tensor([tokens]), state)
         assert rel_err(logits[0], expected) < 1e-5, f"chunk of {len(tokens)}, seed {seed}"
+
+
+def test_init_matches_the_spec_formulas():
+    """Per-layer init values, recomputed element by element from spec section 3.4."""
+    C, L, N = 64, 3, 32
+    model = RWKV7(ModelConfig(arch="rwkv7", n_layer=L, n_embd=C, head_size=N, vocab_size=50))
+    for i, block in enumerate(model.blocks):
+        att = block.att
+        r0, r1 = i / (L - 1), 1 - i / L
+        for n in range(C):
+            ddd, linear = n / C, n / (C - 1) - 0.5
+            z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+            zigzag = z * abs(z)
+            www = -6 + 6 * (n / (C - 1)) ** (1 + r0**0.3)
+            want = {
+                "x_r": 1 - ddd ** (0.2 * r1), "x_w": 1 - ddd ** (0.9 * r1), "x_k": 1 - ddd ** (0.7 * r1),
+                "x_v": 1 - ddd ** (0.7 * r1), "x_a": 1 - ddd ** (0.9 * r1), "x_g": 1 - ddd ** (0.2 * r1),
+                "w0": www + 0.5 + 2.5 * zigzag, "a0": -0.19 + 0.3 * zigzag + 0.4 * linear,
+                "k_k": 0.71 - 0.1 * linear, "k_a": 1.02,
+            }
+            if i > 0:
+                want["v0"] = 0.73 - 0.4 * linear
+            for name, value in want.items():
+                got = getattr(att, name)[0, 0, n].item()
+                assert got == pytest.approx(value, rel=1e-5, abs=1e-6), (i, name, n)
+            assert block.ffn.x_k[0, 0, n].item() == pytest.approx(1 - ddd ** (r1**4), rel=1e-5, abs=1e-6)
+            assert att.ln_x.weight[n].item() == pytest.approx(((1 + i) / L) ** 0.7, rel=1e-6)
+        assert torch.all(att.r_k == -0.04)
+        for lo, hi in ((att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2)) + (((att.v1, att.v2),) if i else ()):
+            assert torch.all(lo == 0)
+            assert torch.allclose(torch.linalg.svdvals(hi.double()), torch.full((hi.shape[0],), 0.1, dtype=torch.float64))
