@@ -263,3 +263,27 @@ def test_inspect(official):
     # per layer: att_shift C + ffn_shift C + wkv H*N*N floats
     assert info["state_bytes_fp32"] == 4 * 2 * (64 + 64 + 2 * 32 * 32)
     assert info["tuned_state"] is False
+
+
+def test_more_bad_files(tmp_path):
+    """A text file, integer weights, inconsistent time_state shapes: specific errors."""
+    (tmp_path / "a.pth").write_text("hello world\n")
+    with pytest.raises(CheckpointError, match="a.pth"):
+        load_model(tmp_path / "a.pth")
+    sd = make_rwkv7_state_dict(**SIZES)
+    sd["blocks.1.att.key.weight"] = torch.zeros(64, 64, dtype=torch.int64)
+    with pytest.raises(StateDictError, match=r"floating-point weights: blocks.1.att.key.weight"):
+        load_model(save_pth(tmp_path, sd))
+    sd = make_rwkv7_state_dict(**SIZES)
+    sd["blocks.0.att.time_state"] = torch.zeros(2, 32, 32)
+    sd["blocks.1.att.time_state"] = torch.zeros(2, 32, 16)
+    with pytest.raises(StateDictError, match="blocks.1.att.time_state"):
+        load_model(save_pth(tmp_path, sd))
+
+
+def test_dtype_none_with_mixed_file_dtypes_runs(tmp_path):
+    sd = make_rwkv7_state_dict(**SIZES, dtype=torch.bfloat16)
+    sd["ln_out.weight"] = sd["ln_out.weight"].float()
+    model = load_model(save_pth(tmp_path, sd), dtype=None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))[0]).all()

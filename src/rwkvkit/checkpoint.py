@@ -58,14 +58,15 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "Weights only load failed" in msg:
-            found = re.search(r"(?:GLOBAL|global) ([\w.]+(?: [\w.]+)?)", msg)
-            what = f" (it references {found.group(1)})" if found else ""
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+(?: [\w.]+)?)", msg)
+        if "Weights only load failed" in msg and found:
             raise UnsafeCheckpointError(
-                f"{path}: refused to load: the pickle holds objects other than tensors{what}; "
-                "nothing from it was executed"
+                f"{path}: refused to load: the pickle holds objects other than tensors "
+                f"(it references {found.group(1)}); nothing from it was executed"
             ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg.splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint") from None
+    except (KeyError, TypeError):  # the unpickler choking on bytes that are no pickle at all
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
@@ -167,6 +168,9 @@ def _check_keys(model: LanguageModel, sd: dict[str, torch.Tensor], ignored: set[
     ]
     if wrong:
         raise StateDictError(f"{source}: wrong shape(s): {_listed(wrong)}")
+    not_float = [f"{k} ({sd[k].dtype})" for k in expected if not sd[k].is_floating_point()]
+    if not_float:
+        raise StateDictError(f"{source}: expected floating-point weights: {_listed(not_float)}")
 
 
 def build_model(
@@ -185,10 +189,12 @@ def build_model(
     with torch.device("meta"):
         model = cls(config)
     _check_keys(model, sd, cls.ignored_keys(sd), source)
+    if dtype is None:  # one dtype for the whole model: the embedding's
+        dtype = sd["emb.weight"].dtype
     tensors = {}
     for key in model.state_dict():
         t = sd[key]
-        if dtype is not None and t.is_floating_point():
+        if t.is_floating_point():
             t = t.to(dtype)
         tensors[key] = t.to(device)
     model.load_state_dict(tensors, assign=True)

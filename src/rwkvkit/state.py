@@ -90,15 +90,21 @@ class RecurrentState:
         """The state of the given batch rows (an int keeps a batch of one)."""
         if isinstance(rows, int):
             rows = [rows]
-        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        index = torch.as_tensor(rows, device=self.device)
+        if index.dtype == torch.bool or index.is_floating_point() or index.dim() > 1:
+            raise StateError(f"select: rows must be integer row numbers, got {index.dtype} {tuple(index.shape)}")
+        index = index.long().reshape(-1)
         if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
             raise StateError(f"select: rows {index.tolist()} out of range for batch size {self.batch_size}")
+        index = torch.where(index < 0, index + self.batch_size, index)
         return self._map(lambda t: t.index_select(1, index.to(t.device)))
 
     def expand(self: S, batch_size: int) -> S:
         """Repeat a batch-1 state ``batch_size`` times (one prompt state for many rows)."""
         if self.batch_size != 1:
             raise StateError(f"expand: needs a batch-1 state, this one has batch size {self.batch_size}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise StateError(f"expand: batch_size must be a positive integer, got {batch_size!r}")
         return self._map(lambda t: t.expand(t.shape[0], batch_size, *t.shape[2:]).contiguous())
 
     @classmethod
@@ -107,6 +113,8 @@ class RecurrentState:
         if not states:
             raise StateError("cat: no states given")
         first = states[0]
+        if not all(isinstance(s, RecurrentState) for s in states):
+            raise StateError("cat: every item must be a RecurrentState")
         for i, s in enumerate(states[1:], 1):
             if type(s) is not type(first) or s.arch != first.arch:
                 raise StateError(f"cat: state {i} is {type(s).__name__}/{s.arch}, state 0 is {type(first).__name__}/{first.arch}")
@@ -138,7 +146,7 @@ class RecurrentState:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             tensors = load_file(str(path), device=str(device))
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise StateError(f"{path}: not a readable safetensors state file ({exc})") from None
         if meta.get("format") != "rwkvkit-state" or "arch" not in meta:
             raise StateError(f"{path}: safetensors file has no rwkvkit state metadata")
@@ -149,6 +157,9 @@ class RecurrentState:
         missing = [n for n in names if n not in tensors]
         if missing:
             raise StateError(f"{path}: missing state tensor(s) {', '.join(missing)}")
+        shapes = {n: tuple(tensors[n].shape) for n in names}
+        if any(len(sh) < 2 or sh[:2] != shapes[names[0]][:2] for sh in shapes.values()):
+            raise StateError(f"{path}: state tensors must share [layers, batch, ...]; found {shapes}")
         return klass(arch=meta["arch"], **{n: tensors[n] for n in names})
 
     def check_compatible(self, other: "RecurrentState", what: str = "state") -> None:

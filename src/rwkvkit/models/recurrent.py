@@ -37,7 +37,12 @@ def shape_of(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
 
 
 def layer_count(sd: dict[str, torch.Tensor]) -> int:
-    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    """1 + the largest block index among ``blocks.<i>.`` keys."""
+    indices = [k.split(".")[1] for k in sd if k.startswith("blocks.")]
+    bad = [i for i in indices if not i.isdigit()]
+    if bad:
+        raise StateDictError(f"key blocks.{bad[0]}...: the block index is not a number")
+    return 1 + max(int(i) for i in indices)
 
 
 class Block(nn.Module):
@@ -78,6 +83,11 @@ class RWKVModel(LanguageModel):
         if len(present) != len(keys):
             missing = sorted(set(keys) - set(present))
             raise StateDictError(f"state-tuned file lacks {', '.join(missing)}")
+        first = tuple(sd[keys[0]].shape)
+        for k in keys:
+            shape = tuple(sd[k].shape)
+            if len(shape) != 3 or shape[1] != shape[2] or shape != first:
+                raise StateDictError(f"{k}: expected [H, N, N] like {keys[0]} {list(first)}, found {list(shape)}")
         wkv = torch.stack([sd[k].float() for k in keys]).unsqueeze(1)  # [L, 1, H, N, N]
         L, C = wkv.shape[0], sd["emb.weight"].shape[1]
         zeros = torch.zeros(L, 1, C)
@@ -128,9 +138,21 @@ class RWKVModel(LanguageModel):
         if state is None:
             state = self.init_state(B)
         else:
-            self.init_state(1).check_compatible(state)
+            ref = self.init_state(1)
+            if not isinstance(state, RecurrentState):
+                raise StateError(f"state must be a RecurrentState, got {type(state).__name__}")
+            ref.check_compatible(state)
             if state.batch_size != B:
                 raise StateError(f"state has batch size {state.batch_size}, tokens have {B} rows")
+            # The state may come from a file or another device; the WKV state is always
+            # float32 (float64 for a float64 model). Casting makes new tensors: the caller's
+            # state is untouched and gradients still reach it.
+            state = RecurrentState(
+                arch=state.arch,
+                att_shift=state.att_shift.to(self.device),
+                wkv=state.wkv.to(self.device, ref.wkv.dtype),
+                ffn_shift=state.ffn_shift.to(self.device),
+            )
         x = self.emb(tokens)
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
