@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from .recurrent import RWKVModel, group_norm_heads, layer_count, official_matrix_init, shape_of, token_shift
 from .registry import register
 from . import rwkv6
-from .rwkv6 import GROUPNORM_EPS, RWKV56_MATRIX_GAINS, ffn_default, init_decay_and_bonus
+from .rwkv6 import RWKV56_MATRIX_GAINS, ffn_default, init_decay_and_bonus
 
 
 def mix(x: torch.Tensor, prev: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -41,12 +41,7 @@ class TimeMix(nn.Module):
         )
         self.time_decay = nn.Parameter(torch.empty(H, N))
         self.time_faaaa = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        rwkv6.add_projections(self, C, H)
 
     def forward(
         self, x: torch.Tensor, x_prev: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None

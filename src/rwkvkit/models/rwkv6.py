@@ -43,6 +43,13 @@ def init_decay_and_bonus(C: int, H: int, r0: float) -> tuple[torch.Tensor, torch
     return decay, bonus
 
 
+def add_projections(module: nn.Module, C: int, H: int) -> None:
+    """The RWKV-5/6 time-mix matrices (receptance, key, value, gate, output) and ln_x."""
+    for name in ("receptance", "key", "value", "gate", "output"):
+        setattr(module, name, nn.Linear(C, C, bias=False))
+    module.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+
+
 class TimeMix(nn.Module):
     """The RWKV-6 attention ("att") sub-block."""
 
@@ -59,12 +66,7 @@ class TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
         self.time_decay_w2 = nn.Parameter(torch.empty(Dd, C))
         self.time_faaaa = nn.Parameter(torch.empty(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.gate = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        add_projections(self, C, H)
 
     def forward(
         self, x: torch.Tensor, x_prev: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None
