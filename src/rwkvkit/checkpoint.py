@@ -250,7 +250,7 @@ def load_model(
         if config.vocab_size == 65536:
             model.tokenizer = _bundled_world_tokenizer()
     if default_state is not None:
-        model.init_state(1).check_compatible(default_state, f"{path}: default_state")
+        model.state_template().check_compatible(default_state, f"{path}: default_state")
         model.default_state = default_state.to(device)
     return model
 

@@ -54,6 +54,11 @@ class LanguageModel(nn.Module):
     def init_state(self, batch_size: int = 1) -> RecurrentState:
         raise NotImplementedError
 
+    def state_template(self) -> RecurrentState:
+        """A batch-1 state with this model's shapes and dtypes (for checks; subclasses may
+        return one on the "meta" device, holding no memory)."""
+        return self.init_state(1)
+
     def hidden(
         self, tokens: torch.Tensor, state: RecurrentState | None = None
     ) -> tuple[torch.Tensor, RecurrentState]:
@@ -103,7 +108,7 @@ class LanguageModel(nn.Module):
 
     def state_nbytes(self, batch_size: int = 1) -> int:
         """Bytes of the recurrent state for ``batch_size`` rows (constant in context length)."""
-        return self.init_state(batch_size).nbytes()
+        return self.state_template().nbytes() * batch_size
 
     # -- files ------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

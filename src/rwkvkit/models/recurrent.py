@@ -71,6 +71,12 @@ class RWKVModel(LanguageModel):
         self.head = nn.Linear(C, config.vocab_size, bias=False)
         # Recompute each block in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
+        if self.emb.weight.device.type != "meta":  # on "meta" the weights come from a file
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the official from-scratch recipe does."""
+        raise NotImplementedError
 
     @classmethod
     def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:
@@ -99,23 +105,28 @@ class RWKVModel(LanguageModel):
 
     def init_state(self, batch_size: int = 1) -> RecurrentState:
         """The initial state for ``batch_size`` rows: the tuned state if any, else zeros."""
-        cfg = self.config
-        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
-        dev, dt = self.device, self.dtype
-        wkv_dtype = torch.float64 if dt == torch.float64 else torch.float32
-        if self.default_state is not None:
-            s = self.default_state.expand(batch_size)
-            return RecurrentState(
-                arch=self.arch,
-                att_shift=s.att_shift.to(dev, dt),
-                wkv=s.wkv.to(dev, wkv_dtype),
-                ffn_shift=s.ffn_shift.to(dev, dt),
-            )
+        if self.default_state is None:
+            return self._zero_state(batch_size, self.device)
+        template, s = self.state_template(), self.default_state.expand(batch_size)
         return RecurrentState(
             arch=self.arch,
-            att_shift=torch.zeros(L, batch_size, C, dtype=dt, device=dev),
-            wkv=torch.zeros(L, batch_size, H, N, N, dtype=wkv_dtype, device=dev),
-            ffn_shift=torch.zeros(L, batch_size, C, dtype=dt, device=dev),
+            **{n: getattr(s, n).to(self.device, t.dtype) for n, t in template.tensor_fields().items()},
+        )
+
+    def state_template(self) -> RecurrentState:
+        """A batch-1 state on the "meta" device: this model's state shapes and dtypes, no memory."""
+        return self._zero_state(1, torch.device("meta"))
+
+    def _zero_state(self, batch_size: int, device: torch.device) -> RecurrentState:
+        cfg = self.config
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        dt = self.dtype
+        wkv_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        return RecurrentState(
+            arch=self.arch,
+            att_shift=torch.zeros(L, batch_size, C, dtype=dt, device=device),
+            wkv=torch.zeros(L, batch_size, H, N, N, dtype=wkv_dtype, device=device),
+            ffn_shift=torch.zeros(L, batch_size, C, dtype=dt, device=device),
         )
 
     @staticmethod
@@ -138,7 +149,7 @@ class RWKVModel(LanguageModel):
         if state is None:
             state = self.init_state(B)
         else:
-            ref = self.init_state(1)
+            ref = self.state_template()  # checks shapes without allocating a state
             if not isinstance(state, RecurrentState):
                 raise StateError(f"state must be a RecurrentState, got {type(state).__name__}")
             ref.check_compatible(state)

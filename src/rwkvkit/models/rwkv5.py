@@ -77,8 +77,6 @@ class RWKV5(RWKVModel):
     def __init__(self, config: ModelConfig) -> None:
         config.ffn_dim = config.ffn_dim or ffn_default(config.n_embd)
         super().__init__(config, lambda i: TimeMix(config, i), lambda i: ChannelMix(config))
-        if self.emb.weight.device.type != "meta":
-            self.reset_parameters()
 
     @classmethod
     def config_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ModelConfig:

@@ -127,8 +127,6 @@ class RWKV6(RWKVModel):
         config.lora = {"maa": 64 if big else 32, "decay": 128 if big else 64, **config.lora}
         config.ffn_dim = config.ffn_dim or ffn_default(config.n_embd)
         super().__init__(config, lambda i: TimeMix(config, i), lambda i: ChannelMix(config))
-        if self.emb.weight.device.type != "meta":
-            self.reset_parameters()
 
     @classmethod
     def config_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ModelConfig:

@@ -126,8 +126,6 @@ class RWKV7(RWKVModel):
         config.lora = {**default_lora_sizes(config.n_embd), **config.lora}
         config.ffn_dim = config.ffn_dim or 4 * config.n_embd
         super().__init__(config, lambda i: TimeMix(config, i), lambda i: ChannelMix(config))
-        if self.emb.weight.device.type != "meta":
-            self.reset_parameters()
 
     @classmethod
     def config_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ModelConfig:

@@ -82,23 +82,11 @@ def wkv7_chunked(
     if not 1 <= chunk_size <= WKV7_MAX_CHUNK:
         raise ValueError(f"chunk_size must be in 1..{WKV7_MAX_CHUNK}, got {chunk_size}")
     B, T, H, N = r.shape
-    dt = torch.float64 if (r.dtype == torch.float64 or (state is not None and state.dtype == torch.float64)) else torch.float32
-    s = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)
+    dt, s = _compute_dtype_and_state(r, state)
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=dt), s
-
     L = chunk_size
-    nc = -(-T // L)
-    pad = nc * L - T
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, H, N] -> [B, H, nc, L, N], zero-padded at the end
-        x = x.to(dt)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4)
-
-    r, lw, k, v, a, b = (prep(x) for x in (r, log_w, k, v, a, b))
+    r, lw, k, v, a, b = _to_chunks((r, log_w, k, v, a, b), L, dt)
 
     lam = lw.cumsum(dim=-2)  # inclusive Lam_t
     lam_prev = lam - lw  # exclusive Lam_{t-1}
@@ -137,9 +125,7 @@ def wkv7_chunked(
         entering.append(s)
         s = s @ M_c + U_c
     S0 = torch.stack(entering, dim=2)  # [B, H, nc, N_value, N_key]
-    y = Rq @ S0.transpose(-1, -2) + Y0  # [B, H, nc, L, N_value]
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
-    return y, s
+    return _from_chunks(Rq @ S0.transpose(-1, -2) + Y0, T), s
 
 
 def _wkv6_intra_chunk(
@@ -213,23 +199,11 @@ def wkv6_chunked(
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
     B, T, H, N = r.shape
-    dt = torch.float64 if (r.dtype == torch.float64 or (state is not None and state.dtype == torch.float64)) else torch.float32
-    s = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)
+    dt, s = _compute_dtype_and_state(r, state)
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=dt), s
-
     L = min(chunk_size, 1 << (T - 1).bit_length())
-    nc = -(-T // L)
-    pad = nc * L - T
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, H, N] -> [B, H, nc, L, N], zero-padded at the end (log_w = 0: decay 1)
-        x = x.to(dt)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4)
-
-    r, lw, k, v = (prep(x) for x in (r, log_w, k, v))
+    r, lw, k, v = _to_chunks((r, log_w, k, v), L, dt)
     u = u.to(dt).reshape(1, H, 1, 1, N)
 
     A, pre, suf, total = _wkv6_intra_chunk(r, lw, k, (r * u * k).sum(-1))
@@ -243,6 +217,32 @@ def wkv6_chunked(
         entering.append(s)
         s = s * d_c + u_c
     S0 = torch.stack(entering, dim=2)  # [B, H, nc, N_value, N_key]
-    y = r_q @ S0.transpose(-1, -2) + A @ v  # [B, H, nc, L, N_value]
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
-    return y, s
+    return _from_chunks(r_q @ S0.transpose(-1, -2) + A @ v, T), s
+
+
+def _compute_dtype_and_state(r: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.dtype, torch.Tensor]:
+    """float64 if the inputs or the state are float64, else float32; and the entering state
+    in that dtype (zeros for None)."""
+    B, _, H, N = r.shape
+    f64 = r.dtype == torch.float64 or (state is not None and state.dtype == torch.float64)
+    dt = torch.float64 if f64 else torch.float32
+    s = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)
+    return dt, s
+
+
+def _to_chunks(xs: tuple[torch.Tensor, ...], L: int, dt: torch.dtype) -> list[torch.Tensor]:
+    """[B, T, H, N] -> [B, H, nc, L, N] in ``dt``, zero-padded at the end. Zero inputs with
+    zero log-decay leave the state unchanged, so the padding does not affect the result."""
+    B, T, H, N = xs[0].shape
+    nc = -(-T // L)
+    out = []
+    for x in xs:
+        x = torch.nn.functional.pad(x.to(dt), (0, 0, 0, 0, 0, nc * L - T))
+        out.append(x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4))
+    return out
+
+
+def _from_chunks(y: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, H, nc, L, N] -> [B, T, H, N] (the padding dropped)."""
+    B, H, nc, L, N = y.shape
+    return y.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
