@@ -11,7 +11,7 @@ relative errors of ours and fla against a float32 chunked reference at one moder
 and writes everything as JSON to --out.
 
     python benchmarks/bench_wkv.py --out runs/bench_wkv.json
-    python benchmarks/bench_wkv.py --sweep --out runs/sweep.json    # tune chunk/block_v/warps/bwd mode
+    python benchmarks/bench_wkv.py --sweep --out runs/sweep.json    # tune chunk/block_v/warps, per kernel
 """
 
 from __future__ import annotations
@@ -215,58 +215,64 @@ def accuracy(impls, shape, dtype, logw_dtype) -> dict:
 # --- sweep ------------------------------------------------------------------------------------
 
 
-def sweep(shape, dtype, logw_dtype, configs_fwd, configs_bwd) -> list[dict]:
-    """Forward configs timed through wkv7_triton (no grad); backward configs timed on the
-    backward launch alone (states computed once per chunk size)."""
+def kernel_times(fn, xs, s0, reps: int = 5) -> dict[str, float]:
+    """Forward + backward under the profiler: mean CUDA time (ms) per call of each kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = [x.detach().requires_grad_() for x in xs]
+    s_leaf = s0.detach().requires_grad_()
+
+    def run():
+        y, s = fn(leaves, s_leaf)
+        torch.autograd.backward([y, s], [torch.ones_like(y), torch.ones_like(s)])
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            out[ev.key[:60]] = t / 1e3 / reps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def sweep(shape, dtype, logw_dtype, configs) -> list[dict]:
+    """Each config: forward and forward+backward times, and the time of every kernel."""
     kernels = load_ops()[1]
     xs, s0 = make_inputs(*shape, dtype=dtype, logw_dtype=logw_dtype)
-    precision = "ieee" if dtype == torch.float32 else "tf32"
     rows = []
-    for cfg in configs_fwd:
-        row = {"pass": "fwd", **cfg}
+    for cfg in configs:
+        row = dict(cfg)
+        fn = lambda x, s, cfg=cfg: kernels.wkv7_triton(*x, s, **cfg)  # noqa: E731
         try:
-            row["ms"] = time_forward(lambda x, s: kernels.wkv7_triton(*x, s, **cfg), xs, s0)
+            row["fwd_ms"] = time_forward(fn, xs, s0)
+            row["fwdbwd_ms"] = time_forward_backward(fn, xs, s0)
+            row["kernels_ms"] = {k: round(v, 4) for k, v in kernel_times(fn, xs, s0).items() if v > 0.005}
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
-        print("  ", row, flush=True)
-    states_by_chunk = {}
-    dy = torch.randn(xs[0].shape, device="cuda", dtype=dtype)
-    dsT = torch.randn_like(s0)
-    for cfg in configs_bwd:
-        row = {"pass": "bwd", **cfg}
-        L = cfg["chunk_size"]
-        try:
-            if L not in states_by_chunk:
-                states_by_chunk[L] = kernels.wkv7_forward(
-                    *xs, s0, chunk_size=L, block_v=None, num_warps=None, precision=precision,
-                    out_dtype=dtype, save_states=True)[2]
-            states = states_by_chunk[L]
-            row["ms"] = bench(lambda: kernels.wkv7_backward(
-                *xs, states, dy, dsT, chunk_size=L, block_v=cfg["block_v"], num_warps=cfg["num_warps"],
-                precision=precision, mode=cfg["bwd_mode"]))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
-        print("  ", row, flush=True)
+        print("  ", json.dumps(row), flush=True)
     return rows
 
 
 def sweep_configs(quick: bool):
-    fwd, bwd = [], []
+    """Parallel kernels: chunk size, value block and warps; the scan: its block, warps and
+    precision (the knobs are independent: read the per-kernel times)."""
+    configs = []
     for L in (16, 32, 64):
         for bv in (16, 32, 64):
-            if L == 64 and bv == 64:
-                continue  # over the H100's shared memory
             for w in (4, 8):
-                if quick and (L, bv, w) not in {(16, 64, 8), (16, 32, 8), (32, 32, 8), (16, 16, 4), (64, 32, 8)}:
+                if quick and (L, bv, w) not in {(64, 64, 8), (64, 32, 4), (64, 32, 8), (32, 64, 8), (32, 32, 4), (16, 64, 4)}:
                     continue
-                fwd.append(dict(chunk_size=L, block_v=bv, num_warps=w))
-                for mode in ("fused", "split"):
-                    if mode == "fused" and L * bv * 64 > 1 << 16:
-                        continue  # over the H100's shared memory (see _auto_block_v)
-                    bwd.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_mode=mode))
-    return fwd, bwd
+                configs.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
+    for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
+        configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
+    return configs
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -284,8 +290,11 @@ def main(argv=None) -> int:
     p.add_argument("--num-warps", type=int, default=None)
     p.add_argument("--bwd-block-v", type=int, default=None)
     p.add_argument("--bwd-num-warps", type=int, default=None)
-    p.add_argument("--bwd-mode", default=None, choices=["fused", "split"])
+    p.add_argument("--scan-block-v", type=int, default=None)
+    p.add_argument("--scan-num-warps", type=int, default=None)
     p.add_argument("--precision", default=None, choices=["ieee", "tf32", "tf32x3"])
+    p.add_argument("--scan-precision", default=None, choices=["ieee", "tf32", "tf32x3"])
+    p.add_argument("--profile", action="store_true", help="print the time of every kernel (ours, fla) at each shape")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape, then exit")
@@ -302,7 +311,8 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
     cfg = {k: v for k, v in dict(
         chunk_size=args.chunk_size, block_v=args.block_v, num_warps=args.num_warps, bwd_block_v=args.bwd_block_v,
-        bwd_num_warps=args.bwd_num_warps, bwd_mode=args.bwd_mode, precision=args.precision).items() if v is not None}
+        bwd_num_warps=args.bwd_num_warps, scan_block_v=args.scan_block_v, scan_num_warps=args.scan_num_warps,
+        precision=args.precision, scan_precision=args.scan_precision).items() if v is not None}
 
     props = torch.cuda.get_device_properties(0)
     report = {
@@ -319,13 +329,13 @@ def main(argv=None) -> int:
             args.out.write_text(json.dumps(report, indent=1))
 
     if args.sweep:
-        fwd, bwd = sweep_configs(quick=not args.sweep_full)
-        print(f"# sweep at {shapes[0]}: {len(fwd)} forward and {len(bwd)} backward configs")
+        configs = sweep_configs(quick=not args.sweep_full)
+        print(f"# sweep at {shapes[0]}: {len(configs)} configs")
         report["sweep_shape"] = shapes[0]
-        report["sweep"] = sweep(shapes[0], dtype, logw_dtype, fwd, bwd)
-        for pas in ("fwd", "bwd"):
-            ok = sorted((r for r in report["sweep"] if r["pass"] == pas and "ms" in r), key=lambda r: r["ms"])
-            print(f"# best {pas}:", *(f"\n   {r['ms']:.3f} ms  {r}" for r in ok[:5]))
+        report["sweep"] = sweep(shapes[0], dtype, logw_dtype, configs)
+        for pas in ("fwd_ms", "fwdbwd_ms"):
+            ok = sorted((r for r in report["sweep"] if pas in r), key=lambda r: r[pas])
+            print(f"# best {pas}:", *(f"\n   {r[pas]:.3f} ms  {r}" for r in ok[:3]))
         save()
         return 0
 
@@ -357,6 +367,12 @@ def main(argv=None) -> int:
                     row[pas + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     traceback.print_exc(limit=2)
                 torch.cuda.empty_cache()
+            if args.profile:
+                try:
+                    row["kernels_ms"] = {k: round(v, 4) for k, v in kernel_times(fn, xs, s0).items() if v > 0.005}
+                    print(f"# {name} {shape} kernels (ms per fwd+bwd):", json.dumps(row["kernels_ms"]))
+                except Exception as e:  # noqa: BLE001
+                    row["kernels_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             row["fwd_floor_ms"] = fb / bw * 1e3
             row["fwd_bytes"] = fb
             row["fwdbwd_floor_ms"] = (fb + backward_bytes(xs, s0)) / bw * 1e3

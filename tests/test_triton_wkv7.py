@@ -6,6 +6,7 @@ RWKVKIT_TRITON_INTERPRET=1 a small set runs on CPU under the Triton interpreter 
 the interpreter is slow).
 """
 
+import itertools
 import math
 import os
 
@@ -26,6 +27,7 @@ from test_ops import wkv7_inputs  # noqa: E402
 from rwkvkit.ops import wkv7_chunked, wkv7_reference  # noqa: E402
 from rwkvkit.ops.triton import wkv7 as kernels  # noqa: E402
 from rwkvkit.ops.triton import wkv7_triton  # noqa: E402
+from rwkvkit.ops.triton.wkv7 import wkv7_recurrent  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 gpu_only = pytest.mark.skipif(INTERPRET, reason="GPU only (too slow under the interpreter)")
@@ -83,14 +85,16 @@ def run_and_compare(x, *, dtype, logw_dtype=None, with_state=True, tol=None, **k
 
 @pytest.mark.parametrize("T", [1, 17, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bwd_mode", ["fused", "split"])
-def test_small_matches_reference(seed, T, dtype, bwd_mode):
-    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16, bwd_mode=bwd_mode)
+def test_small_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16)
 
 
 def test_small_chunk32_value_blocks_no_state(seed):
-    """Two value blocks (N=32, block_v=16), chunk 32 > T, no initial state."""
-    run_and_compare(make_inputs(1, 23, 1, 32), dtype=torch.float32, chunk_size=32, block_v=16, with_state=False)
+    """Two value blocks (N=32, block_v=16) in every kernel, chunk 32 > T, no initial state."""
+    run_and_compare(
+        make_inputs(1, 23, 1, 32), dtype=torch.float32, chunk_size=32, block_v=16, bwd_block_v=16,
+        scan_block_v=16, with_state=False,
+    )
 
 
 @pytest.mark.parametrize("decay", ["tiny", "at_clamp"])
@@ -110,9 +114,8 @@ def test_every_output_element_written(seed, monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(kernels, "_empty", poisoned)
-    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16)
+    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16)
     run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16)
-    run_and_compare(make_inputs(1, 35, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_mode="split")
 
 
 def test_only_one_output_used(seed):
@@ -143,6 +146,64 @@ def test_state_not_modified_and_out_dtype(seed):
     assert y16.dtype == torch.float32
 
 
+def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
+    """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward."""
+    xs = [make_inputs(1, n, H, N) for n in lengths]
+    packed = [torch.cat([x[i] for x in xs], dim=1).to(DEVICE, dtype).requires_grad_() for i in range(6)]
+    s0 = torch.cat([x[6] for x in xs]).to(DEVICE).requires_grad_()
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    y, s = wkv7_triton(*packed, s0, cu_seqlens=cu, **kw)
+    assert y.shape == packed[0].shape and s.shape == s0.shape
+    gy, gs = torch.randn_like(y, dtype=torch.float32), torch.randn_like(s)
+    got = torch.autograd.grad((y.float() * gy).sum() + (s * gs).sum(), packed + [s0])
+    for i, n in enumerate(lengths):
+        lo = int(cu[i])
+        if n == 0:  # an empty sequence passes its state (and the state's gradient) through
+            assert torch.equal(s[i], s0[i]) and torch.equal(got[6][i], gs[i]), f"empty sequence {i}"
+            continue
+        one = [x[:, lo : lo + n].detach().requires_grad_() for x in packed] + [s0[i : i + 1].detach().requires_grad_()]
+        y1, s1 = wkv7_triton(*one, **kw)
+        g1 = torch.autograd.grad((y1.float() * gy[:, lo : lo + n]).sum() + (s1 * gs[i : i + 1]).sum(), one)
+        assert rel_err(y[:, lo : lo + n], y1) < rtol and rel_err(s[i : i + 1], s1) < rtol, f"sequence {i}"
+        for name, g, g_one in zip(NAMES[:6], got[:6], g1[:6]):
+            assert rel_err(g[:, lo : lo + n], g_one) < rtol, f"sequence {i}, grad {name}"
+        assert rel_err(got[6][i : i + 1], g1[6]) < rtol, f"sequence {i}, grad state"
+
+
+def test_varlen_matches_one_by_one(seed):
+    """Lengths not multiples of the chunk, one of a single token, one empty."""
+    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16)
+
+
+def test_varlen_rejects_bad_offsets():
+    x = [torch.zeros(1, 10, 1, 16, device=DEVICE) for _ in range(6)]
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        wkv7_triton(*x, cu_seqlens=torch.tensor([0, 6, 4, 10], device=DEVICE))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        wkv7_triton(*x, cu_seqlens=torch.tensor([0, 6, 9], device=DEVICE))
+    with pytest.raises(ValueError, match="packed"):
+        wkv7_triton(*[torch.zeros(2, 5, 1, 16, device=DEVICE) for _ in range(6)], cu_seqlens=torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_recurrent_matches_reference(seed, T):
+    """The decoding kernel: a new state, or the given one updated in place."""
+    *inp, s0 = make_inputs(2, T, 2, 32)
+    y_ref, s_ref = wkv7_reference(*[t.double() for t in inp], s0.double())
+    y_bf, s_bf = wkv7_reference(*[t.bfloat16().double() for t in inp], s0.double())
+    inp = [t.to(DEVICE) for t in inp]
+    state = s0.clone().to(DEVICE)
+    y, s = wkv7_recurrent(*inp, state)
+    assert s is not state and torch.equal(state, s0.to(DEVICE))
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    y2, s2 = wkv7_recurrent(*[t.bfloat16() for t in inp], state, inplace=True, out_dtype=torch.float32)
+    assert s2 is state and y2.dtype == torch.float32
+    assert rel_err(y2, y_bf) < 1e-5 and rel_err(state, s_bf) < 1e-5
+    with pytest.raises(ValueError, match="inplace"):
+        wkv7_recurrent(*inp, state.double(), inplace=True)
+
+
 def test_rejects_bad_arguments():
     x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(6)]
     with pytest.raises(ValueError, match="chunk_size"):
@@ -156,52 +217,47 @@ def test_rejects_bad_arguments():
 
 
 # --- GPU tests ------------------------------------------------------------------------------
+# Every distinct (dtype, chunk, block, precision, ...) combination compiles the six kernels
+# anew (seconds each), so most tests share the default configuration.
 
 
 @gpu_only
-@pytest.mark.parametrize("T", [1, 15, 16, 33, 100, 256])
-@pytest.mark.parametrize("chunk_size", [16, 32, 64])
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference(seed, T, chunk_size, dtype):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, chunk_size=chunk_size)
+def test_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype)
 
 
 @gpu_only
-@pytest.mark.parametrize("T", [15, 256])
-def test_float16(seed, T):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=torch.float16, chunk_size=32)
+@pytest.mark.parametrize("chunk_size", [16, 32])
+def test_other_chunk_sizes(seed, chunk_size):
+    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.float32, chunk_size=chunk_size)
 
 
 @gpu_only
-@pytest.mark.parametrize("T", [17, 256])
-@pytest.mark.parametrize("chunk_size", [16, 32, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_backward(seed, T, chunk_size, dtype):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, chunk_size=chunk_size, bwd_mode="split")
+def test_float16(seed):
+    run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16)
 
 
 @gpu_only
 @pytest.mark.parametrize("decay", ["near_one", "tiny", "clamp", "at_clamp"])
-@pytest.mark.parametrize("chunk_size", [16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bwd_mode", ["fused", "split"])
-def test_decay_extremes(seed, decay, chunk_size, dtype, bwd_mode):
-    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=dtype, chunk_size=chunk_size, bwd_mode=bwd_mode)
+def test_decay_extremes(seed, decay, dtype):
+    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=dtype)
 
 
 @gpu_only
 @pytest.mark.parametrize("N", [16, 32, 128])
 def test_head_sizes(seed, N):
-    run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, chunk_size=32)
+    run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32)
 
 
 @gpu_only
-@pytest.mark.parametrize("block_v", [16, 32, 64])
-@pytest.mark.parametrize("num_warps", [4, 8])
-def test_tuning_knobs(seed, block_v, num_warps):
+def test_mixed_dtypes_and_value_blocks(seed):
+    """bf16 inputs with float32 log_w (as the layer calls it), split into value blocks."""
     run_and_compare(
-        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32,
-        block_v=block_v, num_warps=num_warps, bwd_block_v={16: 64, 32: 32, 64: 16}[block_v], bwd_num_warps=num_warps,
+        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32,
+        block_v=32, bwd_block_v=32, scan_block_v=16,
     )
 
 
@@ -209,6 +265,11 @@ def test_tuning_knobs(seed, block_v, num_warps):
 @pytest.mark.parametrize("precision, tol", [("tf32", 3e-3), ("tf32x3", 1e-4)])
 def test_tensor_core_precisions_fp32(seed, precision, tol):
     run_and_compare(make_inputs(2, 200, 2, 64), dtype=torch.float32, precision=precision, tol=tol)
+
+
+@gpu_only
+def test_varlen_gpu(seed):
+    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5)
 
 
 @gpu_only
@@ -230,3 +291,24 @@ def test_large_shape_vs_chunked(seed, dtype):
     for name, g, g_ref in zip(NAMES, got, ref):
         assert torch.isfinite(g).all(), f"grad {name} not finite, seed {seed}"
         assert rel_err(g, g_ref) < tol, f"grad {name}: {rel_err(g, g_ref):.2e}, seed {seed}"
+
+
+@gpu_only
+def test_dispatcher_uses_kernels(seed):
+    """ops.wkv7 on CUDA: the chunked kernels with gradients, the decoding kernel without, and
+    the in-place step; all against the float64 reference."""
+    from rwkvkit import ops
+
+    *inp, s0 = make_inputs(1, 5, 2, 64)
+    y_ref, s_ref = wkv7_reference(*[t.double() for t in inp], s0.double())
+    inp = [t.cuda() for t in inp]
+    s = s0.cuda()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            y, s1 = ops.wkv7(*[t.requires_grad_(grad) for t in inp], s)
+        assert rel_err(y, y_ref) < 1e-5 and rel_err(s1, s_ref) < 1e-5
+    state = s.clone()
+    for t in range(5):
+        y_t = ops.wkv7_(*[x[:, t].detach() for x in inp], state)
+        assert rel_err(y_t, y_ref[:, t]) < 1e-5
+    assert rel_err(state, s_ref) < 1e-5

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-__all__ = ["available", "wkv7_triton", "wkv7_triton_supports"]
+__all__ = ["available", "wkv7_recurrent", "wkv7_triton", "wkv7_triton_supports"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HEAD_SIZES = (16, 32, 64, 128)
@@ -52,5 +52,12 @@ def wkv7_triton_supports(
 def wkv7_triton(*args, **kwargs):
     """RWKV-7 WKV through the Triton kernels; see ``rwkvkit.ops.triton.wkv7.wkv7_triton``."""
     from .wkv7 import wkv7_triton as impl
+
+    return impl(*args, **kwargs)
+
+
+def wkv7_recurrent(*args, **kwargs):
+    """RWKV-7 WKV step by step in one kernel (decoding); see ``rwkvkit.ops.triton.wkv7``."""
+    from .wkv7 import wkv7_recurrent as impl
 
     return impl(*args, **kwargs)

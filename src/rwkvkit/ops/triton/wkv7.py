@@ -37,20 +37,26 @@ and through the scalings (x_q = x e^{...}):
     dlog_w_s = sum_{t>=s} dLam_t + sum_{t>s} dLam'_t + dLam_L   (a reverse cumsum in the chunk)
 Each formula was checked against float64 autograd through the step reference.
 
-Kernels. Rows of the state (the value index) evolve independently once the key-side
-matrices are known, so a program owns one (batch, head) and a block of ``block_v`` value
-rows, keeps its [block_v, N] slice of the state in registers in float32, and walks the
-chunks in order. The key-side work of a chunk (cumsums, A matrices, the inverse) is
-recomputed by every value block and in the backward: it costs FLOPs but no memory traffic.
-The forward stores the state entering every chunk (float32, [B, H, T/L, N, N]) when a
-gradient is needed, so the backward never re-runs the scan: N*N*4/L bytes per token and
-head (1 KiB at N=64, L=16; 256 B at L=64), against 768 B for the six bf16 inputs autograd
-keeps anyway. Backward, two modes: "fused" walks the chunks in reverse in one kernel,
-carrying dS in registers; "split" runs a lean reverse scan of dS alone (storing dS_L per
-chunk, float32), then a kernel over all chunks in parallel for the input gradients (more
-memory traffic, far more parallelism, fewer registers per program). Key-side input
-gradients summed over value blocks go through a float32 [NV, ...] buffer when there is more
-than one block.
+Scan form. Substituting SA = W S0^T + U, with W = (I - A_ab)^{-1} aq and
+U = (I - A_ab)^{-1} A_ak V (neither depends on the state), the chunk's state update becomes
+    S_L = S0 diag(gL) + S0 M + D,     M = W^T be [key, key],  D = V^T ke + U^T be [value, key]
+and the gradient of the state entering the chunk
+    dS0 = dS_L diag(gL) + dS_L M^T + E,     E = dY^T Q,  Q = rq + A_rb W.
+So the only sequential work is a lean scan with one [value, key] x [key, key] product per
+chunk; everything else is parallel over chunks.
+
+Kernels (every one works on a table of chunks, so packed variable-length batches and dense
+[B, T] batches are one code path; a chunk never crosses a sequence boundary):
+    forward:  _prep (per chunk: gL, M, D) -> _scan (per sequence, head: the state entering
+              every chunk, and the final state) -> _out (per chunk: y from its entering state)
+    backward: _bwd_prep (per chunk: E) -> _scan in reverse (dS leaving every chunk, dS of the
+              initial state) -> _bwd_chunks (per chunk: every input gradient)
+and _recurrent, the step-by-step form for decoding (small T, no gradient), which may update
+the state in place. The scan keeps the diagonal part exact (S * gL) and takes the product
+with M in its own precision. The state entering every chunk is stored in float32
+([chunks, H, N, N]); M and gL are kept for the backward, so neither scan is run twice.
+Key-side input gradients summed over value blocks go through a float32 [NV, ...] buffer when
+there is more than one block.
 
 Matmul precision: "ieee" (exact float32, CUDA cores), "tf32" (tensor cores; ~4e-4 relative
 error) or "tf32x3" (tensor cores, ~float32 accuracy at 3x the MMA work). Default: ieee for
@@ -60,6 +66,7 @@ float32 inputs, tf32 for bf16/fp16 inputs. Accumulation is float32 everywhere.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -69,8 +76,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
-BWD_MODES = ("fused", "split")
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 64
+RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,79 +126,203 @@ def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr,
     return g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti
 
 
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
-def _wkv7_fwd_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
-    s0_ptr,  # [B, H, N, N] float32 (unused unless HAS_S0)
-    y_ptr,  # [B, T, H, N]
-    sT_ptr,  # [B, H, N, N] float32
-    states_ptr,  # [B, H, NC, N, N] float32 (unused unless SAVE_STATES)
-    T, H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    HAS_S0: tl.constexpr, SAVE_STATES: tl.constexpr, PREC: tl.constexpr,
+@triton.jit
+def _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L: tl.constexpr):
+    """Tokens [start, min(start + L, stop)) of chunk ``c`` in the flat token order; ``stop``
+    is the end of its sequence."""
+    seq = tl.load(chunk_seq_ptr + c)
+    start = tl.load(cu_ptr + seq) + (c - tl.load(chunk_cu_ptr + seq)) * L
+    stop = tl.load(cu_ptr + seq + 1)
+    return start, stop
+
+
+@triton.jit(do_not_specialize=["H"])
+def _prep_kernel(
+    lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
+    gl_ptr,  # [chunks, H, N] float32 out
+    m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
-    stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
+    """Per chunk: gL, M = W^T be and this value block's rows of D = V^T ke + U^T be."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]  # [BV, N] slice of a [N, N] state
+    t = start + offs_t
+    tmask = (t < stop)[:, None]
+    row = (t.to(tl.int64) * H + h) * N
+    pk = row[:, None] + offs_k[None, :]
+    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + row[:, None] + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
 
+    lam = tl.cumsum(lw, axis=0)
+    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
+    aq = a * tl.exp(lam - lw)
+    gi = tl.exp(-lam)
+    ge = tl.exp(lam_last[None, :] - lam)
+    strict = offs_t[:, None] > offs_t[None, :]
+    A_ab = tl.where(strict, tl.dot(aq, tl.trans(b * gi), input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(aq, tl.trans(k * gi), input_precision=PREC), 0.0)
+    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+    be = b * ge
+    U = tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)  # [L, BV]
+    D = tl.dot(tl.trans(v), k * ge, input_precision=PREC) + tl.dot(tl.trans(U), be, input_precision=PREC)
+    base = (c.to(tl.int64) * H + h) * N
+    tl.store(d_ptr + base * N + offs_v[:, None] * N + offs_k[None, :], D)
+    if i_v == 0:
+        W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
+        M = tl.dot(tl.trans(W), be, input_precision=PREC)  # [N, N]
+        tl.store(m_ptr + base * N + offs_k[:, None] * N + offs_k[None, :], M)
+        tl.store(gl_ptr + base + offs_k, tl.exp(lam_last))
+
+
+@triton.jit(do_not_specialize=["H", "n_chunks"])
+def _scan_kernel(
+    s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
+    gl_ptr,  # [chunks, H, N] float32
+    m_ptr, d_ptr,  # [chunks, H, N, N] float32
+    states_ptr,  # [chunks, H, N, N] float32 out: the carried matrix before each chunk's update
+    sT_ptr,  # [seqs, H, N, N] float32 out
+    chunk_cu_ptr,
+    H, n_chunks,
+    N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
+):
+    """The sequential part. Forward: S <- S diag(gL) + S M + D over the chunks in order, storing
+    the state entering each. REVERSE: dS <- dS diag(gL) + dS M^T + E over the chunks backwards,
+    storing the gradient of the state leaving each (``d_ptr`` holds E)."""
+    i_sh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    seq = i_sh // H
+    h = i_sh % H
+    c0 = tl.load(chunk_cu_ptr + seq)
+    nc = tl.load(chunk_cu_ptr + seq + 1) - c0
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    s_offs = offs_v[:, None] * N + offs_k[None, :]
+    if REVERSE:
+        m_offs = offs_k[None, :] * N + offs_k[:, None]  # M^T
+    else:
+        m_offs = offs_k[:, None] * N + offs_k[None, :]
     if HAS_S0:
-        S = tl.load(s0_ptr + i_bh * N * N + s_offs).to(tl.float32)
+        S = tl.load(s0_ptr + i_sh * N * N + s_offs)
     else:
         S = tl.zeros([BV, N], dtype=tl.float32)
 
-    # The chunk loop is sequential: the next chunk's inputs are loaded one iteration ahead so
-    # that their latency hides behind this chunk's matmuls.
-    tmask = (offs_t < T)[:, None]
-    row = tok0 + offs_t.to(tl.int64)[:, None] * stride_t
-    r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    lw_n = tl.load(lw_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    a_n = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    b_n = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-    for c in range(NC):
-        r = r_n.to(tl.float32)
-        lw = lw_n.to(tl.float32)
-        k = k_n.to(tl.float32)
-        a = a_n.to(tl.float32)
-        b = b_n.to(tl.float32)
-        v = v_n.to(tl.float32)
-        pv = row + offs_v[None, :]
-        ymask = tmask
-        t = (c + 1) * L + offs_t
-        tmask = (t < T)[:, None]  # all false past the last chunk: no memory access
-        row = tok0 + t.to(tl.int64)[:, None] * stride_t
-        r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        lw_n = tl.load(lw_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        a_n = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        b_n = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-        if SAVE_STATES:
-            tl.store(states_ptr + (i_bh * NC + c) * N * N + s_offs, S)
+    # the next chunk's matrices are loaded one iteration ahead (their latency hides behind
+    # this chunk's product)
+    if REVERSE:
+        c = c0 + nc - 1
+    else:
+        c = c0
+    # (clamped into the table: the prefetch past the last chunk loads a valid, unused one)
+    base = tl.minimum(tl.maximum(c, 0), n_chunks - 1).to(tl.int64) * H + h
+    gl_n = tl.load(gl_ptr + base * N + offs_k)
+    m_n = tl.load(m_ptr + base * N * N + m_offs)
+    d_n = tl.load(d_ptr + base * N * N + s_offs)
+    for j in range(nc):
+        tl.store(states_ptr + base * N * N + s_offs, S)
+        gl = gl_n
+        M = m_n
+        D = d_n
+        if REVERSE:
+            c = c0 + nc - 2 - j
+        else:
+            c = c0 + j + 1
+        base_n = tl.minimum(tl.maximum(c, 0), n_chunks - 1).to(tl.int64) * H + h
+        gl_n = tl.load(gl_ptr + base_n * N + offs_k)
+        m_n = tl.load(m_ptr + base_n * N * N + m_offs)
+        d_n = tl.load(d_ptr + base_n * N * N + s_offs)
+        S = S * gl[None, :] + tl.dot(S, M, input_precision=PREC) + D
+        base = base_n
+    tl.store(sT_ptr + i_sh * N * N + s_offs, S)
 
-        g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-            r, lw, k, a, b, offs_t, L, LOG2L, PREC
-        )
-        X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
-        SA = tl.dot(Ti, X, input_precision=PREC)  # [L, BV]: row t = S_{t-1} a_t
-        Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
-        Y += tl.dot(A_rk, v, input_precision=PREC)
-        Y += tl.dot(A_rb, SA, input_precision=PREC)
-        tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=ymask)
-        S = S * gL[None, :]
-        S += tl.dot(tl.trans(v), ke, input_precision=PREC)
-        S += tl.dot(tl.trans(SA), be, input_precision=PREC)
 
-    tl.store(sT_ptr + i_bh * N * N + s_offs, S)
+@triton.jit(do_not_specialize=["H"])
+def _out_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr,  # [chunks, H, N, N] float32: the state entering each chunk
+    y_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk and value block: Y = rq S0^T + A_rk V + A_rb SA, SA = (I - A_ab)^{-1}(aq S0^T + A_ak V)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    t = start + offs_t
+    tmask = (t < stop)[:, None]
+    row = (t.to(tl.int64) * H + h) * N
+    pk = row[:, None] + offs_k[None, :]
+    pv = row[:, None] + offs_v[None, :]
+    S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :])
+    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
+        r, lw, k, a, b, offs_t, L, LOG2L, PREC
+    )
+    X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
+    SA = tl.dot(Ti, X, input_precision=PREC)
+    Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
+    Y += tl.dot(A_rk, v, input_precision=PREC)
+    Y += tl.dot(A_rb, SA, input_precision=PREC)
+    tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_prep_kernel(
+    r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    e_ptr,  # [chunks, H, N, N] float32 out
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk and value block: E = dY^T Q with Q = rq + A_rb (I - A_ab)^{-1} aq."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    t = start + offs_t
+    tmask = (t < stop)[:, None]
+    row = (t.to(tl.int64) * H + h) * N
+    pk = row[:, None] + offs_k[None, :]
+    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    dY = tl.load(dy_ptr + row[:, None] + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+    lam = tl.cumsum(lw, axis=0)
+    aq = a * tl.exp(lam - lw)
+    rq = r * tl.exp(lam)
+    bi = b * tl.exp(-lam)
+    strict = offs_t[:, None] > offs_t[None, :]
+    incl = offs_t[:, None] >= offs_t[None, :]
+    A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
+    A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
+    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+    W = tl.dot(Ti, aq, input_precision=PREC)
+    Q = rq + tl.dot(A_rb, W, input_precision=PREC)
+    E = tl.dot(tl.trans(dY), Q, input_precision=PREC)  # [BV, N]
+    tl.store(e_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :], E)
 
 
 @triton.jit
@@ -199,10 +330,10 @@ def _chunk_grads(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
     pk, pv, part, tmask, S, dS, offs_t,
-    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, UPDATE_DS: tl.constexpr,
+    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
 ):
     """Backward of one chunk for one value block: from S = S0 and dS = dS_L ([BV, N] slices),
-    store dv and this block's share of dr, dlog_w, dk, da, db; return dS0 if UPDATE_DS."""
+    store dv and this block's share of dr, dlog_w, dk, da, db."""
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
@@ -233,10 +364,6 @@ def _chunk_grads(
     dke = tl.dot(v, dS, input_precision=PREC)
     dbe = tl.dot(SA, dS, input_precision=PREC)
     dlam_last = tl.sum(dke * ke + dbe * be, axis=0) + dgL * gL
-    if UPDATE_DS:
-        dS = dS * gL[None, :]
-        dS += tl.dot(tl.trans(dY), rq, input_precision=PREC)
-        dS += tl.dot(tl.trans(dX), aq, input_precision=PREC)
 
     dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v), input_precision=PREC), 0.0)
     dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
@@ -266,163 +393,73 @@ def _chunk_grads(
     tl.store(dk_ptr + part + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(da_ptr + part + pk, da.to(da_ptr.dtype.element_ty), mask=tmask)
     tl.store(db_ptr + part + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
-    return dS
 
 
-@triton.jit(do_not_specialize=["T", "H", "part_stride"])  # one compile for every T and H
-def _wkv7_bwd_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
-    states_ptr,  # [B, H, NC, N, N] float32: the state entering each chunk
-    dy_ptr,  # [B, T, H, N]
-    dsT_ptr,  # [B, H, N, N] float32 (unused unless HAS_DST)
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, B, T, H, N]: partial sums over value blocks
-    dv_ptr,  # [B, T, H, N]
-    ds0_ptr,  # [B, H, N, N] float32
-    T, H, part_stride,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    HAS_DST: tl.constexpr, PREC: tl.constexpr,
-):
-    """Fused backward: one program per (batch*head, value block) walks the chunks in reverse,
-    carrying dS in registers and writing every gradient."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
-    stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
-    part = i_v.to(tl.int64) * part_stride
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]
-
-    if HAS_DST:
-        dS = tl.load(dsT_ptr + i_bh * N * N + s_offs).to(tl.float32)
-    else:
-        dS = tl.zeros([BV, N], dtype=tl.float32)
-
-    for cc in range(NC):
-        c = NC - 1 - cc
-        t = c * L + offs_t
-        row = tok0 + t.to(tl.int64)[:, None] * stride_t
-        S = tl.load(states_ptr + (i_bh * NC + c) * N * N + s_offs)
-        dS = _chunk_grads(
-            r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
-            row + offs_k[None, :], row + offs_v[None, :], part, (t < T)[:, None], S, dS, offs_t,
-            L, LOG2L, PREC, True,
-        )
-
-    tl.store(ds0_ptr + i_bh * N * N + s_offs, dS)
-
-
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
-def _wkv7_bwd_state_kernel(
-    r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [B, T, H, N]
-    dsT_ptr,  # [B, H, N, N] float32 (unused unless HAS_DST)
-    dstates_ptr,  # [B, H, NC, N, N] float32 out: dS_L, the gradient of the state leaving each chunk
-    ds0_ptr,  # [B, H, N, N] float32
-    T, H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    HAS_DST: tl.constexpr, PREC: tl.constexpr,
-):
-    """Split backward, pass 1: only the reverse scan of dS (needs neither k nor v),
-    dS0 = dS_L diag(gL) + dY^T rq + dX^T aq with dX = (I - A_ab)^{-T} (be dS_L^T + A_rb^T dY)."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
-    stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]
-    strict = offs_t[:, None] > offs_t[None, :]
-    incl = offs_t[:, None] >= offs_t[None, :]
-
-    if HAS_DST:
-        dS = tl.load(dsT_ptr + i_bh * N * N + s_offs).to(tl.float32)
-    else:
-        dS = tl.zeros([BV, N], dtype=tl.float32)
-
-    # inputs prefetched one chunk ahead (in reverse order), as in the forward
-    t = (NC - 1) * L + offs_t
-    tmask = (t < T)[:, None]
-    row = tok0 + t.to(tl.int64)[:, None] * stride_t
-    r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    lw_n = tl.load(lw_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    a_n = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    b_n = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-    for cc in range(NC):
-        c = NC - 1 - cc
-        tl.store(dstates_ptr + (i_bh * NC + c) * N * N + s_offs, dS)
-        r = r_n.to(tl.float32)
-        lw = lw_n.to(tl.float32)
-        a = a_n.to(tl.float32)
-        b = b_n.to(tl.float32)
-        dY = dy_n.to(tl.float32)
-        t = (c - 1) * L + offs_t
-        tmask = ((t >= 0) & (t < T))[:, None]  # all false before the first chunk
-        row = tok0 + t.to(tl.int64)[:, None] * stride_t
-        r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        lw_n = tl.load(lw_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        a_n = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        b_n = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-        lam = tl.cumsum(lw, axis=0)
-        lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-        aq = a * tl.exp(lam - lw)
-        rq = r * tl.exp(lam)
-        bi = b * tl.exp(-lam)
-        be = b * tl.exp(lam_last[None, :] - lam)
-        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
-        A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
-        dSA = tl.dot(be, tl.trans(dS), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
-        dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
-        dS = dS * tl.exp(lam_last)[None, :]
-        dS += tl.dot(tl.trans(dY), rq, input_precision=PREC)
-        dS += tl.dot(tl.trans(dX), aq, input_precision=PREC)
-
-    tl.store(ds0_ptr + i_bh * N * N + s_offs, dS)
-
-
-@triton.jit(do_not_specialize=["T", "H", "part_stride"])  # one compile for every T and H
-def _wkv7_bwd_chunks_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
-    states_ptr, dstates_ptr,  # [B, H, NC, N, N] float32
-    dy_ptr,  # [B, T, H, N]
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, B, T, H, N]
-    dv_ptr,  # [B, T, H, N]
-    T, H, part_stride,
+@triton.jit(do_not_specialize=["H", "part_stride"])
+def _bwd_chunks_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    dy_ptr,  # [tokens, H, N]
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, tokens, H, N]: partial sums over value blocks
+    dv_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H, part_stride,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Split backward, pass 2: every (chunk, batch*head, value block) in parallel."""
+    """Every (chunk, head, value block) in parallel: all input gradients of the chunk."""
     c = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(1)
     i_v = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
-    stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
+    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     part = i_v.to(tl.int64) * part_stride
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = (i_bh * NC + c) * N * N + offs_v[:, None] * N + offs_k[None, :]
-    t = c * L + offs_t
-    row = tok0 + t.to(tl.int64)[:, None] * stride_t
+    t = start + offs_t
+    row = (t.to(tl.int64) * H + h) * N
+    s_offs = (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :]
     S = tl.load(states_ptr + s_offs)
     dS = tl.load(dstates_ptr + s_offs)
     _chunk_grads(
         r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
-        row + offs_k[None, :], row + offs_v[None, :], part, (t < T)[:, None], S, dS, offs_t,
-        L, LOG2L, PREC, False,
+        row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, (t < stop)[:, None], S, dS, offs_t,
+        L, LOG2L, PREC,
     )
+
+
+@triton.jit(do_not_specialize=["T", "H"])
+def _recurrent_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
+    s0_ptr,  # [B, H, N, N] float32 (unused unless HAS_S0)
+    y_ptr,  # [B, T, H, N]
+    sT_ptr,  # [B, H, N, N] float32 (may be s0_ptr: the update is then in place)
+    T, H,
+    N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+):
+    """Step by step, as the reference: S <- S diag(w) + (S a) b^T + v k^T, y = S r."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    i_b = i_bh // H
+    h = i_bh % H
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    s_offs = i_bh * N * N + offs_v[:, None] * N + offs_k[None, :]
+    if HAS_S0:
+        S = tl.load(s0_ptr + s_offs)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    for t in range(T):
+        row = ((i_b * T + t) * H + h) * N
+        r = tl.load(r_ptr + row + offs_k).to(tl.float32)
+        w = tl.exp(tl.load(lw_ptr + row + offs_k).to(tl.float32))
+        k = tl.load(k_ptr + row + offs_k).to(tl.float32)
+        a = tl.load(a_ptr + row + offs_k).to(tl.float32)
+        b = tl.load(b_ptr + row + offs_k).to(tl.float32)
+        v = tl.load(v_ptr + row + offs_v).to(tl.float32)
+        sa = tl.sum(S * a[None, :], axis=1)
+        S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
+        tl.store(y_ptr + row + offs_v, tl.sum(S * r[None, :], axis=1).to(y_ptr.dtype.element_ty))
+    tl.store(sT_ptr + s_offs, S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,17 +472,68 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _auto_block_v(n_programs: int, N: int, L: int, device: torch.device, budget: int = 1 << 17) -> int:
-    """The widest value block with block_v * N * L <= budget (shared memory: compiled for
-    sm_90, the forward and the split backward fit 227 KB up to 2^17, the fused backward up to
-    2^16) that still gives about two programs per SM."""
-    bv = N
-    while bv > 16 and bv * N * L > budget:
-        bv //= 2
+class ChunkTable(NamedTuple):
+    """Where every chunk lies: ``cu`` token offsets of the sequences [S + 1], ``chunk_cu``
+    chunk offsets of the sequences [S + 1], ``chunk_seq`` the sequence of each chunk
+    [chunks] (int32, on the device), and the counts."""
+
+    cu: torch.Tensor
+    chunk_cu: torch.Tensor
+    chunk_seq: torch.Tensor
+    n_seqs: int
+    n_chunks: int
+
+
+_DENSE_TABLES: dict[tuple, ChunkTable] = {}
+
+
+def dense_table(B: int, T: int, L: int, device: torch.device) -> ChunkTable:
+    """The table of a dense batch: B sequences of T tokens (cached)."""
+    key = (B, T, L, str(device))
+    table = _DENSE_TABLES.get(key)
+    if table is None:
+        nc = triton.cdiv(T, L)
+        ar = torch.arange(B + 1, dtype=torch.int32, device=device)
+        chunk_seq = torch.arange(B * nc, dtype=torch.int32, device=device) // nc
+        table = ChunkTable(ar * T, ar * nc, chunk_seq, B, B * nc)
+        if len(_DENSE_TABLES) > 64:
+            _DENSE_TABLES.clear()
+        _DENSE_TABLES[key] = table
+    return table
+
+
+def varlen_table(cu_seqlens: torch.Tensor, L: int, total: int) -> ChunkTable:
+    """The table of packed sequences with cumulative offsets ``cu_seqlens`` (reads them on
+    the host once)."""
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(
+            f"wkv7_triton: cu_seqlens must rise from 0 to the {total} packed tokens, got {offsets[:8]}"
+            + ("..." if len(offsets) > 8 else "")
+        )
+    counts = [triton.cdiv(b - a, L) for a, b in zip(offsets, offsets[1:])]
+    chunk_cu = [0]
+    for n in counts:
+        chunk_cu.append(chunk_cu[-1] + n)
+    device = cu_seqlens.device
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    chunk_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    return ChunkTable(as_i32(offsets), as_i32(chunk_cu), chunk_seq.int(), len(counts), chunk_cu[-1])
+
+
+def _sms(device: torch.device) -> int:
     if device.type != "cuda":
-        return bv
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    while bv > 16 and n_programs * (N // bv) < 2 * sms:
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_block_v(n_programs: int, N: int, L: int, device: torch.device, budget: int = 1 << 17) -> int:
+    """The widest value block with block_v * N * L <= budget (shared memory) that still gives
+    about two programs per SM."""
+    bv = N
+    while bv > 16 and bv * N * max(L, N) > budget:
+        bv //= 2
+    while bv > 16 and n_programs * (N // bv) < 2 * _sms(device):
         bv //= 2
     return bv
 
@@ -454,118 +542,131 @@ def _auto_warps(block_v: int, N: int) -> int:
     return 8 if block_v * N >= 2048 else 4
 
 
-def _check_config(N: int, chunk_size: int, block_v: int, precision: str) -> None:
+def _check_config(N: int, chunk_size: int, block_v: int | None, precision: str) -> None:
     if N not in SUPPORTED_HEAD_SIZES:
         raise ValueError(f"wkv7_triton: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
     if chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
-    if block_v < 16 or block_v > N or N % block_v:
+    if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
     if precision not in PRECISIONS:
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def wkv7_forward(
-    r, log_w, k, v, a, b, state, *, chunk_size: int, block_v: int | None, num_warps: int | None,
-    precision: str, out_dtype: torch.dtype, save_states: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the forward kernel on contiguous inputs. Returns ``(y, final state, states)``,
-    ``states`` ([B, H, T/L, N, N] float32, the state entering each chunk) when ``save_states``."""
-    B, T, H, N = r.shape
-    bv = block_v or _auto_block_v(B * H, N, chunk_size, r.device)
-    _check_config(N, chunk_size, bv, precision)
-    nc = triton.cdiv(T, chunk_size)
-    y = _empty((B, T, H, N), out_dtype, r.device)
-    sT = _empty((B, H, N, N), torch.float32, r.device)
-    states = _empty((B, H, nc, N, N), torch.float32, r.device) if save_states else sT
-    s0 = state if state is not None else sT
-    grid = (B * H, N // bv)
-    _wkv7_fwd_kernel[grid](
-        r, log_w, k, v, a, b, s0, y, sT, states, T, H,
-        N=N, L=chunk_size, LOG2L=int(math.log2(chunk_size)), BV=bv,
-        HAS_S0=state is not None, SAVE_STATES=save_states, PREC=precision,
-        num_warps=num_warps or _auto_warps(bv, N),
+def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, block_v, num_warps, precision):
+    """Run the scan; returns (per-chunk carried matrices, final matrix) in float32."""
+    bv = block_v or _auto_block_v(table.n_seqs * H, N, 0, gl.device)
+    _check_config(N, SUPPORTED_CHUNKS[0], bv, precision)
+    out = _empty((table.n_chunks, H, N, N), torch.float32, gl.device)
+    fin = _empty((table.n_seqs, H, N, N), torch.float32, gl.device)
+    _scan_kernel[(table.n_seqs * H, N // bv)](
+        s0 if s0 is not None else fin, gl, m, d, out, fin, table.chunk_cu, H, table.n_chunks,
+        N=N, BV=bv, HAS_S0=s0 is not None, REVERSE=reverse, PREC=precision,
+        num_warps=num_warps or 4,
     )
-    return y, sT, (states if save_states else None)
+    return out, fin
+
+
+def wkv7_forward(
+    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
+    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL)``."""
+    H, N = r.shape[-2:]
+    L, prec = cfg["chunk_size"], cfg["precision"]
+    nc = table.n_chunks
+    bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
+    _check_config(N, L, bv, prec)
+    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
+    gl = _empty((nc, H, N), torch.float32, r.device)
+    m = _empty((nc, H, N, N), torch.float32, r.device)
+    d = _empty((nc, H, N, N), torch.float32, r.device)
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
+    grid = (nc, H, N // bv)
+    _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
+    states, sT = _scan(
+        state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
+        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
+    )
+    y = _empty(r.shape, out_dtype, r.device)
+    _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
+    return y, sT, states, m, gl
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, dy, dsT, *, chunk_size: int, block_v: int | None,
-    num_warps: int | None, precision: str, mode: str = "split",
+    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels. ``mode`` "fused": one sequential kernel; "split": a lean
-    sequential scan of dS (storing dS per chunk, float32) then all chunks in parallel.
-    Returns ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs'
-    dtypes and dstate0 in float32."""
-    B, T, H, N = r.shape
-    if mode not in BWD_MODES:
-        raise ValueError(f"wkv7_triton: bwd_mode must be one of {BWD_MODES}, got {mode!r}")
-    bv = block_v or _auto_block_v(B * H, N, chunk_size, r.device, budget=1 << (16 if mode == "fused" else 17))
-    _check_config(N, chunk_size, bv, precision)
+    """Launch the backward kernels. Returns ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the
+    input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
+    H, N = r.shape[-2:]
+    L, prec = cfg["chunk_size"], cfg["precision"]
+    nc = table.n_chunks
+    bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
+    _check_config(N, L, bv, prec)
     nv = N // bv
-    nc = triton.cdiv(T, chunk_size)
+    meta = dict(
+        N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N)
+    )
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
+    grid = (nc, H, nv)
+    e = _empty((nc, H, N, N), torch.float32, r.device)
+    _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
+    dstates, ds0 = _scan(
+        dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
+        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
+    )
     inputs = (r, log_w, k, a, b)
     if nv == 1:
-        parts = [_empty((1, B, T, H, N), x.dtype, r.device) for x in inputs]
+        parts = [_empty((1, *r.shape), x.dtype, r.device) for x in inputs]
     else:
-        parts = [_empty((nv, B, T, H, N), torch.float32, r.device) for _ in inputs]
-    dv = _empty((B, T, H, N), v.dtype, r.device)
-    ds0 = _empty((B, H, N, N), torch.float32, r.device)
-    dr, dlw, dk, da, db = parts
-    meta = dict(N=N, L=chunk_size, LOG2L=int(math.log2(chunk_size)), BV=bv, PREC=precision)
-    warps = num_warps or _auto_warps(bv, N)
-    if mode == "fused":
-        _wkv7_bwd_kernel[(B * H, nv)](
-            r, log_w, k, v, a, b, states, dy, dsT if dsT is not None else ds0,
-            dr, dlw, dk, da, db, dv, ds0, T, H, B * T * H * N,
-            HAS_DST=dsT is not None, num_warps=warps, **meta,
-        )
-    else:
-        dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-        _wkv7_bwd_state_kernel[(B * H, nv)](
-            r, log_w, a, b, dy, dsT if dsT is not None else ds0, dstates, ds0, T, H,
-            HAS_DST=dsT is not None, num_warps=warps, **meta,
-        )
-        _wkv7_bwd_chunks_kernel[(nc, B * H, nv)](
-            r, log_w, k, v, a, b, states, dstates, dy, dr, dlw, dk, da, db, dv, T, H, B * T * H * N,
-            num_warps=warps, **meta,
-        )
-    grads = [p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs)]
-    dr, dlw, dk, da, db = grads
+        parts = [_empty((nv, *r.shape), torch.float32, r.device) for _ in inputs]
+    dv = _empty(r.shape, v.dtype, r.device)
+    _bwd_chunks_kernel[grid](
+        r, log_w, k, v, a, b, states, dstates, dy, *parts, dv, *tabs, H, r.numel(), **meta
+    )
+    dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd and the public function
+# Autograd and the public functions
 # --------------------------------------------------------------------------------------------
 
 
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, cfg, out_dtype):
-        save = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
-        y, sT, states = wkv7_forward(
-            r, log_w, k, v, a, b, state, chunk_size=cfg["chunk_size"], block_v=cfg["block_v"],
-            num_warps=cfg["num_warps"], precision=cfg["precision"], out_dtype=out_dtype, save_states=save,
-        )
-        if save:
-            ctx.save_for_backward(r, log_w, k, v, a, b, states)
-            ctx.cfg = cfg
-            ctx.has_state = state is not None
+    def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
+        y, sT, states, m, gl = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype)
+        if any(ctx.needs_input_grad[:7]):  # (grad mode is off inside forward)
+            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl)
+            ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states = ctx.saved_tensors
-        cfg = ctx.cfg
+        r, log_w, k, v, a, b, states, m, gl = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, dy, dsT, chunk_size=cfg["chunk_size"], block_v=cfg["bwd_block_v"],
-            num_warps=cfg["bwd_num_warps"], precision=cfg["precision"], mode=cfg["bwd_mode"],
+            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg
         )
-        ds0 = ds0 if ctx.has_state else None
-        return dr, dlw, dk, dv, da, db, ds0, None, None
+        return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
+
+
+def _check_inputs(fn: str, xs, state, n_seqs: int) -> None:
+    r = xs[0]
+    if r.dim() != 4 or any(x.shape != r.shape for x in xs):
+        raise ValueError(
+            f"{fn}: r, log_w, k, v, a, b must share one [B, T, H, N] shape, got {[tuple(x.shape) for x in xs]}"
+        )
+    for name, x in zip(("r", "log_w", "k", "v", "a", "b"), xs):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{fn}: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    _, _, H, N = r.shape
+    if N not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"{fn}: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
+    if state is not None and state.shape != (n_seqs, H, N, N):
+        raise ValueError(f"{fn}: state must be [{n_seqs}, {H}, {N}, {N}], got {tuple(state.shape)}")
 
 
 def wkv7_triton(
@@ -577,13 +678,16 @@ def wkv7_triton(
     b: torch.Tensor,
     state: torch.Tensor | None = None,
     *,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     block_v: int | None = None,
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
     bwd_num_warps: int | None = None,
-    bwd_mode: str = "split",
+    scan_block_v: int | None = None,
+    scan_num_warps: int | None = None,
     precision: str | None = None,
+    scan_precision: str | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -592,34 +696,72 @@ def wkv7_triton(
     the log-decay, may have its own dtype, e.g. float32; it must lie in [-exp(-0.5), 0],
     RWKV-7's bound, which the chunk formula relies on and which is not checked); ``state``
     [B, H, N(value), N(key)] or None for zeros. N in 16/32/64/128.
-    Tuning (None = automatic): ``chunk_size`` (16/32/64), ``block_v`` (value rows per
-    program), ``num_warps``, the same two for the backward, ``bwd_mode`` ("fused" or
-    "split", see ``wkv7_backward``) and ``precision`` of the matmul inputs ("ieee", "tf32",
-    "tf32x3"; None: ieee for float32 inputs, else tf32).
+    ``cu_seqlens``: packed variable-length sequences: B == 1, sequence i is tokens
+    ``cu_seqlens[i]:cu_seqlens[i+1]``, ``state`` and the final state are [S, H, N, N].
+    Tuning (None = automatic): ``chunk_size`` (16/32/64); ``block_v`` and ``num_warps`` of the
+    parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
+    (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
+    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
-    if not (r.shape == log_w.shape == k.shape == v.shape == a.shape == b.shape) or r.dim() != 4:
-        raise ValueError(
-            "wkv7_triton: r, log_w, k, v, a, b must share one [B, T, H, N] shape, got "
-            f"{[tuple(x.shape) for x in (r, log_w, k, v, a, b)]}"
-        )
+    xs = (r, log_w, k, v, a, b)
+    if cu_seqlens is not None and r.dim() == 4 and r.shape[0] != 1:
+        raise ValueError(f"wkv7_triton: with cu_seqlens the inputs are packed as [1, T, H, N], got {tuple(r.shape)}")
+    n_seqs = r.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    _check_inputs("wkv7_triton", xs, state, n_seqs)
     B, T, H, N = r.shape
-    for name, x in zip(("r", "log_w", "k", "v", "a", "b"), (r, log_w, k, v, a, b)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"wkv7_triton: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
-    if state is not None and state.shape != (B, H, N, N):
-        raise ValueError(f"wkv7_triton: state must be [{B}, {H}, {N}, {N}], got {tuple(state.shape)}")
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
+    _check_config(N, chunk_size, None, precision)
+    scan_precision = scan_precision or precision
+    _check_config(N, chunk_size, None, scan_precision)
     out_dtype = out_dtype or r.dtype
-    if T == 0:
-        s = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
-        return r.new_zeros(B, 0, H, N, dtype=out_dtype), s
+    if T == 0 or n_seqs == 0:
+        s = torch.zeros(n_seqs, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
+        return r.new_zeros(B, T, H, N, dtype=out_dtype), s
+    if cu_seqlens is None:
+        table = dense_table(B, T, chunk_size, r.device)
+    else:
+        table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
-        chunk_size=chunk_size, block_v=block_v, num_warps=num_warps,
-        bwd_block_v=bwd_block_v, bwd_num_warps=bwd_num_warps, bwd_mode=bwd_mode,
-        precision=precision,
+        chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
+        bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
+        precision=precision, scan_precision=scan_precision,
     )
-    xs = [x.contiguous() for x in (r, log_w, k, v, a, b)]
+    xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
-    return _WKV7Function.apply(*xs, s0, cfg, out_dtype)
+    return _WKV7Function.apply(*xs, s0, table, cfg, out_dtype)
+
+
+@torch.no_grad()
+def wkv7_recurrent(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-7 WKV step by step in one kernel, for decoding (a few tokens, no gradient).
+
+    Same arguments as ``wkv7_triton``; with ``inplace`` the float32 contiguous ``state`` is
+    updated in place and returned. Returns ``(y in out_dtype (default r.dtype), final state)``.
+    """
+    xs = (r, log_w, k, v, a, b)
+    _check_inputs("wkv7_recurrent", xs, state, r.shape[0])
+    B, T, H, N = r.shape
+    if inplace and (state is None or state.dtype != torch.float32 or not state.is_contiguous()):
+        raise ValueError("wkv7_recurrent: inplace needs a contiguous float32 state")
+    xs = [x.contiguous() for x in xs]
+    s0 = None if state is None else state.float().contiguous()
+    sT = state if inplace else _empty((B, H, N, N), torch.float32, r.device)
+    y = _empty((B, T, H, N), out_dtype or r.dtype, r.device)
+    bv = min(N, 32)
+    _recurrent_kernel[(B * H, N // bv)](
+        *xs, s0 if s0 is not None else sT, y, sT, T, H, N=N, BV=bv, HAS_S0=s0 is not None, num_warps=4 if N * bv >= 2048 else 2,
+    )
+    return y, sT
