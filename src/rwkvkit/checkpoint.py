@@ -212,15 +212,29 @@ def load_model(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
+    *,
+    quantize: str | None = None,
 ) -> LanguageModel:
     """Load a model from an official ``.pth``, a directory written by ``model.save``, a
     ``.safetensors`` file with its ``config.json`` beside it, or a training run's folder (its
     newest checkpoint).
 
     The model carries ``.config`` and ``.tokenizer`` (the World tokenizer for official
-    65536-vocabulary files; None when unknown). ``dtype`` None keeps the file's dtype.
+    65536-vocabulary files; None when unknown).
+
+    Args:
+        device: where the weights go (quantized weights are packed for that device).
+        dtype: of the weights and activations (float32 by default; ``torch.bfloat16``
+            halves the bytes read per token); None keeps the file's dtype.
+        quantize: None (default) or ``"int8"``: the big matrices (the blocks' projections
+            and the head) in int8 with per-output-channel scales, everything else in
+            ``dtype`` (see :mod:`rwkvkit.quantize`). For inference; about a quarter of the
+            bytes of float32 weights per decoded token.
     """
+    from .quantize import check_mode, quantize_model
     from .tokenizer import load_tokenizer
+
+    check_mode(quantize)
 
     path = _newest_checkpoint(Path(path))
     if path.is_dir() or path.suffix == ".safetensors":
@@ -252,6 +266,8 @@ def load_model(
     if default_state is not None:
         model.state_template().check_compatible(default_state, f"{path}: default_state")
         model.default_state = default_state.to(device)
+    if quantize is not None:
+        quantize_model(model, quantize)
     return model
 
 
@@ -280,11 +296,11 @@ def _bundled_world_tokenizer():
 
 
 def load_default_model(
-    device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32, *, quantize: str | None = None
 ) -> LanguageModel:
     """The small RWKV-7 that ships with rwkvkit (11M parameters, trained on public-domain
     books and TinyStories): good for trying the API and the CLI, not for real work."""
-    return load_model(DEFAULT_MODEL_DIR, device=device, dtype=dtype)
+    return load_model(DEFAULT_MODEL_DIR, device=device, dtype=dtype, quantize=quantize)
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -305,6 +321,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "dtype": ", ".join(file_dtypes),
         "parameters": model.num_parameters(),
         "state_bytes_fp32": _state_bytes_fp32(model),
+        "cache_bytes_per_token_bf16": model.cache_bytes_per_token(torch.bfloat16),
+        "cache_ratio_vs_llama": model.cache_ratio_vs_llama(),
         "tuned_state": model.default_state is not None,
         "tokenizer": getattr(model.tokenizer, "kind", None),
     }

@@ -226,11 +226,21 @@ def format_info(info: dict[str, Any]) -> str:
         ("dtype", info["dtype"]),
         ("parameters", f"{params:,} ({params / 1e6:.2f}M)"),
         ("state", f"{int(info['state_bytes_fp32']):,} bytes per batch row (fp32)"),
+        ("cache", _cache_text(info)),
         ("tuned state", "yes" if info.get("tuned_state") else "no"),
         ("tokenizer", info.get("tokenizer") or "none"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"
+
+
+def _cache_text(info: dict[str, Any]) -> str:
+    per_token = int(info.get("cache_bytes_per_token_bf16") or 0)
+    if not per_token:
+        return "none (the state does not grow with the context)"
+    ratio = info.get("cache_ratio_vs_llama")
+    return (f"{per_token:,} bytes per token per batch row (bf16), {ratio:,.1f}x smaller than a Llama "
+            f"of the same depth and width")
 
 
 def _run_info(args: argparse.Namespace) -> int:

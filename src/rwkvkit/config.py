@@ -28,6 +28,9 @@ class ModelConfig:
         ffn_dim: hidden width of the channel-mix (0: the architecture's default, e.g. 4C
             for RWKV-7, set when the model is built).
         lora: low-rank sizes by name (RWKV-7: "w", "a", "v", "g").
+        extra: architecture options that are not sizes, as JSON values (GoldFinch:
+            "gold_layers", "compression", "rope_base"; Llama: "rope_base", "norm"). Each
+            model fills in its defaults when it is built, so a saved config.json names them.
     """
 
     arch: str
@@ -37,6 +40,7 @@ class ModelConfig:
     head_size: int = 64
     ffn_dim: int = 0
     lora: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "vocab_size", "head_size"):
@@ -50,13 +54,21 @@ class ModelConfig:
         for name, size in self.lora.items():
             if not isinstance(size, int) or size <= 0:
                 raise ConfigError(f"config: lora size {name!r} must be a positive integer, got {size!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"config: extra must be a dict of options, got {type(self.extra).__name__}")
+        for name, value in self.extra.items():
+            if not isinstance(name, str) or not isinstance(value, (bool, int, float, str)):
+                raise ConfigError(f"config: extra option {name!r} must be a number, string or boolean, got {value!r}")
 
     @property
     def n_head(self) -> int:
         return self.n_embd // self.head_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["extra"]:  # RWKV-5/6/7 configs stay as they were
+            del out["extra"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":

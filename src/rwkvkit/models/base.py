@@ -14,7 +14,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import InputError
 from ..files import atomic_path, atomic_write_text
-from ..state import RecurrentState
+from ..state import ModelState
 
 FORMAT_VERSION = 1
 
@@ -34,7 +34,7 @@ class LanguageModel(nn.Module):
         self.config = config
         self.tokenizer: Any = None
         # A tuned initial state (batch 1) that replaces the zero state, if the file had one.
-        self.default_state: RecurrentState | None = None
+        self.default_state: ModelState | None = None
 
     # -- the contract -----------------------------------------------------------------------
     @classmethod
@@ -47,27 +47,27 @@ class LanguageModel(nn.Module):
         return set()
 
     @classmethod
-    def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:
+    def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> ModelState | None:
         """The tuned initial state an official file carries (state tuning), if any."""
         return None
 
-    def init_state(self, batch_size: int = 1) -> RecurrentState:
+    def init_state(self, batch_size: int = 1) -> ModelState:
         raise NotImplementedError
 
-    def state_template(self) -> RecurrentState:
+    def state_template(self) -> ModelState:
         """A batch-1 state with this model's shapes and dtypes (for checks; subclasses may
         return one on the "meta" device, holding no memory)."""
         return self.init_state(1)
 
     def hidden(
-        self, tokens: torch.Tensor, state: RecurrentState | None = None
-    ) -> tuple[torch.Tensor, RecurrentState]:
+        self, tokens: torch.Tensor, state: ModelState | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
         """Final normalised hidden states [B, T, C] (before the head) and the new state."""
         raise NotImplementedError
 
     def forward(
-        self, tokens: torch.Tensor, state: RecurrentState | None = None, *, last_only: bool = False
-    ) -> tuple[torch.Tensor, RecurrentState]:
+        self, tokens: torch.Tensor, state: ModelState | None = None, *, last_only: bool = False
+    ) -> tuple[torch.Tensor, ModelState]:
         """Logits float32 [B, T, V] ([B, 1, V] with ``last_only``) and the new state.
 
         ``state`` (None: the initial state) is not modified. A float64 model returns float64
@@ -107,8 +107,29 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def state_nbytes(self, batch_size: int = 1) -> int:
-        """Bytes of the recurrent state for ``batch_size`` rows (constant in context length)."""
+        """Bytes of the state for ``batch_size`` rows before any token (a recurrent state's
+        whole size; a cache grows by :meth:`cache_bytes_per_token` per token)."""
         return self.state_template().nbytes() * batch_size
+
+    def cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the state grows by per token and batch row, with the cache stored in
+        ``dtype`` (default: the model's dtype; token ids take 4 bytes). 0 for models whose
+        state does not grow (RWKV)."""
+        return 0
+
+    def cache_ratio_vs_llama(self) -> float | None:
+        """How many times smaller this model's per-token cache is than a Llama's of the same
+        depth and width (2 L C values per token), both stored in 16 bits; None without a
+        cache. GoldFinch: 2 L C / (C/16 + 2), 756x at 24 layers x 2048."""
+        own = self.cache_bytes_per_token(torch.bfloat16)
+        return 2 * self.config.n_layer * self.config.n_embd * 2 / own if own else None
+
+    # -- training ---------------------------------------------------------------------------
+    def optim_group(self, name: str, param: torch.Tensor) -> str | None:
+        """The AdamW group of parameter ``name``: "decay" (weight decay), "lr1x", "lr2x" or
+        "lr3x"; None (the default) leaves it to the official RWKV rule by name
+        (:func:`rwkvkit.train.recipe.group_of`)."""
+        return None
 
     # -- files ------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

@@ -1,12 +1,20 @@
-"""The skeleton RWKV-5, -6 and -7 share: embedding, pre-LN blocks, head, recurrent state.
+"""The skeleton every model shares, and the RWKV-5/6/7 recurrent state on top of it.
 
     x = ln0(emb[tokens])
     for each block:  x = x + att(ln1(x));  x = x + ffn(ln2(x))
     h = ln_out(x);   logits = head(h)
 
-Each version supplies its own time-mix (``att``) and channel-mix (``ffn``) modules. The
-time-mix takes ``(x, x_prev, wkv, v_first)`` and returns ``(out, new wkv, v_first)``;
-``v_first`` is RWKV-7's value residual and passes through untouched elsewhere.
+:class:`BlockStackModel` is that skeleton (embedding, pre-norm blocks, head, init on
+construction); GoldFinch and the Llama baseline build on it with their own state.
+:class:`RWKVModel` adds the RWKV recurrent state: each version supplies its own time-mix
+(``att``) and channel-mix (``ffn``) modules. The time-mix takes ``(x, x_prev, wkv,
+v_first)`` and returns ``(out, new wkv, v_first)``; ``v_first`` is RWKV-7's value residual
+and passes through untouched elsewhere.
+
+Decoding has a second entry point, ``RWKVModel.step_(tokens [B], state) -> logits [B, V]``:
+one token per row, the state updated in place (no gradients, no new state per token, no
+host-device synchronisation), for generation and serving. A sub-block may define its own
+``step_`` (RWKV-7's do); otherwise its forward runs over the one token.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..errors import StateDictError, StateError
+from ..errors import InputError, StateDictError, StateError
 from ..state import RecurrentState
 from .base import LanguageModel
 
@@ -46,29 +54,39 @@ def layer_count(sd: dict[str, torch.Tensor]) -> int:
 
 
 class Block(nn.Module):
-    """One pre-LN block; layer 0 also owns ``ln0`` (applied to the embedding)."""
+    """One pre-norm block; layer 0 also owns ``ln0`` (applied to the embedding)."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, att: nn.Module, ffn: nn.Module) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, att: nn.Module, ffn: nn.Module,
+                 norm: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
         super().__init__()
         C = config.n_embd
         if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C)
-        self.ln1 = nn.LayerNorm(C)
-        self.ln2 = nn.LayerNorm(C)
+            self.ln0 = norm(C)
+        self.ln1 = norm(C)
+        self.ln2 = norm(C)
         self.att = att
         self.ffn = ffn
 
 
-class RWKVModel(LanguageModel):
-    """An RWKV-5/6/7 language model; subclasses build the blocks' att and ffn modules."""
+class BlockStackModel(LanguageModel):
+    """Embedding, pre-norm blocks, ``ln_out`` and head; subclasses build the blocks' att and
+    ffn modules, define the state and ``hidden``, and initialise in ``reset_parameters``.
 
-    def __init__(self, config: ModelConfig, make_att: Callable[[int], nn.Module], make_ffn: Callable[[int], nn.Module]) -> None:
+    ``modules`` are extra top-level modules (e.g. GoldFinch's key compression), registered
+    before the initialisation runs. ``norm`` makes every norm of the stack (LayerNorm by
+    default).
+    """
+
+    def __init__(self, config: ModelConfig, make_att: Callable[[int], nn.Module], make_ffn: Callable[[int], nn.Module],
+                 *, norm: Callable[[int], nn.Module] = nn.LayerNorm, **modules: nn.Module) -> None:
         super().__init__(config)
         C = config.n_embd
         self.emb = nn.Embedding(config.vocab_size, C)
-        self.blocks = nn.ModuleList(Block(config, i, make_att(i), make_ffn(i)) for i in range(config.n_layer))
-        self.ln_out = nn.LayerNorm(C)
+        self.blocks = nn.ModuleList(Block(config, i, make_att(i), make_ffn(i), norm) for i in range(config.n_layer))
+        self.ln_out = norm(C)
         self.head = nn.Linear(C, config.vocab_size, bias=False)
+        for name, module in modules.items():
+            setattr(self, name, module)
         # Recompute each block in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
         if self.emb.weight.device.type != "meta":  # on "meta" the weights come from a file
@@ -77,6 +95,16 @@ class RWKVModel(LanguageModel):
     def reset_parameters(self) -> None:
         """Initialise every parameter as the official from-scratch recipe does."""
         raise NotImplementedError
+
+    def _checkpointed(self, fn: Callable, *args):
+        """``fn(*args)``, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+
+class RWKVModel(BlockStackModel):
+    """An RWKV-5/6/7 language model; subclasses build the blocks' att and ffn modules."""
 
     @classmethod
     def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:
@@ -167,13 +195,9 @@ class RWKVModel(LanguageModel):
         x = self.emb(tokens)
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
-        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            args = (block, i, x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i])
-            if checkpointing:
-                x, v_first, xa_last, s, xf_last = checkpoint(self._block_forward, *args, use_reentrant=False)
-            else:
-                x, v_first, xa_last, s, xf_last = self._block_forward(*args)
+            x, v_first, xa_last, s, xf_last = self._checkpointed(
+                self._block_forward, block, i, x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i])
             att_shift.append(xa_last)
             wkv.append(s)
             ffn_shift.append(xf_last)
@@ -184,6 +208,78 @@ class RWKVModel(LanguageModel):
             ffn_shift=torch.stack(ffn_shift).to(state.ffn_shift.dtype),
         )
         return self.ln_out(x), new_state
+
+    @torch.no_grad()
+    def step_(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """Decode one token per row in place: ``tokens`` [B] -> logits float32 [B, V], with
+        ``state`` (batch B) advanced past the tokens. The fast path of generation and serving.
+
+        The same numbers as ``forward(tokens[:, None], state)`` up to float rounding, but
+        ``state`` is modified where it lies instead of being returned anew, nothing is
+        tracked for autograd, and nothing reads the device back (token ids are not
+        range-checked; shapes are): with ``tokens`` and ``state`` in fixed buffers a GPU can
+        replay the call as a CUDA graph. ``state`` must have the model's device and dtypes
+        (as from ``init_state``, ``forward`` or ``generation.prefill``); use
+        ``state.clone()`` first to keep the old one.
+        """
+        tokens = self._check_step_args(tokens, state)
+        x = self.emb(tokens)
+        v_first = None
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            out, v_first = time_mix_step_(block.att, block.ln1(x), state.att_shift[i], state.wkv[i], v_first)
+            x = x + out
+            x = x + channel_mix_step_(block.ffn, block.ln2(x), state.ffn_shift[i])
+        return self.head(self.ln_out(x)).float()
+
+    def _check_step_args(self, tokens: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """Shapes, dtypes and devices only (nothing here reads tensor values); returns the
+        tokens on the model's device."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
+            what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise InputError(f"step_: tokens must be integer ids of shape [B], got {what}")
+        if not isinstance(state, RecurrentState):
+            raise StateError(f"step_: state must be a RecurrentState, got {type(state).__name__}")
+        cfg, B = self.config, tokens.shape[0]
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        wkv_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        expected = {"att_shift": (L, B, C), "wkv": (L, B, H, N, N), "ffn_shift": (L, B, C)}
+        for name, shape in expected.items():
+            t = getattr(state, name)
+            if tuple(t.shape) != shape:
+                raise StateError(f"step_: state.{name} has shape {tuple(t.shape)}, expected {shape} for {B} token(s)")
+            if t.device != self.device:
+                raise StateError(f"step_: state.{name} is on {t.device}, the model on {self.device} (state.to(device) first)")
+        if state.wkv.dtype != wkv_dtype:
+            raise StateError(f"step_: state.wkv is {state.wkv.dtype}, expected {wkv_dtype}")
+        return tokens.to(self.device)
+
+
+def time_mix_step_(
+    att: nn.Module, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token through a time-mix: x [B, C] (ln1 output) -> (out [B, C], v_first), with
+    ``shift`` [B, C] and ``wkv`` [B, H, N, N] (this layer's state) updated in place. Uses the
+    module's own ``step_`` if it has one, else its forward over one token."""
+    step = getattr(att, "step_", None)
+    if step is not None:
+        return step(x, shift, wkv, v_first)
+    out, s, v_first = att(x.unsqueeze(1), shift.to(x.dtype), wkv, v_first)
+    shift.copy_(x)
+    wkv.copy_(s)
+    return out[:, 0], v_first
+
+
+def channel_mix_step_(ffn: nn.Module, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """One token through a channel-mix: x [B, C] (ln2 output) -> out [B, C], ``shift``
+    updated in place (the module's own ``step_`` if it has one)."""
+    step = getattr(ffn, "step_", None)
+    if step is not None:
+        return step(x, shift)
+    out = ffn(x.unsqueeze(1), shift.to(x.dtype))
+    shift.copy_(x)
+    return out[:, 0]
 
 
 def group_norm_heads(y: torch.Tensor, ln_x: nn.GroupNorm, out_dtype: torch.dtype) -> torch.Tensor:
@@ -204,7 +300,7 @@ def orthogonal_(w: torch.Tensor, gain: float) -> None:
     nn.init.orthogonal_(w, gain=gain * (math.sqrt(rows / cols) if rows > cols else 1.0))
 
 
-def official_matrix_init(model: RWKVModel, gains: dict[str, float]) -> None:
+def official_matrix_init(model: BlockStackModel, gains: dict[str, float]) -> None:
     """The official ``generate_init_weight`` for the big matrices: orthogonal with the given
     gains (by parameter-name suffix, e.g. "att.key.weight": 0.1), a small uniform embedding
     (paired with ln0), the head at gain 0.5*sqrt(V/C), LayerNorms at identity."""
@@ -218,6 +314,7 @@ def official_matrix_init(model: RWKVModel, gains: dict[str, float]) -> None:
             if name.endswith(suffix):
                 orthogonal_(p, gain)
     for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)

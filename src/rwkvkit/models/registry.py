@@ -42,4 +42,4 @@ def available_archs() -> list[str]:
 
 def _load_builtin_models() -> None:
     # Importing a model module registers it.
-    from . import rwkv5, rwkv6, rwkv7  # noqa: F401
+    from . import goldfinch, llama, rwkv5, rwkv6, rwkv7  # noqa: F401

@@ -43,6 +43,17 @@ def init_decay_and_bonus(C: int, H: int, r0: float) -> tuple[torch.Tensor, torch
     return decay, bonus
 
 
+def mix_init(C: int, layer_id: int, n_layer: int) -> dict[str, torch.Tensor]:
+    """The official RWKV-6 token-shift init values [1, 1, C] (float64) of layer ``layer_id``:
+    "base" 1 - ddd^r1 (x, w, k), "fast" 1 - ddd^(r1/2) (r, g), "value" 1 - (ddd^r1 + 0.3 r0)
+    and "ffn" 1 - ddd^(r1^3) (the channel-mix), with ddd_i = i/C, r0 = l/(L-1), r1 = 1 - l/L."""
+    ddd = torch.arange(C, dtype=torch.float64).view(1, 1, C) / C
+    r0 = layer_id / (n_layer - 1) if n_layer > 1 else 0.0
+    r1 = 1.0 - layer_id / n_layer
+    return {"base": 1.0 - ddd**r1, "fast": 1.0 - ddd ** (0.5 * r1), "value": 1.0 - (ddd**r1 + 0.3 * r0),
+            "ffn": 1.0 - ddd ** (r1**3)}
+
+
 def add_projections(module: nn.Module, C: int, H: int) -> None:
     """The RWKV-5/6 time-mix matrices (receptance, key, value, gate, output) and ln_x."""
     for name in ("receptance", "key", "value", "gate", "output"):
@@ -102,6 +113,12 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
+    @torch.no_grad()
+    def reset_mix(self, value: torch.Tensor) -> None:
+        """Set both token-shift mixes to ``value`` [1, 1, C] (see :func:`mix_init`)."""
+        for name in self.MIX:
+            getattr(self, name).copy_(value)
+
     def mix(self, x: torch.Tensor, prev: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """RWKV-6/7 token mixing: ``mu`` is the weight of the previous token."""
         return x + (prev - x) * mu
@@ -144,16 +161,14 @@ class RWKV6(RWKVModel):
         """Initialise as the official RWKV-6 from-scratch recipe does."""
         cfg = self.config
         C, L, H = cfg.n_embd, cfg.n_layer, cfg.n_head
-        ddd = torch.arange(C, dtype=torch.float64) / C
         official_matrix_init(self, RWKV56_MATRIX_GAINS)
         for i, block in enumerate(self.blocks):
             r0 = i / (L - 1) if L > 1 else 0.0
-            r1 = 1.0 - i / L
-            att, ffn = block.att, block.ffn
-            base = 1.0 - ddd**r1
-            for name, value in (("x", base), ("w", base), ("k", base), ("v", 1.0 - (ddd**r1 + 0.3 * r0)),
-                                ("r", 1.0 - ddd ** (0.5 * r1)), ("g", 1.0 - ddd ** (0.5 * r1))):
-                getattr(att, f"time_maa_{name}").copy_(value.view(1, 1, C))
+            att = block.att
+            mix = mix_init(C, i, L)
+            for name, kind in (("x", "base"), ("w", "base"), ("k", "base"), ("v", "value"), ("r", "fast"),
+                               ("g", "fast")):
+                getattr(att, f"time_maa_{name}").copy_(mix[kind])
             att.time_maa_w1.zero_()
             att.time_maa_w2.uniform_(-0.01, 0.01)
             decay, bonus = init_decay_and_bonus(C, H, r0)
@@ -163,6 +178,4 @@ class RWKV6(RWKVModel):
             att.time_decay_w2.uniform_(-0.01, 0.01)
             att.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
             att.ln_x.bias.zero_()
-            ffn_mix = (1.0 - ddd ** (r1**3)).view(1, 1, C)
-            ffn.time_maa_k.copy_(ffn_mix)
-            ffn.time_maa_r.copy_(ffn_mix)
+            block.ffn.reset_mix(mix["ffn"])

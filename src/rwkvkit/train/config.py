@@ -33,11 +33,13 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError
 
-ARCHS = ("rwkv5", "rwkv6", "rwkv7")
+ARCHS = ("rwkv5", "rwkv6", "rwkv7", "finch-c2", "goldfinch", "llama")
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "fsdp")
 DATA_ORDERS = ("magic", "shuffle", "sequential")
-LORA_KEYS = {"rwkv7": ("w", "a", "v", "g"), "rwkv6": ("maa", "decay"), "rwkv5": ()}
+LORA_KEYS = {"rwkv7": ("w", "a", "v", "g"), "rwkv6": ("maa", "decay"), "rwkv5": (), "finch-c2": ("maa", "decay"),
+             "goldfinch": ("maa", "decay", "kv"), "llama": ()}
+EVAL_CONTEXTS = ("auto", "stream", "window")
 
 
 def _key(section: str, **kw: Any) -> Any:
@@ -57,7 +59,12 @@ class TrainConfig:
     Sizes left at 0 come from the preset or the architecture's defaults; ``vocab_size`` 0
     takes the data file's vocabulary. The run length is ``total_steps`` or ``total_tokens``
     (one of them, > 0); a step is ``micro_batch * grad_accum`` samples of ``ctx_len`` tokens
-    on each of the ranks.
+    on each of the ranks. ``extra`` holds architecture options (``ModelConfig.extra``, e.g.
+    ``extra = {rope_base = 10000}`` for GoldFinch). ``eval_context``: "stream" scores the
+    validation tokens as one stream (the state carried from window to window), "window" scores
+    each ``ctx_len`` window from a fresh state, like a training sample; "auto" is "stream" for
+    recurrent models and "window" for models whose state is a growing cache (GoldFinch,
+    Llama), which would otherwise attend far beyond the context they were trained on.
     """
 
     # [model]
@@ -69,6 +76,7 @@ class TrainConfig:
     vocab_size: int = _key("model", default=0, minimum=0)
     ffn_dim: int = _key("model", default=0, minimum=0)
     lora: dict = _key("model", default_factory=dict)
+    extra: dict = _key("model", default_factory=dict)
     init_from: str = _key("model", default="")
     # [data]
     train_data: str = _key("data", default="")
@@ -100,6 +108,7 @@ class TrainConfig:
     # [eval]
     eval_every: int = _key("eval", default=200, minimum=0)
     eval_tokens: int = _key("eval", default=1 << 18, minimum=0)
+    eval_context: str = _key("eval", default="auto", choices=EVAL_CONTEXTS)
     # [checkpoint]
     save_every: int = _key("checkpoint", default=500, minimum=0)
     keep_last: int = _key("checkpoint", default=3, minimum=1)
@@ -124,7 +133,7 @@ class TrainConfig:
         """The :class:`~rwkvkit.config.ModelConfig` fields of the model to build."""
         return {"arch": self.arch, "n_layer": self.n_layer, "n_embd": self.n_embd,
                 "vocab_size": self.vocab_size or vocab_size, "head_size": self.head_size,
-                "ffn_dim": self.ffn_dim, "lora": dict(self.lora)}
+                "ffn_dim": self.ffn_dim, "lora": dict(self.lora), "extra": dict(self.extra)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +152,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rwkv7": {"n_layer": 2, "n_embd": 64, "head_size": 32, "lora": {"w": 16, "a": 16, "v": 16, "g": 16}},
         "rwkv6": {"n_layer": 2, "n_embd": 64, "head_size": 32, "lora": {"maa": 8, "decay": 16}},
         "rwkv5": {"n_layer": 2, "n_embd": 64, "head_size": 32},
+        "finch-c2": {"n_layer": 2, "n_embd": 64, "head_size": 32, "lora": {"maa": 8, "decay": 16}},
+        "goldfinch": {"n_layer": 3, "n_embd": 64, "head_size": 32, "lora": {"maa": 8, "decay": 16, "kv": 16}},
+        "llama": {"n_layer": 2, "n_embd": 64, "head_size": 32},
         "*": {"ctx_len": 64, "micro_batch": 4, "lr_init": 3e-3, "lr_final": 3e-4, "warmup_steps": 10,
               "eval_every": 50, "eval_tokens": 4096, "save_every": 100},
     },
@@ -151,6 +163,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rwkv7": {"n_layer": 12, "n_embd": 768, "head_size": 64, "lora": dict(_V7_RELEASED_LORA)},
         "rwkv6": {"n_layer": 12, "n_embd": 768, "head_size": 64, "lora": {"maa": 32, "decay": 64}},
         "rwkv5": {"n_layer": 12, "n_embd": 768, "head_size": 64},
+        # The GoldFinch paper's L12-D768 ablation models.
+        "finch-c2": {"n_layer": 12, "n_embd": 768, "head_size": 64, "lora": {"maa": 32, "decay": 64}},
+        "goldfinch": {"n_layer": 12, "n_embd": 768, "head_size": 64, "lora": {"maa": 32, "decay": 64, "kv": 64}},
+        "llama": {"n_layer": 12, "n_embd": 768, "head_size": 64},
         "*": {"ctx_len": 512, "micro_batch": 16, "lr_init": 6e-4, "lr_final": 6e-5, "warmup_steps": 10},
     },
     # The released L24-D1024 models ("4e-4 for L24-D1024").
@@ -226,6 +242,13 @@ def _check_value(name: str, value: Any) -> Any:
         if not ok:
             raise ConfigError(f"{where}: expected two numbers in [0, 1), e.g. [0.9, 0.99], got {value!r}")
         value = [float(b) for b in value]
+    elif name == "extra":  # architecture options
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in value.items()
+        ):
+            raise ConfigError(f"{where}: expected a table of numbers, strings or booleans, e.g. "
+                              f"{{rope_base = 10000}}, got {value!r}")
+        value = dict(value)
     elif kind == "dict":  # lora
         if not isinstance(value, dict) or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()

@@ -475,8 +475,14 @@ class Trainer:
         with D.unsharded(self.wrapped), self.autocast():
             res = evaluate_loss(self.model, self.val.tokens, doc_offsets=self.val.doc_offsets, ctx_len=cfg.ctx_len,
                                 batch_size=cfg.micro_batch, max_tokens=cfg.eval_tokens or None,
-                                chunk=cfg.loss_chunk or None, progress=False)
+                                chunk=cfg.loss_chunk or None, progress=False, fresh_state=self._eval_windows())
         return res.loss
+
+    def _eval_windows(self) -> bool:
+        """Whether validation scores each window from a fresh state (``eval_context``)."""
+        if self.cfg.eval_context == "auto":
+            return self.model.cache_bytes_per_token() > 0
+        return self.cfg.eval_context == "window"
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (every rank must call this)."""

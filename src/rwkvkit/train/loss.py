@@ -187,6 +187,7 @@ def evaluate_loss(
     eot_id: int = 0,
     chunk: int | None = None,
     progress: bool | None = False,
+    fresh_state: bool = False,
 ) -> EvalResult:
     """Mean cross-entropy of ``model`` over a token stream, scored exactly.
 
@@ -202,6 +203,10 @@ def evaluate_loss(
     ``eot_id`` as input, the model's initial state), so the result is the exact score of those
     parts scored separately (it differs from ``batch_size=1`` only by the state lost at the
     cuts).
+
+    ``fresh_state``: every window of ``ctx_len`` targets starts from the initial state (its
+    inputs are the ``ctx_len`` tokens before each target, as in a training sample) instead of
+    carrying the state over; for models whose state is a growing cache.
     """
     from tqdm.auto import tqdm
 
@@ -240,6 +245,8 @@ def evaluate_loss(
                 x[r, src_lo - (lo - 1) : hi - lo] = tokens[src_lo : hi - 1]
             xt = torch.from_numpy(x).to(device)
             yt = torch.from_numpy(y).to(device)
+            if fresh_state:
+                state = model.init_state(B)
             h, state = model.hidden(xt, state)
             loss_sum, c = chunked_cross_entropy(h, weight, yt, chunk=chunk)
             total += float(loss_sum)

@@ -14,7 +14,11 @@ first match wins:
     ``.weight`` and >= 2-D             (emb, head, the big matrices) lr x1, weight decay
     everything else                    (LayerNorms, x_*, v7 low-rank, k_k, ...)  lr x1
 
-Weight decay only on the big matrices: the README calls this "VERY IMPORTANT".
+Weight decay only on the big matrices: the README calls this "VERY IMPORTANT". A model may
+define its own rule (``LanguageModel.optim_group``; the Llama baseline does: decay on the
+matrices, lr x1 for the rest); GoldFinch and Finch-C2 follow the rule above, as their code
+does (so the compression matrices ``w_kv_cache_a/b`` get weight decay, like ``emb`` and
+``head``).
 
 Schedule: warm-up ``lr *= 0.01 + 0.99 * step / warmup_steps`` for the first steps, and a
 cosine from ``lr_init`` to ``lr_final`` over the steps after the warm-up (RWKV-LM measures
@@ -66,9 +70,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     (its name).
     """
     named: dict[str, list[tuple[str, torch.Tensor]]] = {g: [] for g in GROUPS}
+    own_rule = model.optim_group if isinstance(model, LanguageModel) else (lambda name, p: None)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            named[group_of(name, p)].append((name, p))
+            group = own_rule(name, p) or group_of(name, p)
+            if group not in named:
+                raise ValueError(f"{type(model).__name__}.optim_group({name!r}) gave {group!r}, not one of {GROUPS}")
+            named[group].append((name, p))
     groups = []
     for g in GROUPS:
         if named[g]:
