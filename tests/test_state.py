@@ -1,10 +1,14 @@
 """RecurrentState: batch operations, files, and what the model accepts."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from official_files import make_rwkv7_state_dict
 from rwkvkit import RecurrentState
+from rwkvkit.state import ModelState
 from rwkvkit.checkpoint import build_model
 from rwkvkit.errors import StateError
 from rwkvkit.models.rwkv7 import RWKV7
@@ -55,3 +59,36 @@ def test_model_normalises_the_state_it_is_given(model):
     assert out.wkv.dtype == torch.float32 and low.wkv.dtype == torch.bfloat16
     with pytest.raises(StateError, match="RecurrentState"):
         model(tokens, [1, 2])
+
+
+@dataclass
+class CountedState(ModelState):
+    """A state with non-tensor fields (kept in the file's metadata)."""
+
+    x: torch.Tensor
+    length: int = 0
+    note: str = ""
+
+
+def test_non_tensor_fields_survive_files_and_batch_operations(tmp_path):
+    s = CountedState(arch="test", x=torch.arange(6.0).view(1, 2, 3), length=7, note="hi")
+    s.save(tmp_path / "c.state")
+    back = ModelState.load(tmp_path / "c.state")
+    assert type(back) is CountedState and (back.length, back.note) == (7, "hi") and torch.equal(back.x, s.x)
+    assert s.select(1).length == 7 and CountedState.cat([s.select(1), s.select(0)]).note == "hi"
+    with pytest.raises(StateError, match="length"):
+        CountedState.cat([s, CountedState(arch="test", x=s.x, length=8)])
+    with pytest.raises(StateError, match="length"):
+        CountedState(arch="test", x=s.x, length=8).check_compatible(s)
+
+
+def test_state_files_written_before_non_tensor_fields_still_load(tmp_path):
+    tensors = {"att_shift": torch.zeros(2, 1, 4), "wkv": torch.ones(2, 1, 1, 2, 2), "ffn_shift": torch.zeros(2, 1, 4)}
+    save_file(tensors, str(tmp_path / "old.state"),
+              metadata={"arch": "rwkv7", "state_class": "RecurrentState", "format": "rwkvkit-state"})
+    back = RecurrentState.load(tmp_path / "old.state")
+    assert type(back) is RecurrentState and back.arch == "rwkv7" and torch.equal(back.wkv, tensors["wkv"])
+    save_file(tensors, str(tmp_path / "odd.state"),
+              metadata={"arch": "rwkv7", "state_class": "NoSuchState", "format": "rwkvkit-state"})
+    with pytest.raises(StateError, match="unknown state class"):
+        RecurrentState.load(tmp_path / "odd.state")
