@@ -44,6 +44,8 @@ this and keeps the state consistent with the conversation text.
 
 Generation runs under ``torch.no_grad()`` (not ``inference_mode``), so the returned states
 are ordinary tensors that may later be used where autograd is on (e.g. state tuning).
+Decoding uses the model's in-place ``step_`` (one token per row, no new state per token) on
+a state that belongs to the loop alone; the states handed back are copies.
 """
 
 from __future__ import annotations
@@ -625,11 +627,9 @@ def _run(
         if not feed:
             break
         penalty.update(drawn)
-        batch_in = torch.tensor([[drawn[p]] for p in feed], dtype=torch.long)
-        feed_state = state if len(feed) == len(active) else state.select(feed)
-        with torch.no_grad():
-            logits, state = model(batch_in, feed_state, last_only=True)
-        logits = logits[:, -1]
+        if len(feed) != len(active):
+            state = state.select(feed)
+        logits, state = _decode_step(model, [drawn[p] for p in feed], state)
         where = {pos: i for i, pos in enumerate(feed)}  # batch position -> row of the fed batch
         for pos, reason, stop in ended:
             finals[active[pos]] = (state.select(where[pos]), reason, stop)
@@ -656,6 +656,19 @@ def _run(
             )
         )
     return results
+
+
+def _decode_step(model: Any, tokens: list[int], state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+    """Feed one token per row: returns (logits [B, V], the state after them). Uses the
+    model's in-place ``step_`` when it has one (``state`` must then belong to the caller's
+    loop alone: it is advanced where it lies), else ``forward`` over one token."""
+    batch = torch.tensor(tokens, dtype=torch.long)
+    step = getattr(model, "step_", None)
+    with torch.no_grad():
+        if step is not None:
+            return step(batch, state), state
+        logits, state = model(batch[:, None], state, last_only=True)
+    return logits[:, -1], state
 
 
 def _tokenizer_of(model: Any, tokenizer: Any) -> Any:

@@ -102,6 +102,42 @@ class TimeMix(nn.Module):
         y = y + bonus.view(B, T, C)
         return self.output(y * g), wkv, v_first
 
+    @torch.no_grad()
+    def step_(
+        self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token (decoding): x [B, C] (ln1 output) -> (out [B, C], v_first); ``shift``
+        [B, C] and ``wkv`` [B, H, N, N] (this layer's state) are updated in place. The same
+        equations as ``forward``, with the six token mixes and the low-rank biases fused."""
+        B, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = shift.to(x.dtype) - x
+        shift.copy_(x)
+        mu = torch.cat((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # [6, 1, C]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mu).unbind(0)
+
+        r = self.receptance(xr)
+        z = torch.addmm(self.w0.view(1, C), torch.tanh(xw @ self.w1), self.w2)
+        k = self.key(xk)
+        v = self.value(xv)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = torch.addcmul(v, v_first - v, torch.sigmoid(torch.addmm(self.v0.view(1, C), xv @ self.v1, self.v2)))
+        a = torch.sigmoid(torch.addmm(self.a0.view(1, C), xa @ self.a1, self.a2))
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k.view(C)).view(B, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * torch.addcmul(torch.ones_like(a), a - 1, self.k_a.view(C))
+        log_w = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).mul_(-DECAY_SCALE)
+
+        heads = lambda t: t.view(B, H, N)  # noqa: E731
+        y = ops.wkv7_(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv)
+        y = F.group_norm(y.reshape(B, C), H, self.ln_x.weight.to(y.dtype), self.ln_x.bias.to(y.dtype), eps=self.ln_x.eps)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y.to(x.dtype) + bonus.view(B, C)
+        return self.output(y * g), v_first
+
 
 class ChannelMix(nn.Module):
     """The RWKV-7 feed-forward ("ffn") sub-block: squared ReLU, no receptance gate."""
@@ -116,6 +152,14 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         xk = x + (token_shift(x, x_prev) - x) * self.x_k
         return self.value(torch.relu(self.key(xk)) ** 2)
+
+    @torch.no_grad()
+    def step_(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """One token (decoding): x [B, C] (ln2 output) -> out [B, C]; ``shift`` [B, C] is
+        updated in place."""
+        xk = torch.addcmul(x, shift.to(x.dtype) - x, self.x_k.view(-1))
+        shift.copy_(x)
+        return self.value(torch.relu(self.key(xk)).square_())
 
 
 @register("rwkv7")

@@ -14,6 +14,7 @@ import os
 import torch
 
 from .chunked import wkv6_chunked, wkv7_chunked
+from .inplace import wkv7_step_
 from .reference import wkv6_reference, wkv6_step, wkv7_reference, wkv7_step
 
 __all__ = [
@@ -80,9 +81,7 @@ def wkv7_(
         xs = [x.unsqueeze(1) for x in (r, log_w, k, v, a, b)]
         if wkv7_triton_supports(*xs, state):
             return wkv7_recurrent(*xs, state, inplace=True, out_dtype=state.dtype)[0][:, 0]
-    y, s = wkv7_step(r, log_w, k, v, a, b, state)
-    state.copy_(s)
-    return y
+    return wkv7_step_(r, log_w, k, v, a, b, state)
 
 
 def wkv6(
