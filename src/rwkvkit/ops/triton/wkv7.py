@@ -76,7 +76,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 32
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
