@@ -262,7 +262,7 @@ def test_mixed_dtypes_and_value_blocks(seed):
 
 
 @gpu_only
-@pytest.mark.parametrize("precision, tol", [("tf32", 3e-3), ("tf32x3", 1e-4)])
+@pytest.mark.parametrize("precision, tol", [("tf32", 6e-3), ("tf32x3", 1e-4)])
 def test_tensor_core_precisions_fp32(seed, precision, tol):
     run_and_compare(make_inputs(2, 200, 2, 64), dtype=torch.float32, precision=precision, tol=tol)
 

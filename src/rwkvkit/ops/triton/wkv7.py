@@ -76,7 +76,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
-DEFAULT_CHUNK = 32
+# Chosen by the sweep (benchmarks/NOTES.md, H200): chunk 16 when a gradient is needed (the
+# backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
+DEFAULT_CHUNK_TRAIN = 16
+DEFAULT_CHUNK_INFER = 32
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
@@ -527,19 +530,22 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _auto_block_v(n_programs: int, N: int, L: int, device: torch.device, budget: int = 1 << 17) -> int:
+def _auto_block_v(
+    n_programs: int, N: int, L: int, device: torch.device, budget: int = 1 << 17, min_waves: float = 2
+) -> int:
     """The widest value block with block_v * N * L <= budget (shared memory) that still gives
-    about two programs per SM."""
+    ``min_waves`` programs per SM (the sweep: full-width blocks win while there are enough
+    programs; narrower ones pay for partial sums and repeated key-side work)."""
     bv = N
     while bv > 16 and bv * N * max(L, N) > budget:
         bv //= 2
-    while bv > 16 and n_programs * (N // bv) < 2 * _sms(device):
+    while bv > 16 and n_programs * (N // bv) < min_waves * _sms(device):
         bv //= 2
     return bv
 
 
 def _auto_warps(block_v: int, N: int) -> int:
-    return 8 if block_v * N >= 2048 else 4
+    return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
 
 
 def _check_config(N: int, chunk_size: int, block_v: int | None, precision: str) -> None:
@@ -555,7 +561,7 @@ def _check_config(N: int, chunk_size: int, block_v: int | None, precision: str) 
 
 def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, block_v, num_warps, precision):
     """Run the scan; returns (per-chunk carried matrices, final matrix) in float32."""
-    bv = block_v or _auto_block_v(table.n_seqs * H, N, 0, gl.device)
+    bv = block_v or _auto_block_v(table.n_seqs * H, N, 0, gl.device, min_waves=0.5)
     _check_config(N, SUPPORTED_CHUNKS[0], bv, precision)
     out = _empty((table.n_chunks, H, N, N), torch.float32, gl.device)
     fin = _empty((table.n_seqs, H, N, N), torch.float32, gl.device)
@@ -679,7 +685,7 @@ def wkv7_triton(
     state: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
@@ -698,7 +704,8 @@ def wkv7_triton(
     [B, H, N(value), N(key)] or None for zeros. N in 16/32/64/128.
     ``cu_seqlens``: packed variable-length sequences: B == 1, sequence i is tokens
     ``cu_seqlens[i]:cu_seqlens[i+1]``, ``state`` and the final state are [S, H, N, N].
-    Tuning (None = automatic): ``chunk_size`` (16/32/64); ``block_v`` and ``num_warps`` of the
+    Tuning (None = automatic): ``chunk_size`` (16/32/64; 16 when a gradient is needed, else
+    32); ``block_v`` and ``num_warps`` of the
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
@@ -712,6 +719,9 @@ def wkv7_triton(
     B, T, H, N = r.shape
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
+    if chunk_size is None:
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
+        chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     _check_config(N, chunk_size, None, precision)
     scan_precision = scan_precision or precision
     _check_config(N, chunk_size, None, scan_precision)
