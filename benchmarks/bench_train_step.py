@@ -28,12 +28,16 @@ from rwkvkit.train.recipe import build_model, build_optimizer  # noqa: E402
 
 def fla_wkv7():
     """ops.wkv7's signature on top of fla's chunk_rwkv7 (chunk 64, safe_gate, lower bound)."""
+    import inspect
+
     from fla.ops.rwkv7 import chunk_rwkv7
+
+    decay_arg = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"  # (0.6.0: w)
 
     def wkv7(r, log_w, k, v, a, b, state):
         o, s = chunk_rwkv7(
-            r=r, log_w=log_w, k=k, v=v, a=a, b=b, scale=1.0, initial_state=state.transpose(-1, -2),
-            output_final_state=True, chunk_size=64, safe_gate=True, lower_bound=-math.exp(-0.5),
+            r=r, k=k, v=v, a=a, b=b, scale=1.0, initial_state=state.transpose(-1, -2), output_final_state=True,
+            chunk_size=64, safe_gate=True, lower_bound=-math.exp(-0.5), **{decay_arg: log_w},
         )[:2]
         return o.to(state.dtype), s.transpose(-1, -2).to(state.dtype)
 
@@ -61,7 +65,7 @@ def time_steps(model, tokens, steps: int, warmup: int) -> float:
         loss = step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return y.numel() / dt, float(loss)
+    return y.numel() / dt, float(loss.detach())
 
 
 def main(argv=None) -> int:

@@ -537,7 +537,7 @@ def _auto_block_v(
     ``min_waves`` programs per SM (the sweep: full-width blocks win while there are enough
     programs; narrower ones pay for partial sums and repeated key-side work)."""
     bv = N
-    while bv > 16 and bv * N * max(L, N) > budget:
+    while bv > 16 and bv * N * L > budget:
         bv //= 2
     while bv > 16 and n_programs * (N // bv) < min_waves * _sms(device):
         bv //= 2
