@@ -197,7 +197,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="save and stop at this step, keeping the schedule of the whole run (train.stop_at_step)")
     p.add_argument("--data", default=None, metavar="PATH", help="training token file (data.train_data)")
     p.add_argument("--preset", default=None, help="model preset: tiny, 0.1b, 0.4b (model.preset)")
-    p.add_argument("--arch", default=None, help="rwkv7 (default), rwkv6 or rwkv5 (model.arch)")
+    p.add_argument("--arch", default=None,
+                   help="rwkv7 (default), rwkv6, rwkv5, finch-c2, goldfinch or llama (model.arch)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 (train.device)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="auto: bf16 autocast on GPU, fp32 on CPU (train.precision)")
