@@ -601,3 +601,39 @@ def test_greedy_matches_reference_pipeline(tmp_path, tok):
     assert len(set(ref)) < len(ref) and {favoured[0], favoured[2]} & set(ref)
     plain = complete(model, prompt, params.replace(presence_penalty=0, frequency_penalty=0))
     assert plain.tokens != ref
+
+
+# -- memory ----------------------------------------------------------------------------------------
+PREFILL_MEMORY_SCRIPT = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from rwkvkit import load_model
+from rwkvkit.generation import prefill
+model = load_model(sys.argv[1])
+length, chunk = int(sys.argv[2]), int(sys.argv[3])
+prefill(model, [1] * 64, chunk_len=64)  # warm-up: the allocator, one chunk's activations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prefill(model, torch.randint(1, 256, (1, length)), chunk_len=chunk)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * (1 if sys.platform == "darwin" else 1024))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="peak memory is read with the resource module")
+def test_prefill_memory_does_not_grow_with_length(tmp_path):
+    """A long prompt in chunks peaks at one chunk's memory: the process's high-water mark
+    hardly moves past the warm-up, while the same prompt in one piece needs far more."""
+    path = tmp_path / "model.pth"
+    torch.save(make_rwkv7_state_dict(2, 128, 64, 256, (16, 16, 16, 16), seed=3), path)
+    script = tmp_path / "prefill_memory.py"
+    script.write_text(PREFILL_MEMORY_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def growth(length: int, chunk: int) -> int:
+        proc = subprocess.run([sys.executable, str(script), str(path), str(length), str(chunk)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return int(proc.stdout.split()[-1])
+
+    chunked, whole = growth(4096, 64), growth(4096, 4096)
+    assert chunked < 4e6, f"chunked prefill grew the peak by {chunked / 1e6:.1f} MB"
+    assert whole > 40e6, f"one-piece prefill grew the peak by only {whole / 1e6:.1f} MB: the check sees nothing"

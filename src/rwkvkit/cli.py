@@ -3,6 +3,7 @@
     rwkvkit generate --model PATH [sampling options] PROMPT   (PROMPT "-" reads stdin)
     rwkvkit chat --model PATH [--system TEXT] [sampling options]
     rwkvkit info PATH [--json]
+    rwkvkit bench [MODEL] [--device D] [--dtype T] [--quantize int8] [--prefill T] [--batch 1,8]
 
 Errors that are the user's (every :class:`RwkvkitError`, and OSError for files) print one
 line ``rwkvkit: error: <message>`` on stderr and exit 1; Ctrl-C exits 130.
@@ -69,10 +70,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, metavar="PATH",
                    help="official .pth, a saved model directory, or a .safetensors with its config.json "
                         "(default: the small bundled model)")
+    _add_weight_options(p)
+
+
+def _add_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="weight dtype (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: the big matrices in int8 (about 4x fewer bytes per token than fp32)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, defaults: Any) -> None:
@@ -125,7 +132,7 @@ def _load(args: argparse.Namespace) -> Any:
         raise CliError(f"--device {device}: CUDA is not available")
     dtype_name = args.dtype or ("fp32" if dev.type == "cpu" else "bf16")
     path = args.model if args.model is not None else DEFAULT_MODEL_DIR
-    return load_model(path, device=dev, dtype=getattr(torch, _DTYPES[dtype_name]))
+    return load_model(path, device=dev, dtype=getattr(torch, _DTYPES[dtype_name]), quantize=args.quantize)
 
 
 def _write(out: TextIO, text: str) -> None:
@@ -254,9 +261,62 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------------------------
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="official .pth, a saved model directory, or a .safetensors (default: the bundled model)")
+    _add_weight_options(p)
+    p.add_argument("--prefill", type=_positive, default=512, metavar="T", help="prompt length (default: %(default)s)")
+    p.add_argument("--batch", type=_batch_sizes, default=[1, 8], metavar="B,B,...",
+                   help="decode batch sizes (default: 1,8)")
+    p.add_argument("--steps", type=_positive, default=32, help="decoded tokens per run (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive, default=3, help="runs per figure, median (default: %(default)s)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmark import device_name, format_result, measure
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args)
+    cfg = model.config
+    weights = args.quantize or str(model.dtype).replace("torch.", "")
+    print(f"model    {cfg.arch} L{cfg.n_layer} D{cfg.n_embd} V{cfg.vocab_size} ({args.model or 'bundled'})")
+    print(f"device   {model.device.type}: {device_name(model.device)}")
+    print(f"weights  {weights}")
+    result = measure(model, label=weights, prefill_len=args.prefill, batch_sizes=args.batch,
+                     steps=args.steps, repeats=args.repeats)
+    sys.stdout.write(format_result(result))
+    return 0
+
+
 register(Command("generate", "continue a prompt, streaming the text", _add_generate, _run_generate))
 register(Command("chat", "interactive User/Assistant chat (reads lines from stdin)", _add_chat, _run_chat))
 register(Command("info", "show a checkpoint's architecture and sizes", _add_info, _run_info))
+register(Command("bench", "measure prefill and decode speed of a model", _add_bench, _run_bench))
 
 from .train import commands as _train_commands  # noqa: E402,F401  (prepare, eval-ppl)
 

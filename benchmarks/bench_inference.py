@@ -1,0 +1,336 @@
+"""Inference speed: rwkvkit against the reference ``rwkv`` package, same checkpoint, one run.
+
+    python benchmarks/bench_inference.py                     # random RWKV-7 L12 D768 V65536, CPU
+    python benchmarks/bench_inference.py --layers 4 --width 256 --vocab 8192   # a smaller one
+    python benchmarks/bench_inference.py --model RWKV-x070-World-0.1B-...pth
+    python benchmarks/bench_inference.py --floor             # this machine's GEMM/GEMV/bandwidth
+    python benchmarks/bench_inference.py --long 100000       # peak memory of a 100k-token prefill
+    python benchmarks/bench_inference.py --device cuda       # the GPU table
+
+CPU: ours with float32, bfloat16 and int8 weights (``load_model(dtype=..., quantize=...)``)
+against the reference at ``cpu fp32`` with RWKV_JIT_ON=1. GPU: ours with bf16 and fp16
+weights against the reference at ``cuda fp16`` (with its CUDA kernel when it compiles).
+Prefill tokens/s at T=--prefill (batch 1, last logits only) and decode tokens/s at batch 1
+(one token per call; ours through ``model.step_``), each the median of --repeats runs taken
+in turns (reference, ours, ours, ..., reference, ...) so that a change of load on a shared
+machine hits every system alike; then our batched decoding throughput. Ratios are ours /
+reference from this run. ``--out FILE`` writes everything as JSON.
+
+The random checkpoint comes from ``tests/official_files.py`` (official keys and shapes, bf16
+storage like the released files) and is written to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from rwkvkit import load_model  # noqa: E402
+from rwkvkit.benchmark import (  # noqa: E402
+    device_name, read_bandwidth, seconds, start_decoding, time_decode, time_prefill,
+    weight_bytes_per_token,
+)
+
+LORA = {768: (64, 64, 32, 128), 256: (32, 32, 32, 64)}
+
+
+def make_checkpoint(directory: Path, layers: int, width: int, vocab: int) -> Path:
+    from official_files import make_rwkv7_state_dict
+
+    lora = LORA.get(width, (32, 32, 32, 64))
+    sd = make_rwkv7_state_dict(n_layer=layers, n_embd=width, head_size=64, vocab_size=vocab, lora=lora,
+                               dtype=torch.bfloat16)
+    path = directory / f"rwkv7-L{layers}-D{width}-V{vocab}.pth"
+    torch.save(sd, path)
+    return path
+
+
+# -- the systems under test -------------------------------------------------------------------
+class Ours:
+    def __init__(self, label: str, path: Path, device: str, **load_args) -> None:
+        self.label = label
+        self.model = load_model(path, device=device, **load_args)
+        self.device = self.model.device
+
+    def prefill_seconds(self, tokens: torch.Tensor) -> float:
+        return time_prefill(self.model, tokens[None])
+
+    def decode_setup(self, batch_size: int = 1):
+        return start_decoding(self.model, batch_size)
+
+    def decode_seconds(self, state, tokens: torch.Tensor) -> float:
+        return time_decode(self.model, state, tokens[:, None] if tokens.dim() == 1 else tokens)
+
+
+class Reference:
+    """The ``rwkv`` package in this process (its switches are read at import)."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        os.environ["RWKV_V7_ON"] = "1"
+        os.environ["RWKV_JIT_ON"] = "1"
+        cuda = device.startswith("cuda")
+        self.label = "reference (rwkv 0.8.32, " + ("cuda fp16" if cuda else "cpu fp32") + ")"
+        self.device = torch.device(device)
+        self.kernel = False
+        for cuda_kernel in ([True, False] if cuda else [False]):
+            os.environ["RWKV_CUDA_ON"] = "1" if cuda_kernel else "0"
+            for name in [m for m in sys.modules if m == "rwkv.model"]:
+                del sys.modules[name]
+            try:
+                from rwkv.model import RWKV
+
+                self.model = RWKV(model=str(path)[: -len(".pth")], strategy="cuda fp16" if cuda else "cpu fp32")
+                self.kernel = cuda_kernel
+                break
+            except Exception as exc:  # noqa: BLE001 - the CUDA kernel may not compile here
+                if not cuda_kernel:
+                    raise
+                print(f"# reference CUDA kernel unavailable ({type(exc).__name__}: {str(exc)[:120]}); using RWKV_CUDA_ON=0")
+        if cuda:
+            self.label += ", CUDA kernel" if self.kernel else ", no CUDA kernel"
+
+    def prefill_seconds(self, tokens: torch.Tensor) -> float:
+        ids = tokens.tolist()
+        return seconds(lambda: self.model.forward(ids, None), self.device)
+
+    def decode_setup(self, batch_size: int = 1):
+        _, state = self.model.forward(list(range(1, 17)), None)
+        return [state]
+
+    def decode_seconds(self, holder, tokens: torch.Tensor) -> float:
+        ids = tokens.tolist()
+
+        def run() -> None:
+            for t in ids:
+                _, holder[0] = self.model.forward([t], holder[0])
+
+        return seconds(run, self.device)
+
+
+# -- measurements -----------------------------------------------------------------------------
+def in_turns(systems, make_run, repeats: int) -> dict[str, float]:
+    """Median seconds per system; every round runs each system once, in turn."""
+    runs = {s.label: make_run(s) for s in systems}
+    for run in runs.values():
+        run()  # warm-up (JIT, allocator, caches)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            times[label].append(run())
+    return {label: statistics.median(ts) for label, ts in times.items()}
+
+
+def compare(systems, args) -> dict:
+    prompt = torch.randint(1, args.vocab_size, (args.prefill,), generator=torch.Generator().manual_seed(0))
+    steps = torch.randint(1, args.vocab_size, (args.steps,), generator=torch.Generator().manual_seed(1))
+    prefill = in_turns(systems, lambda s: (lambda: s.prefill_seconds(prompt)), args.repeats)
+
+    def decode_run(s):
+        state = s.decode_setup()
+        return lambda: s.decode_seconds(state, steps)
+
+    decode = in_turns(systems, decode_run, args.repeats)
+    return {
+        s.label: {"prefill_tokens_per_s": args.prefill / prefill[s.label], "decode_tokens_per_s": args.steps / decode[s.label]}
+        for s in systems
+    }
+
+
+def batched(ours: list[Ours], batch_sizes: list[int], args) -> dict:
+    out = {}
+    for system in ours:
+        row = {}
+        for B in batch_sizes:
+            state = system.decode_setup(B)
+            steps = max(4, args.steps * 4 // max(B, 4))
+            ids = torch.randint(1, args.vocab_size, (steps, B), generator=torch.Generator().manual_seed(2))
+            system.decode_seconds(state, ids[:2])
+            t = statistics.median(system.decode_seconds(state, ids) for _ in range(args.repeats))
+            row[B] = B * steps / t
+        out[system.label] = row
+    return out
+
+
+def floor(args) -> dict:
+    """GEMM GFLOP/s at prefill shapes, cold GEMV Gparam/s (weights streamed from memory, as in
+    decoding), read bandwidth; and the decode tokens/s they predict for the checkpoint size."""
+    from rwkvkit.quantize import Int8Linear
+
+    C, L, V = args.width, args.layers, args.vocab_size
+    shapes = [(C, C)] * 4 + [(4 * C, C), (C, 4 * C)]
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(n, k, generator=g) * k**-0.5 for _ in range(L) for n, k in shapes]
+    params = sum(m.numel() for m in mats)
+    result = {"read_bandwidth_GBps": read_bandwidth(torch.device("cpu")) / 1e9, "gemm_GFLOPs": {}, "gemv_Gparams": {}}
+
+    def linear_for(kind):
+        if kind == "int8":
+            layers = []
+            for m in mats:
+                lin = torch.nn.Linear(m.shape[1], m.shape[0], bias=False)
+                lin.weight.data = m
+                layers.append(Int8Linear.from_linear(lin))
+            return [(lambda x, layer=layer: layer(x)) for layer in layers], torch.float32
+        dt = torch.float32 if kind == "fp32" else torch.bfloat16
+        ws = [m.to(dt) for m in mats]
+        return [(lambda x, w=w: torch.nn.functional.linear(x, w)) for w in ws], dt
+
+    for kind in ("fp32", "bf16", "int8"):
+        fns, dt = linear_for(kind)
+        for M, key, store in ((1, "gemv", "gemv_Gparams"), (args.prefill, "gemm", "gemm_GFLOPs")):
+            xs = [torch.randn(M, m.shape[1]).to(dt) for m in mats]
+
+            def run():
+                for fn, x in zip(fns, xs):
+                    fn(x)
+
+            run()
+            t = statistics.median(seconds(run, torch.device("cpu")) for _ in range(args.repeats))
+            result[store][kind] = params / t / 1e9 if M == 1 else 2 * params * M / t / 1e9
+    # Decoding reads the matrices above, the head (C x V) and the low-rank matrices, which
+    # stay float32 under int8 (4 bytes where the matrices take 1), bf16 under bf16.
+    lora = L * C * 2 * sum(LORA.get(C, (32, 32, 32, 64)))
+    lora_weight = {"fp32": 1, "bf16": 1, "int8": 4}
+    result["predicted_decode_tokens_per_s"] = {
+        kind: 1e9 * rate / (params + C * V + lora * lora_weight[kind]) for kind, rate in result["gemv_Gparams"].items()
+    }
+    return result
+
+
+def long_prefill(args) -> dict:
+    """Peak resident memory of prefilling --long tokens on a small model (L4 D256 V8192),
+    against prefilling one chunk, each in a fresh process."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp), 4, 256, 8192)
+        for n in (args.chunk, args.long):
+            code = f"""
+import resource, sys, time, torch
+sys.path.insert(0, {str(ROOT / 'src')!r})
+torch.set_num_threads({torch.get_num_threads()})
+from rwkvkit import load_model
+from rwkvkit.generation import prefill
+model = load_model({str(path)!r})
+prefill(model, [1] * {args.chunk}, chunk_len={args.chunk})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tokens = torch.randint(1, 8192, (1, {n}))
+t = time.perf_counter()
+prefill(model, tokens, chunk_len={args.chunk})
+t = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(base, peak, t)
+"""
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            base, peak, t = res.stdout.split()
+            unit = 1 if sys.platform == "darwin" else 1024
+            out[n] = {"peak_rss_MB": int(peak) * unit / 1e6, "growth_MB": (int(peak) - int(base)) * unit / 1e6,
+                      "tokens_per_s": n / float(t)}
+    return out
+
+
+# -- output -----------------------------------------------------------------------------------
+def print_comparison(res: dict, ref_label: str, args) -> None:
+    ref = res[ref_label]
+    print(f"\n| system | prefill T={args.prefill} tokens/s | x ref | decode batch 1 tokens/s | x ref |")
+    print("|---|---|---|---|---|")
+    for label, r in res.items():
+        print(f"| {label} | {r['prefill_tokens_per_s']:,.1f} | {r['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.2f} "
+              f"| {r['decode_tokens_per_s']:,.1f} | {r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f} |")
+
+
+def print_batched(res: dict, bytes_per_token: dict, bandwidth: float) -> None:
+    sizes = list(next(iter(res.values())))
+    print("\n| ours: decode tokens/s at batch | " + " | ".join(str(b) for b in sizes) + " | weights per token | bound at batch 1 |")
+    print("|---" * (len(sizes) + 3) + "|")
+    for label, row in res.items():
+        nbytes = bytes_per_token[label]
+        print(f"| {label} | " + " | ".join(f"{row[b]:,.0f}" for b in sizes)
+              + f" | {nbytes / 1e6:,.0f} MB | {bandwidth / nbytes:,.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="an RWKV-7 .pth (default: a random one)")
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--prefill", type=int, default=512, help="prompt length (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=32, help="decoded tokens per run (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", default=None, help="batch sizes for our batched decoding "
+                   "(default: 1,2,4,8,16,32,64 on CPU; 1,4,16,64,128,256 on CUDA)")
+    p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
+    p.add_argument("--floor", action="store_true", help="only measure GEMM/GEMV/bandwidth (CPU)")
+    p.add_argument("--long", type=int, default=0, metavar="T", help="only measure a T-token prefill's peak memory")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk length for --long (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_inference: --device cuda but CUDA is not available")
+    report = {"device": device_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "argv": sys.argv[1:]}
+    print(f"# {report['device']}, torch {torch.__version__}, {report['date']}")
+
+    args.vocab_size = args.vocab
+    if args.floor:
+        report["floor"] = floor(args)
+        print(json.dumps(report["floor"], indent=2))
+    elif args.long:
+        report["long"] = long_prefill(args)
+        for n, r in report["long"].items():
+            print(f"prefill {n:>8} tokens (chunks of {args.chunk}): peak RSS {r['peak_rss_MB']:,.0f} MB, "
+                  f"growth over one chunk {r['growth_MB']:,.1f} MB, {r['tokens_per_s']:,.0f} tokens/s")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = args.model or make_checkpoint(Path(tmp), args.layers, args.width, args.vocab)
+            if device.type == "cuda":
+                ours = [Ours("ours bf16", path, "cuda", dtype=torch.bfloat16),
+                        Ours("ours fp16", path, "cuda", dtype=torch.float16)]
+                default_batches = "1,4,16,64,128,256"
+            else:
+                ours = [Ours("ours fp32", path, "cpu"), Ours("ours bf16", path, "cpu", dtype=torch.bfloat16),
+                        Ours("ours int8", path, "cpu", quantize="int8")]
+                default_batches = "1,2,4,8,16,32,64"
+            args.vocab_size = ours[0].model.config.vocab_size
+            cfg = ours[0].model.config
+            report["model"] = f"{cfg.arch} L{cfg.n_layer} D{cfg.n_embd} V{cfg.vocab_size}" + (f" ({args.model})" if args.model else " (random)")
+            print(f"# model {report['model']}, prefill T={args.prefill}, {args.steps} decode steps, median of {args.repeats}")
+            systems = list(ours)
+            if not args.no_reference:
+                systems.insert(0, Reference(path, args.device))
+            report["compare"] = compare(systems, args)
+            if not args.no_reference:
+                print_comparison(report["compare"], systems[0].label, args)
+            bandwidth = read_bandwidth(device)
+            bytes_per_token = {o.label: weight_bytes_per_token(o.model) + 2 * o.model.state_nbytes(1) for o in ours}
+            batch_sizes = [int(b) for b in (args.batch or default_batches).split(",")]
+            report["batched"] = batched(ours, batch_sizes, args)
+            report["bandwidth_GBps"] = bandwidth / 1e9
+            report["bytes_per_token"] = bytes_per_token
+            print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; the bound is bandwidth / (weights + state read and written)")
+            print_batched(report["batched"], bytes_per_token, bandwidth)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

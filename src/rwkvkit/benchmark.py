@@ -1,0 +1,174 @@
+"""Inference speed of a model: prefill and decode tokens/s, batched decoding, and the
+memory-bandwidth bound on decoding.
+
+Decoding one token reads every weight once (the embedding only one row) and the state;
+at small batches that traffic, not arithmetic, sets the speed, so the bound is
+``read bandwidth / bytes per token`` (measured, not a datasheet figure). ``rwkvkit bench``
+prints :func:`measure` for one model; ``benchmarks/bench_inference.py`` compares several
+set-ups and the reference ``rwkv`` package in one run.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .generation import DEFAULT_CHUNK_LEN, prefill
+from .quantize import Int8Linear
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one) and
+    the threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn``, the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def random_tokens(model: torch.nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """Token ids drawn uniformly from [1, vocab) (0 is end of text), on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, model.config.vocab_size, tuple(shape), generator=g)
+
+
+def time_prefill(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int = DEFAULT_CHUNK_LEN) -> float:
+    """Seconds to prefill ``tokens`` [B, T] from the initial state (only the last logits)."""
+    return seconds(lambda: prefill(model, tokens, chunk_len=chunk_len), model.device)
+
+
+def start_decoding(model: torch.nn.Module, batch_size: int, prompt_len: int = 16, seed: int = 0):
+    """A state after a random prompt of ``prompt_len`` tokens per row, ready for ``step_``."""
+    _, state = prefill(model, random_tokens(model, (batch_size, prompt_len), seed))
+    return state
+
+
+def time_decode(model: torch.nn.Module, state, tokens: torch.Tensor) -> float:
+    """Seconds to decode ``tokens`` [steps, B] one step at a time with ``model.step_``
+    (``state`` advances in place). The ids are fixed in advance: sampling is not timed."""
+    tokens = tokens.to(model.device)
+
+    def run() -> None:
+        for row in tokens:
+            model.step_(row, state)
+
+    return seconds(run, model.device)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every parameter and buffer once (int8
+    layers: their int8 weights and scales), the embedding one row."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            total += module.in_features * module.out_features + 4 * module.out_features
+            continue
+        for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is None:
+                continue
+            if name == "emb" and pname == "weight":
+                total += t.shape[1] * t.element_size()
+            else:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second at which the device reads a buffer much larger than its caches
+    (the median of ``repeats`` sums over ``nbytes``)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    times = [seconds(x.sum, device) for _ in range(repeats)]
+    return nbytes / statistics.median(times)
+
+
+@dataclass
+class BenchResult:
+    """What :func:`measure` found for one model."""
+
+    label: str
+    prefill_len: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)  # batch size -> tokens/s
+    weight_bytes: int = 0
+    state_bytes: int = 0  # one row's state (read and written per token)
+    bandwidth: float = 0.0  # bytes/s
+
+    def bound(self, batch_size: int = 1) -> float:
+        """Decoding tokens/s if only reading the weights (once per step) and the states
+        counted: ``batch_size * bandwidth / bytes per step``."""
+        per_step = self.weight_bytes + 2 * self.state_bytes * batch_size
+        return batch_size * self.bandwidth / per_step if self.bandwidth else float("nan")
+
+
+def measure(
+    model: torch.nn.Module,
+    *,
+    label: str = "",
+    prefill_len: int = 512,
+    batch_sizes: Sequence[int] = (1,),
+    steps: int = 32,
+    repeats: int = 3,
+    bandwidth: float | None = None,
+) -> BenchResult:
+    """Prefill tokens/s at ``prefill_len`` (batch 1) and decode tokens/s at each batch size,
+    each the median of ``repeats`` runs after a warm-up run."""
+    device = model.device
+    tokens = random_tokens(model, (1, prefill_len))
+    time_prefill(model, tokens)
+    t_prefill = statistics.median(time_prefill(model, tokens) for _ in range(repeats))
+    result = BenchResult(
+        label=label, prefill_len=prefill_len, prefill_tokens_per_s=prefill_len / t_prefill,
+        weight_bytes=weight_bytes_per_token(model), state_bytes=model.state_nbytes(1),
+        bandwidth=read_bandwidth(device) if bandwidth is None else bandwidth,
+    )
+    for B in batch_sizes:
+        state = start_decoding(model, B)
+        ids = random_tokens(model, (steps, B), seed=1)
+        time_decode(model, state, ids[: max(1, steps // 4)])
+        t = statistics.median(time_decode(model, state, ids) for _ in range(repeats))
+        result.decode_tokens_per_s[B] = B * steps / t
+    return result
+
+
+def format_result(result: BenchResult) -> str:
+    """A small text table of one :class:`BenchResult`."""
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    lines = [
+        f"weights read per token  {mb(result.weight_bytes)} (+ state {mb(result.state_bytes)} read and written per row)",
+        f"read bandwidth          {result.bandwidth / 1e9:.1f} GB/s -> decode bound at batch 1: {result.bound(1):.1f} tokens/s",
+        f"prefill T={result.prefill_len:<6}       {result.prefill_tokens_per_s:,.1f} tokens/s",
+    ]
+    for B, tps in result.decode_tokens_per_s.items():
+        share = tps / result.bound(B) if result.bandwidth else float("nan")
+        lines.append(f"decode batch {B:<4}       {tps:,.1f} tokens/s ({share:.0%} of the bandwidth bound {result.bound(B):,.1f})")
+    return "\n".join(lines) + "\n"
