@@ -79,6 +79,20 @@ def test_prefill_pieces_decoding_and_full_forward_agree(seed, arch, extra, cache
             assert rel_err(getattr(st, field), t) < TOL if t.is_floating_point() else torch.equal(getattr(st, field), t)
 
 
+@pytest.mark.parametrize("arch,extra", [("goldfinch", {"rope_base": 10000.0}), ("finch-c2", {})])
+def test_float64_prefill_and_decoding_are_exact(seed, arch, extra):
+    """In float64 the chunked key rebuild, the tail window and decoding equal the full forward
+    to rounding (1e-12): the paths compute the same function, not an approximation of it."""
+    model = make(arch, **extra).double()
+    model.cache_chunk = 4
+    tokens = torch.randint(0, V, (2, 17))
+    full, _ = model(tokens)
+    last, state = model(tokens[:, :11], last_only=True)
+    after, _ = decode(model, tokens[:, 11:], state)
+    assert full.dtype == torch.float64
+    assert rel_err(last[:, 0], full[:, 10]) < 1e-12 and rel_err(after, full[:, 11:]) < 1e-12, f"seed {seed}"
+
+
 def test_tail_window_prefill_equals_full_forward(seed):
     """last_only runs the GOLD blocks over the last 2G positions only: the last logits and
     every state equal the full forward's. 2G - 1 positions give exact GOLD shift states but
@@ -286,3 +300,22 @@ def test_cli_train_tiny(tmp_path, capsys, arch):
     assert model.config.arch == arch and model.config.n_layer == (3 if arch == "goldfinch" else 2)
     logits, _ = model(torch.randint(0, 128, (1, 5)), last_only=True)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", ["goldfinch", "llama"])
+def test_greedy_generation_with_a_cache(seed, arch):
+    """generate's prefill (last_only) and decoding give the full forward's greedy tokens; a
+    batch of prompts of one length decodes together, row by row as each prompt alone; prompts
+    of different lengths cannot share a batch (their caches differ in length)."""
+    from rwkvkit import complete, generate_batch
+
+    model = make() if arch == "goldfinch" else model_class("llama")(
+        ModelConfig(arch="llama", n_layer=2, n_embd=64, head_size=32, vocab_size=V))
+    greedy = dict(max_new_tokens=5, temperature=0, stop_tokens=(), presence_penalty=0, frequency_penalty=0)
+    prompts = torch.randint(1, V, (2, 6)).tolist()
+    alone = [complete(model, p, **greedy).tokens for p in prompts]
+    full = model(torch.tensor([prompts[0] + alone[0][:-1]]))[0][0, 5:].argmax(-1)
+    assert alone[0] == full.tolist()
+    assert [r.tokens for r in generate_batch(model, prompts, **greedy)] == alone
+    with pytest.raises(StateError, match="share a cache length"):
+        generate_batch(model, [prompts[0], prompts[1][:4]], **greedy)
