@@ -101,4 +101,9 @@ def wkv6(
     if r.shape[1] == 1:
         y, s = wkv6_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], u, state)
         return y.unsqueeze(1), s
+    if _triton_enabled(r):
+        from .triton import wkv6_triton, wkv6_triton_supports
+
+        if wkv6_triton_supports(r, log_w, k, v, u, state):
+            return wkv6_triton(r, log_w, k, v, u, state, out_dtype=state.dtype)
     return wkv6_chunked(r, log_w, k, v, u, state)

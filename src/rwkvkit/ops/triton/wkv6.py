@@ -1,0 +1,711 @@
+"""RWKV-5.2 / RWKV-6 WKV in Triton: chunked forward and backward kernels and their autograd Function.
+
+Per head, with the state S [value, key], w = exp(log_w) and the bonus u:
+    y_t = S_{t-1} r_t + (sum_j r_t[j] u[j] k_t[j]) v_t,    S_t = S_{t-1} diag(w_t) + v_t k_t^T.
+RWKV-5.2 is the same with a decay that does not depend on t (pass log_w as a stride-0 view over
+B and T: the kernels read it through its strides, nothing is materialised).
+
+Chunk formula. Inside a block of L steps with S0 the state entering it, and row-vector inputs
+stacked as [L, N] matrices, the decay between a write at s and a read at t > s is
+e^{D(s, t)} with D(s, t) = sum_{s < q < t} log w_q (y_t reads the state before w_t acts), so
+    Y   = (r e^{P}) S0^T + A V                       P_t = sum_{q < t} log w_q
+    S_L = S0 diag(e^{Lam}) + V^T (k e^{Q})           Q_s = sum_{q > s} log w_q,  Lam = sum_q log w_q
+    A[t, s] = sum_j r_t[j] k_s[j] e^{D_j(s, t)} (s < t),   A[t, t] = sum_j r_t[j] u[j] k_t[j],   0 above.
+All sums run inside the block.
+
+Stability. RWKV-6 decays reach w = exp(-exp(x)) with log w = -1e4 and below, so the WKV-7
+factorisation e^{D(s,t)} = e^{Lam_{t-1}} e^{-Lam_s} overflows, and even the difference of two
+cumulative sums Lam_{t-1} - Lam_s loses the small log-decays that follow a huge one (float32
+spacing near 1e4 is 1e-3, a 1e-3 relative error in every later decay factor). Instead A is
+split by levels, as the binary tree of ``ops/chunked.py``, flattened: every pair s < t of a
+block lies in exactly one aligned sub-block of size 2h (h = 2^lvl, lvl = 0..log2(L)-1) with s in
+its left half and t in its right half; with m the first row of the right half,
+    D(s, t) = sum_{m <= q < t} log w_q + sum_{s < q < m} log w_q = pre_h[t] + suf_h[s],
+pre_h the exclusive prefix sum inside t's aligned h-block, suf_h the exclusive suffix sum inside
+s's aligned h-block. Hence
+    A = diag(bonus) + sum_lvl M_lvl * ((r e^{pre_h}) (k e^{suf_h})^T)
+with M_lvl the 0/1 mask of the pairs at that level (disjoint across levels): log2(L) full-tile
+products [L, N] x [N, L], masked. Every factor is e^{(sum of log-decays <= 0)} <= 1, so nothing
+overflows; an underflow to 0 only drops a term that is smaller still. Every exponent, P, Q,
+pre_h, suf_h and Lam, is a sum of exactly the log-decays it spans, computed as a block-local
+cumulative sum of the log-decays shifted by one row (loaded at t-1 / t+1), never as a
+difference of two sums: a sum of same-sign terms has a relative error ~ log2(L) ulp, so a
+decay factor e^{x} keeps a relative error ~ |x| * 1e-7, and |x| > 100 means the factor is 0
+anyway. Decays near 1 (log w ~ -1e-6) are summed as they are; nothing computes 1 - w. One
+exponential per level per element (a row uses pre_h if it sits in a right half, suf_h if in a
+left half); level 0 needs none (D = 0).
+
+Backward of one block, given dY and dS_L (the gradient of the state leaving it):
+    dV  = A^T dY + (k e^{Q}) dS_L^T,    dA = tril(dY V^T),   bd_t = dA[t, t]
+    dS0 = dS_L diag(e^{Lam}) + dY^T (r e^{P})                (carried to the previous block)
+    drq = dY S0,  dke = V dS_L,  dLam = colsum(dS_L * S0) * e^{Lam}
+    per level, with Rh = r e^{pre_h}, Kh = k e^{suf_h}, dAm = M_lvl * dA:
+        dRh = dAm Kh,  dKh = dAm^T Rh
+    dr = drq e^{P} + sum_lvl dRh e^{pre_h} + bd u k,      dk = dke e^{Q} + sum_lvl dKh e^{suf_h} + bd u r
+    du = sum over t (and batch) of bd_t r_t k_t
+and through the exponents (dX = the gradient of an exponent X: dP = drq r e^{P} etc.):
+    dlog_w_q = sum_{t > q} dP_t + sum_{s < q} dQ_s + dLam
+             + sum_lvl [ sum_{t > q, same h-block} dpre_h[t] + sum_{s < q, same h-block} dsuf_h[s] ]
+(reverse / forward exclusive cumulative sums; h-block-local ones for the levels). These are
+scans over (sum before, own value) pairs, not "inclusive minus own": after a huge decay a row's
+own term can exceed the sum of the others by 1e9 (e^{P} = 1 on the first row, e^{-20} on the
+next), and subtracting it back would leave its rounding error in place of the true, tiny sum.
+Each formula was checked against float64 autograd through the step reference.
+
+Kernels. The formula is used at two granularities: chunks of ``chunk_size`` C steps (64),
+whose entering states are stored, and blocks of ``block_t`` steps (16) inside a chunk, where
+the levels are computed (log2(16) = 4 levels of [16, N] x [N, 16] products: cheap, and few live
+registers). Four kernels, two per direction:
+  * a lean sequential scan over the chunks for the state (forward: S <- S diag(e^{Lam})
+    + V^T (k e^{Q}); backward: dS <- dS diag(e^{Lam}) + dY^T (r e^{P})). The update is
+    diagonal in the key index, so a program owns a [b, b] tile of one head's state: grid
+    (batch*head, N/scan_block, N/scan_block), one [b, C] x [C, b] product per chunk, the next
+    chunk's inputs prefetched. It stores the state entering (forward) / the gradient of the
+    state leaving (backward) every chunk, float32 [B, H, T/C, N, N];
+  * a kernel over all chunks in parallel, grid (T/C, batch*head, N/block_v), whose program walks
+    its chunk in blocks of block_t rows: forward, Y = (r e^{P}) S^T + A V block by block while
+    the [block_v, N] state advances in registers; backward, the blocks in reverse with dS in
+    registers, the state entering each block recomputed from the chunk's by a few state steps
+    (no per-block state in memory), every input gradient. The key-side work (P, the levels, A) is
+    recomputed by every value block; with more than one value block the key-side gradients go
+    through float32 [NV, ...] partial sums.
+So no kernel runs a long dependency chain per chunk (measured on WKV-7: the fused sequential
+forward was latency-bound at ~7 us per chunk, 3.8 ms at B=8, T=4096, H=32), at the price of
+writing and reading the chunk states: N*N*4/C bytes per token and head (256 B at N=64, C=64)
+for every pass over them (forward: written once, read once; backward: read once, and dS
+written and read once). Without gradients the states are still written: the output kernel
+needs them. Compiled for sm_90 (Triton 3.9, offline) at the defaults (N=64, bf16, tf32): the
+scans use 206-247 registers without spills, the forward output kernel 255 registers and 48 B
+of stack, the backward chunk kernel (block_v 32, 8 warps) 255 registers and 88 B of stack.
+
+Matmul precision: "ieee" (exact float32), "tf32" (tensor cores; ~4e-4 relative error) or
+"tf32x3". Default: ieee for float32 inputs, tf32 for bf16/fp16 inputs. The exponents, the
+cumulative sums, the states and all accumulation are float32 everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
+SUPPORTED_CHUNKS = (16, 32, 64, 128)
+SUPPORTED_BLOCK_T = (16, 32)
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+DEFAULT_CHUNK = 64
+DEFAULT_BLOCK_T = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_cumsum(x, ROWS: tl.constexpr, COLS: tl.constexpr, BLK: tl.constexpr, REVERSE: tl.constexpr):
+    """Inclusive cumulative sum of x [ROWS, COLS] down the rows, restarting at every aligned block
+    of BLK rows (reverse: from the block's last row up)."""
+    if BLK == ROWS:
+        out = tl.cumsum(x, axis=0, reverse=REVERSE)
+    else:
+        x3 = tl.reshape(x, (ROWS // BLK, BLK, COLS))
+        out = tl.reshape(tl.cumsum(x3, axis=1, reverse=REVERSE), (ROWS, COLS))
+    return out
+
+
+@triton.jit
+def _exclusive_combine(a1, b1, a2, b2):
+    # (sum of a segment but its last element, its last element)
+    return a1 + b1 + a2, b2
+
+
+@triton.jit
+def _block_exclusive_cumsum(x, ROWS: tl.constexpr, COLS: tl.constexpr, BLK: tl.constexpr, REVERSE: tl.constexpr):
+    """Exclusive cumulative sum of x [ROWS, COLS] down the rows inside aligned blocks of BLK rows
+    (reverse: the sum of the later rows of the block). A scan over (sum before, own value) pairs:
+    a row's own value is never added and subtracted again, which would leave its rounding error
+    in place of a sum of much smaller terms (the gradients of the exponents after a huge decay)."""
+    if BLK == ROWS:
+        out, _ = tl.associative_scan((tl.zeros_like(x), x), 0, _exclusive_combine, reverse=REVERSE)
+    else:
+        x3 = tl.reshape(x, (ROWS // BLK, BLK, COLS))
+        out3, _ = tl.associative_scan((tl.zeros_like(x3), x3), 1, _exclusive_combine, reverse=REVERSE)
+        out = tl.reshape(out3, (ROWS, COLS))
+    return out
+
+
+@triton.jit
+def _pair_mask(offs_t, LVL: tl.constexpr):
+    """[L, L] mask of the pairs (t, s) of level LVL: one aligned block of 2^(LVL+1) rows, s in its
+    left half, t in its right half."""
+    t = offs_t[:, None]
+    s = offs_t[None, :]
+    return ((t >> (LVL + 1)) == (s >> (LVL + 1))) & (((t >> LVL) & 1) == 1) & (((s >> LVL) & 1) == 0)
+
+
+@triton.jit
+def _level_decay(lwp, lwn, offs_t, LVL: tl.constexpr, L: tl.constexpr, N: tl.constexpr):
+    """Level LVL >= 1 (blocks of h = 2^LVL rows): e^{pre_h} on rows in a right half, e^{suf_h} on
+    rows in a left half ([L, N]). ``lwp``/``lwn``: log w shifted down/up by one row (0 outside
+    the chunk), so block-local inclusive sums of them are the exclusive sums."""
+    H_: tl.constexpr = 1 << LVL
+    first = (offs_t & (H_ - 1)) == 0
+    last = ((offs_t + 1) & (H_ - 1)) == 0
+    pre = _block_cumsum(tl.where(first[:, None], 0.0, lwp), L, N, H_, False)
+    suf = _block_cumsum(tl.where(last[:, None], 0.0, lwn), L, N, H_, True)
+    right = ((offs_t >> LVL) & 1) == 1
+    return tl.exp(tl.where(right[:, None], pre, suf))
+
+
+@triton.jit
+def _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, SHIFT: tl.constexpr, LEN: tl.constexpr):
+    """log w at row t + SHIFT (SHIFT = -1: lwp, +1: lwn) for the rows t of a block of LEN rows
+    (offs_t = position in the block), float32; 0 where that row lies outside the block or past T."""
+    if SHIFT < 0:
+        m = (offs_t >= 1) & (t <= T)
+    else:
+        m = (offs_t < LEN - 1) & (t + 1 < T)
+    p = lw_ptr + lw_base + (t.to(tl.int64) + SHIFT)[:, None] * lw_st + offs_k[None, :]
+    return tl.load(p, mask=m[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k):
+    """log w at the single row t0, float32 [BK]; 0 if t0 >= T."""
+    tt = offs_k * 0 + t0
+    p = lw_ptr + lw_base + tt.to(tl.int64) * lw_st + offs_k
+    return tl.load(p, mask=tt < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _intra_matrix(r, k, lwp, lwn, u, offs_t, BT: tl.constexpr, LOG2BT: tl.constexpr, N: tl.constexpr,
+                  PREC: tl.constexpr):
+    """A [BT, BT] of one block of BT rows: the bonus on the diagonal, the decayed r.k products
+    below, one masked product per level (see the module docstring)."""
+    t = offs_t[:, None]
+    s = offs_t[None, :]
+    A = tl.where(t == s, tl.sum(r * u[None, :] * k, axis=1)[:, None], 0.0)
+    A += tl.where(_pair_mask(offs_t, 0), tl.dot(r, tl.trans(k), input_precision=PREC), 0.0)
+    for lvl in tl.static_range(1, LOG2BT):
+        e = _level_decay(lwp, lwn, offs_t, lvl, BT, N)
+        A += tl.where(_pair_mask(offs_t, lvl), tl.dot(r * e, tl.trans(k * e), input_precision=PREC), 0.0)
+    return A
+
+
+@triton.jit
+def _state_step(S, k, v, lwn, lw0, PREC: tl.constexpr):
+    """The state after a block: S diag(e^{Lam}) + V^T (k e^{Q}); Lam = log w_0 + sum(lwn)
+    (a sum of same-sign terms), Q = the reverse cumulative sum of lwn."""
+    ke = k * tl.exp(tl.cumsum(lwn, axis=0, reverse=True))
+    S = S * tl.exp(tl.sum(lwn, axis=0) + lw0)[None, :]
+    return S + tl.dot(tl.trans(v), ke, input_precision=PREC)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+def _wkv6_fwd_state_kernel(
+    lw_ptr,  # log w, strides (lw_sb, lw_st, lw_sh, 1)
+    k_ptr, v_ptr,  # [B, T, H, N]
+    s0_ptr,  # [B, H, N, N] float32 (unused unless HAS_S0)
+    states_ptr,  # [B, H, NC, N, N] float32 out: the state entering each chunk
+    sT_ptr,  # [B, H, N, N] float32 out
+    T, H, lw_sb, lw_st, lw_sh,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_S0: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Forward state scan over the chunks, one [BV, BK] tile of one head's state per program."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, L)
+    stride_t = H * N
+    tok0 = i_b * T * stride_t + i_h * N
+    lw_base = i_b * lw_sb + i_h * lw_sh
+    offs_t = tl.arange(0, L)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    s_offs = offs_v[:, None] * N + offs_k[None, :]
+
+    if HAS_S0:
+        S = tl.load(s0_ptr + i_bh * N * N + s_offs).to(tl.float32)
+    else:
+        S = tl.zeros([BV, BK], dtype=tl.float32)
+
+    # inputs of the next chunk loaded one iteration ahead (the loop is latency-bound)
+    t = offs_t
+    tmask = (t < T)[:, None]
+    row = tok0 + t.to(tl.int64)[:, None] * stride_t
+    k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
+    v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
+    lwn_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, L)
+    lw0_n = _load_lw_row(lw_ptr, lw_base, 0, T, lw_st, offs_k)
+    for c in range(NC):
+        k = k_n.to(tl.float32)
+        v = v_n.to(tl.float32)
+        lwn = lwn_n
+        lw0 = lw0_n
+        t = (c + 1) * L + offs_t
+        tmask = (t < T)[:, None]  # all false past the last chunk: no memory access
+        row = tok0 + t.to(tl.int64)[:, None] * stride_t
+        k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
+        v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
+        lwn_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, L)
+        lw0_n = _load_lw_row(lw_ptr, lw_base, (c + 1) * L, T, lw_st, offs_k)
+
+        tl.store(states_ptr + (i_bh * NC + c) * N * N + s_offs, S)
+        S = _state_step(S, k, v, lwn, lw0, PREC)
+
+    tl.store(sT_ptr + i_bh * N * N + s_offs, S)
+
+
+@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+def _wkv6_fwd_out_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
+    u_ptr,  # [H, N]
+    states_ptr,  # [B, H, NC, N, N] float32: the state entering each chunk
+    y_ptr,  # [B, T, H, N]
+    T, H, lw_sb, lw_st, lw_sh,
+    N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, LOG2BT: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Forward output, every (chunk, batch*head, value block) in parallel. A program walks its
+    chunk in blocks of BT rows, carrying the [BV, N] state in registers:
+    Y = (r e^{P}) S^T + A V, then S <- S diag(e^{Lam}) + V^T (k e^{Q})."""
+    c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, L)
+    stride_t = H * N
+    tok0 = i_b * T * stride_t + i_h * N
+    lw_base = i_b * lw_sb + i_h * lw_sh
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
+    S = tl.load(states_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N + offs_k[None, :])
+
+    n_blocks = tl.minimum(L // BT, tl.cdiv(T - c * L, BT))
+    for i in range(n_blocks):
+        t0 = c * L + i * BT
+        t = t0 + offs_t
+        tmask = (t < T)[:, None]
+        row = tok0 + t.to(tl.int64)[:, None] * stride_t
+        r = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+        lwp = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, BT)
+        lwn = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, BT)
+
+        rq = r * tl.exp(tl.cumsum(lwp, axis=0))  # r_t e^{P_t}
+        Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
+        A = _intra_matrix(r, k, lwp, lwn, u, offs_t, BT, LOG2BT, N, PREC)
+        Y += tl.dot(A, v, input_precision=PREC)
+        tl.store(y_ptr + row + offs_v[None, :], Y.to(y_ptr.dtype.element_ty), mask=tmask)
+        if i + 1 < n_blocks:
+            S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k), PREC)
+
+
+@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+def _wkv6_bwd_state_kernel(
+    r_ptr, lw_ptr, dy_ptr,  # [B, T, H, N]; log w through its strides
+    dsT_ptr,  # [B, H, N, N] float32 (unused unless HAS_DST)
+    dstates_ptr,  # [B, H, NC, N, N] float32 out: the gradient of the state leaving each chunk
+    ds0_ptr,  # [B, H, N, N] float32 out
+    T, H, lw_sb, lw_st, lw_sh,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_DST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Backward state scan, chunks in reverse: dS <- dS diag(e^{Lam}) + dY^T (r e^{P}), with
+    Lam = sum(lwp) + log w_{L-1}."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    i_k = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, L)
+    stride_t = H * N
+    tok0 = i_b * T * stride_t + i_h * N
+    lw_base = i_b * lw_sb + i_h * lw_sh
+    offs_t = tl.arange(0, L)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    s_offs = offs_v[:, None] * N + offs_k[None, :]
+
+    if HAS_DST:
+        dS = tl.load(dsT_ptr + i_bh * N * N + s_offs).to(tl.float32)
+    else:
+        dS = tl.zeros([BV, BK], dtype=tl.float32)
+
+    # inputs prefetched one chunk ahead (in reverse order), as in the forward scan
+    t = (NC - 1) * L + offs_t
+    tmask = (t < T)[:, None]
+    row = tok0 + t.to(tl.int64)[:, None] * stride_t
+    r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
+    dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
+    lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
+    lwl_n = _load_lw_row(lw_ptr, lw_base, NC * L - 1, T, lw_st, offs_k)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        r = r_n.to(tl.float32)
+        dY = dy_n.to(tl.float32)
+        lwp = lwp_n
+        lwl = lwl_n
+        t = (c - 1) * L + offs_t
+        tmask = ((t >= 0) & (t < T))[:, None]  # all false before the first chunk
+        row = tok0 + t.to(tl.int64)[:, None] * stride_t
+        r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
+        dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
+        lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
+        lwl_n = _load_lw_row(lw_ptr, lw_base, c * L - 1, T, lw_st, offs_k)  # (c = 0: unused)
+
+        tl.store(dstates_ptr + (i_bh * NC + c) * N * N + s_offs, dS)
+        rq = r * tl.exp(tl.cumsum(lwp, axis=0))  # r_t e^{P_t}
+        dS = dS * tl.exp(tl.sum(lwp, axis=0) + lwl)[None, :]
+        dS += tl.dot(tl.trans(dY), rq, input_precision=PREC)
+
+    tl.store(ds0_ptr + i_bh * N * N + s_offs, dS)
+
+
+@triton.jit(do_not_specialize=["T", "H", "part_stride"])  # one compile for every T and H
+def _wkv6_bwd_chunks_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
+    u_ptr,  # [H, N]
+    states_ptr, dstates_ptr,  # [B, H, NC, N, N] float32
+    dy_ptr,  # [B, T, H, N]
+    dr_ptr, dlw_ptr, dk_ptr,  # [NV, B, T, H, N]: partial sums over value blocks
+    du_ptr,  # [NV, NC, B*H, N] float32: partial sums over value blocks and chunks
+    dv_ptr,  # [B, T, H, N]
+    T, H, lw_sb, lw_st, lw_sh, part_stride,
+    N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, LOG2BT: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Backward of every (chunk, batch*head, value block) in parallel, from the state entering
+    the chunk and the gradient of the state leaving it. A program walks its chunk's blocks of BT
+    rows in reverse, carrying dS in registers; the state entering a block is recomputed from
+    the chunk's (a few cheap state steps: no per-block state in memory)."""
+    c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2)
+    n_bh = tl.num_programs(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, L)
+    stride_t = H * N
+    tok0 = i_b * T * stride_t + i_h * N
+    lw_base = i_b * lw_sb + i_h * lw_sh
+    part = i_v.to(tl.int64) * part_stride
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    s_offs = (i_bh * NC + c) * N * N + offs_v[:, None] * N + offs_k[None, :]
+    u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
+    S_c = tl.load(states_ptr + s_offs)
+    dS = tl.load(dstates_ptr + s_offs)
+    diag = offs_t[:, None] == offs_t[None, :]
+    du = tl.zeros([N], dtype=tl.float32)
+
+    n_blocks = tl.minimum(L // BT, tl.cdiv(T - c * L, BT))
+    for ii in range(n_blocks):
+        i = n_blocks - 1 - ii
+        # the state entering block i
+        S = S_c
+        for j in range(i):
+            t = c * L + j * BT + offs_t
+            tmask = (t < T)[:, None]
+            row = tok0 + t.to(tl.int64)[:, None] * stride_t
+            k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+            lwn = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, BT)
+            S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, c * L + j * BT, T, lw_st, offs_k), PREC)
+
+        t0 = c * L + i * BT
+        t = t0 + offs_t
+        tmask = (t < T)[:, None]
+        row = tok0 + t.to(tl.int64)[:, None] * stride_t
+        pk = row + offs_k[None, :]
+        pv = row + offs_v[None, :]
+        r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+        dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+        lwp = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, BT)
+        lwn = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, BT)
+        lw0 = _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k)
+
+        # state and value side
+        gP = tl.exp(tl.cumsum(lwp, axis=0))  # e^{P_t}
+        gQ = tl.exp(tl.cumsum(lwn, axis=0, reverse=True))  # e^{Q_s}
+        gLam = tl.exp(tl.sum(lwn, axis=0) + lw0)
+        rq = r * gP
+        ke = k * gQ
+        dv = tl.dot(ke, tl.trans(dS), input_precision=PREC)  # [BT, BV]
+        dA = tl.dot(dY, tl.trans(v), input_precision=PREC)  # [BT, BT] (only its lower triangle is used)
+        drq = tl.dot(dY, S, input_precision=PREC)  # [BT, N]
+        dke = tl.dot(v, dS, input_precision=PREC)  # [BT, N]
+        dlam = tl.sum(dS * S, axis=0) * gLam  # [N]
+        dS = dS * gLam[None, :] + tl.dot(tl.trans(dY), rq, input_precision=PREC)  # leaving block i - 1
+
+        # dV is complete once A is known. A is computed in a pass of its own (the levels' decay
+        # factors are recomputed below): fewer live tiles, fewer register spills on sm_90.
+        A = _intra_matrix(r, k, lwp, lwn, u, offs_t, BT, LOG2BT, N, PREC)
+        dv += tl.dot(tl.trans(A), dY, input_precision=PREC)
+        tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=tmask)
+
+        # bonus (the diagonal of A)
+        bd = tl.sum(tl.where(diag, dA, 0.0), axis=1)  # [BT]
+        ruk = bd[:, None] * u[None, :]
+        dr = drq * gP + ruk * k
+        dk = dke * gQ + ruk * r
+        du += tl.sum(bd[:, None] * r * k, axis=0)
+
+        # exponents P (reverse exclusive sums) and Q (forward exclusive sums); Lam (every row)
+        dP = drq * rq
+        dQ = dke * ke
+        dlw = _block_exclusive_cumsum(dP, BT, N, BT, True) + _block_exclusive_cumsum(dQ, BT, N, BT, False)
+        dlw += dlam[None, :]
+
+        # level 0: no decay between the pairs
+        m = _pair_mask(offs_t, 0)
+        dAm = tl.where(m, dA, 0.0)
+        dr += tl.dot(dAm, k, input_precision=PREC)
+        dk += tl.dot(tl.trans(dAm), r, input_precision=PREC)
+        for lvl in tl.static_range(1, LOG2BT):
+            e = _level_decay(lwp, lwn, offs_t, lvl, BT, N)
+            Rh = r * e
+            Kh = k * e
+            m = _pair_mask(offs_t, lvl)
+            dAm = tl.where(m, dA, 0.0)
+            dRh = tl.dot(dAm, Kh, input_precision=PREC)  # zero outside right-half rows
+            dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)  # zero outside left-half rows
+            dr += dRh * e
+            dk += dKh * e
+            dlw += _block_exclusive_cumsum(dRh * Rh, BT, N, 1 << lvl, True)  # d pre_h
+            dlw += _block_exclusive_cumsum(dKh * Kh, BT, N, 1 << lvl, False)  # d suf_h
+
+        tl.store(dr_ptr + part + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
+        tl.store(dk_ptr + part + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
+        tl.store(dlw_ptr + part + pk, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
+
+    tl.store(du_ptr + ((i_v * NC + c) * n_bh + i_bh) * N + offs_k, du)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation (tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _auto_block_v(N: int, bt: int, budget: int) -> int:
+    """The widest value block of the chunk kernels with block_v * N * block_t <= budget (their
+    grids already have T/L * B * H programs: no need to split for parallelism)."""
+    bv = N
+    while bv > 16 and bv * N * bt > budget:
+        bv //= 2
+    return bv
+
+
+def _auto_scan_block(n_heads: int, N: int, device: torch.device) -> int:
+    """The state tile of the scan kernels ([b, b] of an [N, N] state): the widest (up to 64) that
+    still gives about four programs per SM."""
+    b = min(N, 64)
+    if device.type != "cuda":
+        return b
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    while b > 16 and n_heads * (N // b) ** 2 < 4 * sms:
+        b //= 2
+    return b
+
+
+def _check_config(N: int, chunk_size: int, block_t: int, precision: str, **blocks: int) -> None:
+    if N not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"wkv6_triton: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
+    if chunk_size not in SUPPORTED_CHUNKS:
+        raise ValueError(f"wkv6_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
+    if block_t not in SUPPORTED_BLOCK_T or block_t > chunk_size:
+        raise ValueError(
+            f"wkv6_triton: block_t must be one of {SUPPORTED_BLOCK_T} and <= chunk_size, got {block_t}"
+        )
+    for name, b in blocks.items():
+        if b < 16 or b > N or N % b:
+            raise ValueError(f"wkv6_triton: {name} must divide the head size {N} and be >= 16, got {b}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"wkv6_triton: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
+    sb, st, sh, sn = log_w.stride()
+    assert sn == 1, "log_w must be contiguous in its last dimension"
+    return sb, st, sh
+
+
+def wkv6_forward(
+    r, log_w, k, v, u, state, *, chunk_size: int, block_t: int, block_v: int | None, num_warps: int | None,
+    scan_block: int | None, scan_num_warps: int | None, precision: str, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride).
+    Returns ``(y, final state, states)``, ``states`` [B, H, T/L, N, N] float32 the state
+    entering each chunk (the backward's input)."""
+    B, T, H, N = r.shape
+    L = chunk_size
+    bv = block_v or _auto_block_v(N, block_t, 1 << 16)
+    sb = scan_block or _auto_scan_block(B * H, N, r.device)
+    _check_config(N, L, block_t, precision, block_v=bv, scan_block=sb)
+    nc = triton.cdiv(T, L)
+    y = _empty((B, T, H, N), out_dtype, r.device)
+    sT = _empty((B, H, N, N), torch.float32, r.device)
+    states = _empty((B, H, nc, N, N), torch.float32, r.device)
+    _wkv6_fwd_state_kernel[(B * H, N // sb, N // sb)](
+        log_w, k, v, state if state is not None else sT, states, sT, T, H, *_lw_strides(log_w),
+        N=N, L=L, BV=sb, BK=sb, HAS_S0=state is not None, PREC=precision,
+        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
+    )
+    _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
+        r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
+        N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
+        num_warps=num_warps or 8,
+    )
+    return y, sT, states
+
+
+def wkv6_backward(
+    r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
+    num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
+    all chunks in parallel. Returns ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
+    in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32."""
+    B, T, H, N = r.shape
+    L = chunk_size
+    bv = block_v or _auto_block_v(N, block_t, 1 << 15)
+    sb = scan_block or _auto_scan_block(B * H, N, r.device)
+    _check_config(N, L, block_t, precision, block_v=bv, scan_block=sb)
+    nv = N // bv
+    nc = triton.cdiv(T, L)
+    inputs = (r, log_w, k)
+    if nv == 1:
+        parts = [_empty((1, B, T, H, N), x.dtype, r.device) for x in inputs]
+    else:
+        parts = [_empty((nv, B, T, H, N), torch.float32, r.device) for _ in inputs]
+    du_part = _empty((nv, nc, B * H, N), torch.float32, r.device)
+    dv = _empty((B, T, H, N), v.dtype, r.device)
+    ds0 = _empty((B, H, N, N), torch.float32, r.device)
+    dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
+    _wkv6_bwd_state_kernel[(B * H, N // sb, N // sb)](
+        r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, T, H, *_lw_strides(log_w),
+        N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
+        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
+    )
+    _wkv6_bwd_chunks_kernel[(nc, B * H, nv)](
+        r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, T, H, *_lw_strides(log_w),
+        B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
+        num_warps=num_warps or 8,
+    )
+    dr, dlw, dk = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
+    du = du_part.view(nv * nc, B, H, N).sum((0, 1)).to(u.dtype)
+    return dr, dlw, dk, dv, du, ds0
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd and the public function
+# --------------------------------------------------------------------------------------------
+
+
+class _WKV6Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, log_w, k, v, u, state, fwd_cfg, bwd_cfg, out_dtype):
+        y, sT, states = wkv6_forward(r, log_w, k, v, u, state, out_dtype=out_dtype, **fwd_cfg)
+        if any(ctx.needs_input_grad[:6]):  # (grad mode is off inside forward)
+            ctx.save_for_backward(r, log_w, k, v, u, states)
+            ctx.bwd_cfg = bwd_cfg
+            ctx.has_state = state is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, log_w, k, v, u, states = ctx.saved_tensors
+        dy = torch.zeros_like(r) if dy is None else dy.contiguous()
+        dsT = None if dsT is None else dsT.float().contiguous()
+        dr, dlw, dk, dv, du, ds0 = wkv6_backward(r, log_w, k, v, u, states, dy, dsT, **ctx.bwd_cfg)
+        return dr, dlw, dk, dv, du, (ds0 if ctx.has_state else None), None, None, None
+
+
+def wkv6_triton(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    block_t: int = DEFAULT_BLOCK_T,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    bwd_block_v: int | None = None,
+    bwd_num_warps: int | None = None,
+    scan_block: int | None = None,
+    scan_num_warps: int | None = None,
+    precision: str | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-5.2 / RWKV-6 WKV with Triton kernels (forward and backward).
+
+    Args: ``r, log_w, k, v`` [B, T, H, N] in float32, bfloat16 or float16 (``log_w``, the
+    log-decay, <= 0 and of any magnitude, may have its own dtype, e.g. float32, and any strides
+    with a unit last one: RWKV-5.2's per-head decay is passed as a stride-0 ``expand`` over B
+    and T); ``u`` the bonus [H, N]; ``state`` [B, H, N(value), N(key)] or None for zeros.
+    N in 16/32/64/128. Any T (the last chunk is masked).
+    Tuning (None = automatic): ``chunk_size`` (16/32/64/128: the stored chunk states) and
+    ``block_t`` (16/32: the rows a chunk kernel handles at once; see the module docstring),
+    ``block_v`` / ``num_warps`` of the forward output kernel, the same two of the backward
+    chunk kernel, ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
+    ``scan_num_warps``, and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
+    None: ieee for float32 inputs, else tf32).
+    Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
+    """
+    if not (r.shape == log_w.shape == k.shape == v.shape) or r.dim() != 4:
+        raise ValueError(
+            "wkv6_triton: r, log_w, k, v must share one [B, T, H, N] shape, got "
+            f"{[tuple(x.shape) for x in (r, log_w, k, v)]}"
+        )
+    B, T, H, N = r.shape
+    for name, x in zip(("r", "log_w", "k", "v", "u"), (r, log_w, k, v, u)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"wkv6_triton: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    if u.shape != (H, N):
+        raise ValueError(f"wkv6_triton: u must be [{H}, {N}], got {tuple(u.shape)}")
+    if state is not None and state.shape != (B, H, N, N):
+        raise ValueError(f"wkv6_triton: state must be [{B}, {H}, {N}, {N}], got {tuple(state.shape)}")
+    if precision is None:
+        precision = "ieee" if r.dtype == torch.float32 else "tf32"
+    out_dtype = out_dtype or r.dtype
+    if T == 0:
+        s = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
+        return r.new_zeros(B, 0, H, N, dtype=out_dtype), s
+    common = dict(
+        chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
+        precision=precision,
+    )
+    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps)
+    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps)
+    r, k, v, u = (x.contiguous() for x in (r, k, v, u))
+    if log_w.stride(-1) != 1:
+        log_w = log_w.contiguous()
+    s0 = None if state is None else state.float().contiguous()
+    return _WKV6Function.apply(r, log_w, k, v, u, s0, fwd_cfg, bwd_cfg, out_dtype)

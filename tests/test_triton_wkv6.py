@@ -1,0 +1,305 @@
+"""WKV-6 (RWKV-5.2 / RWKV-6) Triton kernels: outputs, final state and every gradient against
+the float64 step reference (and the float32 chunked form at a large shape), with decays from
+~1 (log w ~ -1e-6) down to 0 (log w = -1e4, -1e30, -inf).
+
+Runs on CUDA. Without CUDA or without triton the module skips, except that with
+RWKVKIT_TRITON_INTERPRET=1 a small set runs on CPU under the Triton interpreter (tiny shapes:
+the interpreter is slow). On the GPU every distinct kernel configuration compiles for 5-30 s, so
+almost every test uses the default configuration (chunk 64, block_t 16, automatic blocks).
+"""
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("RWKVKIT_TRITON_INTERPRET") == "1"
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
+
+pytest.importorskip("triton")
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs CUDA (or RWKVKIT_TRITON_INTERPRET=1 for the interpreter subset)", allow_module_level=True)
+
+from conftest import rel_err  # noqa: E402
+from test_ops_wkv6 import wkv6_inputs  # noqa: E402
+
+from rwkvkit.ops import wkv6, wkv6_chunked, wkv6_reference  # noqa: E402
+from rwkvkit.ops.triton import wkv6 as kernels  # noqa: E402
+from rwkvkit.ops.triton import wkv6_triton, wkv6_triton_supports  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+gpu_only = pytest.mark.skipif(INTERPRET, reason="GPU only (too slow under the interpreter)")
+NAMES = ["r", "log_w", "k", "v", "u", "state"]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# the few non-default configurations the tests compile (GPU compile time)
+SMALL_CHUNK = dict(chunk_size=16)  # many chunks at small T: the sequential scans
+WIDE_BLOCK = dict(chunk_size=32, block_t=32)  # 32-row blocks: five levels
+
+
+def make_inputs(B, T, H, N, *, decay="realistic"):
+    """float32 CPU inputs [r, log_w, k, v, u, state]. Decays: those of test_ops_wkv6
+    ("realistic", "near_zero": e^-20..e^-150 and some log w = -1e4, "near_one": log w ~ -1e-6,
+    "mixed": realistic with sporadic -1e4), and "huge": near one with sporadic log w = -1e30 and
+    -inf (a decay of exactly 0) in the same channels."""
+    if decay == "huge":
+        x = wkv6_inputs(B, T, H, N, decay="near_one")
+        pick = torch.rand_like(x[1])
+        x[1] = torch.where(pick < 0.05, torch.full_like(x[1], -1e30), x[1])
+        x[1] = torch.where(pick > 0.97, torch.full_like(x[1], -float("inf")), x[1])
+        return x
+    return wkv6_inputs(B, T, H, N, decay=decay)
+
+
+def run_and_compare(x, *, dtype, logw_dtype=None, with_state=True, tol=None, **kw):
+    """Run the kernels (forward + backward with random output gradients) on ``x`` rounded to
+    ``dtype`` and compare y, the final state and all gradients with float64 autograd through
+    the step reference on the same rounded inputs."""
+    *inp, s0 = x
+    dtypes = [dtype] * 4 + [torch.float32]  # u stays float32, as the models keep it
+    if logw_dtype is not None:
+        dtypes[1] = logw_dtype
+    ours = [t.to(DEVICE, dt).requires_grad_() for t, dt in zip(inp, dtypes)]
+    if with_state:
+        ours.append(s0.to(DEVICE).requires_grad_())
+    y, s = wkv6_triton(*ours, **kw)
+    assert y.dtype == kw.get("out_dtype", dtype) and s.dtype == torch.float32
+    gy, gs = torch.randn(y.shape), torch.randn(s.shape)
+    got = torch.autograd.grad((y.float() * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), ours)
+
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
+    y_ref, s_ref = wkv6_reference(*ref_in)
+    ref = torch.autograd.grad((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum(), ref_in)
+
+    tol = tol or TOL[dtype]
+    errors = {"y": rel_err(y, y_ref), "final state": rel_err(s, s_ref)}
+    for name, g, g_ref, t in zip(NAMES, got, ref, ours):
+        assert g.dtype == t.dtype, f"grad {name} has dtype {g.dtype}, input {t.dtype}"
+        errors["d" + name] = rel_err(g, g_ref)
+    for name, out in [("y", y), ("final state", s)] + list(zip(NAMES, got)):
+        assert torch.isfinite(out).all(), f"{name} has NaN/inf"
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errors})"
+    return errors
+
+
+# --- interpreter-sized tests (also run on GPU) ----------------------------------------------
+
+
+@pytest.mark.parametrize("T", [1, 23, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_matches_reference(seed, T, dtype):
+    """Default configuration: T = 70 is two chunks of 64 (the second partial), walked in
+    blocks of 16."""
+    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype)
+
+
+@pytest.mark.parametrize("decay", ["near_zero", "near_one", "mixed", "huge"])
+def test_small_decay_extremes(seed, decay):
+    run_and_compare(make_inputs(1, 70, 1, 16, decay=decay), dtype=torch.float32)
+
+
+def test_small_many_chunks_no_state(seed):
+    """Chunk 16: five chunks through the sequential scans, no initial state."""
+    run_and_compare(make_inputs(2, 75, 1, 16, decay="mixed"), dtype=torch.float32, with_state=False, **SMALL_CHUNK)
+
+
+def test_small_wide_blocks_value_blocks(seed):
+    """Blocks of 32 rows (five levels) and two value blocks in every kernel (N=32, blocks of 16)."""
+    run_and_compare(
+        make_inputs(1, 45, 1, 32, decay="mixed"), dtype=torch.float32, block_v=16, bwd_block_v=16, scan_block=16,
+        **WIDE_BLOCK,
+    )
+
+
+def test_small_mixed_dtypes(seed):
+    """As the RWKV-6 layer calls it: bf16 r/k/v, float32 log_w, float32 u and state."""
+    run_and_compare(make_inputs(2, 20, 1, 16), dtype=torch.bfloat16, logw_dtype=torch.float32)
+
+
+def test_rwkv5_constant_decay(seed):
+    """RWKV-5.2: one decay per (head, channel), passed as a stride-0 expand over B and T; its
+    gradient reaches the [H, N] leaf through the expand."""
+    B, T, H, N = 2, 40, 2, 16
+    r, _, k, v, u, s0 = make_inputs(B, T, H, N)
+    decay = (-torch.exp(-6 + 5 * torch.rand(H, N))).to(DEVICE).requires_grad_()
+    xs = [t.to(DEVICE).requires_grad_() for t in (r, k, v, u, s0)]
+    y, s = wkv6_triton(xs[0], decay.expand(B, T, H, N), *xs[1:])
+    gy, gs = torch.randn(y.shape), torch.randn(s.shape)
+    got = torch.autograd.grad((y * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), [decay] + xs)
+
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in [decay] + xs]
+    y_ref, s_ref = wkv6_reference(ref_in[1], ref_in[0].expand(B, T, H, N), *ref_in[2:])
+    ref = torch.autograd.grad((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum(), ref_in)
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4, f"seed {seed}"
+    for name, g, g_ref in zip(["decay", "r", "k", "v", "u", "state"], got, ref):
+        assert rel_err(g, g_ref) < 1e-4, f"grad {name}: {rel_err(g, g_ref):.2e}, seed {seed}"
+
+
+def test_every_output_element_written(seed, monkeypatch):
+    """Outputs and gradient buffers start as NaN: the kernels must overwrite every element."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", poisoned)
+    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, block_v=16, bwd_block_v=16, scan_block=16)
+    run_and_compare(make_inputs(1, 35, 2, 16), dtype=torch.bfloat16, **SMALL_CHUNK)
+
+
+def test_only_one_output_used(seed):
+    """Backward with only y or only the final state in the loss (the other gradient is None)."""
+    *inp, s0 = make_inputs(1, 18, 1, 16)
+    ours = [t.to(DEVICE).requires_grad_() for t in inp + [s0]]
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
+    for pick in (0, 1):
+        out = wkv6_triton(*ours)[pick]
+        out_ref = wkv6_reference(*ref_in)[pick]
+        got = torch.autograd.grad(out.sum(), ours)
+        ref = torch.autograd.grad(out_ref.sum(), ref_in, allow_unused=True, materialize_grads=True)
+        for name, g, g_ref in zip(NAMES, got, ref):
+            if name in ("r", "u") and pick == 1:  # the final state depends on neither
+                assert not g.any(), f"grad {name} should be zero, seed {seed}"
+                continue
+            assert rel_err(g, g_ref) < 1e-4, f"output {pick}, grad {name}, seed {seed}"
+
+
+def test_state_not_modified_and_out_dtype(seed):
+    *inp, s0 = make_inputs(1, 20, 1, 16)
+    inp = [t.to(DEVICE) for t in inp]
+    s0 = s0.to(DEVICE)
+    before = s0.clone()
+    wkv6_triton(*inp, s0)
+    assert torch.equal(s0, before)
+    y16, _ = wkv6_triton(*(t.bfloat16() for t in inp[:4]), inp[4], s0, out_dtype=torch.float32)
+    assert y16.dtype == torch.float32
+
+
+def test_rejects_bad_arguments():
+    x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(4)]
+    u = torch.zeros(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="chunk_size"):
+        wkv6_triton(*x, u, chunk_size=8)
+    with pytest.raises(ValueError, match="block_t"):
+        wkv6_triton(*x, u, chunk_size=16, block_t=32)
+    with pytest.raises(ValueError, match="head size"):
+        wkv6_triton(*[torch.zeros(1, 4, 1, 24, device=DEVICE) for _ in range(4)], torch.zeros(1, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        wkv6_triton(*[t.double() for t in x], u)
+    with pytest.raises(ValueError, match="u must be"):
+        wkv6_triton(*x, torch.zeros(16, device=DEVICE))
+    with pytest.raises(ValueError, match="state"):
+        wkv6_triton(*x, u, torch.zeros(1, 1, 8, 8, device=DEVICE))
+
+
+def test_supports():
+    x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(4)]
+    u = torch.zeros(1, 16, device=DEVICE)
+    s = torch.zeros(1, 1, 16, 16, device=DEVICE)
+    assert wkv6_triton_supports(*x, u, s) == (DEVICE == "cuda")
+    assert not wkv6_triton_supports(*x, u, s.double())
+    assert not wkv6_triton_supports(*x, u[0], s)
+
+
+# --- GPU tests ------------------------------------------------------------------------------
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype)
+
+
+@gpu_only
+@pytest.mark.parametrize("decay", ["realistic", "near_zero", "near_one", "mixed", "huge"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decay_extremes(seed, decay, dtype):
+    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=dtype, logw_dtype=torch.float32)
+
+
+@gpu_only
+@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, dict(chunk_size=128)], ids=["c16", "c32b32", "c128"])
+@pytest.mark.parametrize("decay", ["realistic", "mixed"])
+def test_other_chunk_sizes(seed, cfg, decay):
+    run_and_compare(make_inputs(2, 300, 2, 64, decay=decay), dtype=torch.float32, **cfg)
+
+
+@gpu_only
+def test_no_state_bf16(seed):
+    run_and_compare(make_inputs(2, 200, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, with_state=False)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [15, 256])
+def test_float16(seed, T):
+    run_and_compare(make_inputs(2, T, 3, 64), dtype=torch.float16, logw_dtype=torch.float32)
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [16, 32, 128])
+def test_head_sizes(seed, N):
+    run_and_compare(make_inputs(2, 77, 2, N, decay="mixed"), dtype=torch.float32)
+
+
+@gpu_only
+@pytest.mark.parametrize("knobs", [
+    dict(block_v=32, num_warps=4, bwd_block_v=64, bwd_num_warps=8, scan_block=64, scan_num_warps=8),
+    dict(block_v=16, num_warps=8, bwd_block_v=16, bwd_num_warps=4, scan_block=32, scan_num_warps=4),
+], ids=["wide", "narrow"])
+def test_tuning_knobs(seed, knobs):
+    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, **knobs)
+
+
+@gpu_only
+@pytest.mark.parametrize("precision, tol", [("tf32", 3e-3), ("tf32x3", 1e-4)])
+def test_tensor_core_precisions_fp32(seed, precision, tol):
+    run_and_compare(make_inputs(2, 200, 2, 64, decay="mixed"), dtype=torch.float32, precision=precision, tol=tol)
+
+
+@gpu_only
+def test_rwkv5_constant_decay_gpu(seed):
+    """RWKV-5.2 at a realistic shape: bf16 r/k/v, a float32 per-head decay expanded over B, T."""
+    B, T, H, N = 2, 300, 3, 64
+    r, _, k, v, u, s0 = make_inputs(B, T, H, N)
+    lw = (-torch.exp(-6 + 5 * torch.rand(H, N))).expand(B, T, H, N)
+    run_and_compare([r, lw, k, v, u, s0], dtype=torch.bfloat16, logw_dtype=torch.float32)
+
+
+@gpu_only
+def test_dispatcher_uses_triton_on_cuda(seed, monkeypatch):
+    """ops.wkv6 on CUDA takes the Triton path (and RWKVKIT_WKV_BACKEND=torch the chunked form);
+    both agree with the reference."""
+    *x, s0 = [t.cuda() for t in make_inputs(2, 100, 2, 64)]
+    calls = []
+    real = kernels.wkv6_triton
+    monkeypatch.setattr(kernels, "wkv6_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y, s = wkv6(*x, s0)
+    assert calls, "the dispatcher did not call the Triton kernels"
+    monkeypatch.setenv("RWKVKIT_WKV_BACKEND", "torch")
+    y_t, s_t = wkv6(*x, s0)
+    assert len(calls) == 1
+    y_ref, s_ref = wkv6_reference(*[t.cpu() for t in x], s0.cpu())
+    for out, ref in ((y, y_ref), (s, s_ref), (y_t, y_ref), (s_t, s_ref)):
+        assert rel_err(out, ref) < 1e-4, f"seed {seed}"
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_shape_vs_chunked(seed, dtype):
+    """B=2, T=4096, H=4, N=64 against the float32 PyTorch chunked form (autograd) on the same
+    (rounded) inputs: outputs, final state and all gradients."""
+    *inp, s0 = [t.cuda() for t in make_inputs(2, 4096, 4, 64, decay="mixed")]
+    dtypes = [dtype, torch.float32, dtype, dtype, torch.float32]
+    ours = [t.to(dt).requires_grad_() for t, dt in zip(inp, dtypes)] + [s0.clone().requires_grad_()]
+    ref_in = [t.detach().float().requires_grad_() for t in ours]
+    y, s = wkv6_triton(*ours)
+    y_ref, s_ref = wkv6_chunked(*ref_in)
+    gy, gs = torch.randn_like(y_ref), torch.randn_like(s_ref)
+    got = torch.autograd.grad((y.float() * gy).sum() + (s * gs).sum(), ours)
+    ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), ref_in)
+    tol = TOL[dtype]
+    assert rel_err(y, y_ref) < tol and rel_err(s, s_ref) < tol, f"seed {seed}"
+    for name, g, g_ref in zip(NAMES, got, ref):
+        assert torch.isfinite(g).all(), f"grad {name} not finite, seed {seed}"
+        assert rel_err(g, g_ref) < tol, f"grad {name}: {rel_err(g, g_ref):.2e}, seed {seed}"
