@@ -31,10 +31,11 @@ def wkv7_inputs(B, T, H, N, *, decay="realistic", dtype=torch.float32, gen=None)
 
 @pytest.mark.parametrize("T", [1, 2, 15, 16, 17, 64, 100])
 @pytest.mark.parametrize("chunk_size", [8, 16, 32])
-def test_chunked_matches_reference(seed, T, chunk_size):
+@pytest.mark.parametrize("scan", ["state", "matrices"])
+def test_chunked_matches_reference(seed, T, chunk_size, scan):
     *x, s0 = wkv7_inputs(2, T, 2, 32)
     y_ref, s_ref = wkv7_reference(*x, s0)
-    y, s = wkv7_chunked(*x, s0, chunk_size=chunk_size)
+    y, s = wkv7_chunked(*x, s0, chunk_size=chunk_size, scan=scan)
     assert y.dtype == torch.float32 and s.dtype == torch.float32
     assert rel_err(y, y_ref) < 1e-5, f"seed {seed}"
     assert rel_err(s, s_ref) < 1e-5, f"seed {seed}"
@@ -83,7 +84,8 @@ def test_state_not_modified(seed):
     assert torch.equal(s0, before)
 
 
-def test_gradients_match_reference(seed):
+@pytest.mark.parametrize("scan", ["state", "matrices"])
+def test_gradients_match_reference(seed, scan):
     """Autograd through the chunked form equals autograd through the step loop (float64),
     for every input and the initial state."""
     x = [t.double().requires_grad_() for t in wkv7_inputs(1, 37, 2, 8)]
@@ -96,7 +98,7 @@ def test_gradients_match_reference(seed):
         return torch.autograd.grad(loss, x)
 
     ref = grads(lambda *a: wkv7_reference(*a))
-    got = grads(lambda *a: wkv7_chunked(*a, chunk_size=16))
+    got = grads(lambda *a: wkv7_chunked(*a, chunk_size=16, scan=scan))
     names = ["r", "log_w", "k", "v", "a", "b", "state"]
     for name, g, g_ref in zip(names, got, ref):
         assert rel_err(g, g_ref) < 1e-10, f"grad {name}, seed {seed}"

@@ -71,16 +71,26 @@ def wkv7_chunked(
     state: torch.Tensor | None = None,
     *,
     chunk_size: int = 16,
+    scan: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV in chunked-parallel form.
 
     Args: ``r, log_w, k, v, a, b`` of shape [B, T, H, N] (``log_w`` = log of the decay,
     in [-exp(-0.5), 0]); ``state`` [B, H, N(value), N(key)] or None for zeros.
+    ``scan``: how the state crosses the chunks (same numbers either way): "state" carries
+    it through the loop, three [N, N]-by-[N, L] products per chunk; "matrices" first builds
+    every chunk's [N, N] transition ``S_next = S0 M + U`` in parallel, then the loop is one
+    [N, N] product per chunk. None picks "state" on the CPU, where writing the per-chunk
+    matrices costs more than the loop, and "matrices" elsewhere (fewer, larger kernels).
     Computes in float32 (float64 if the state or inputs are float64).
     Returns ``(y [B, T, H, N], final state [B, H, N, N])`` in that dtype.
     """
     if not 1 <= chunk_size <= WKV7_MAX_CHUNK:
         raise ValueError(f"chunk_size must be in 1..{WKV7_MAX_CHUNK}, got {chunk_size}")
+    if scan is None:
+        scan = "state" if r.device.type == "cpu" else "matrices"
+    if scan not in ("state", "matrices"):
+        raise ValueError(f"scan must be 'state' or 'matrices', got {scan!r}")
     B, T, H, N = r.shape
     dt, s = _compute_dtype_and_state(r, state)
     if T == 0:
@@ -108,24 +118,40 @@ def wkv7_chunked(
     A_rb = (r_q @ b_i.transpose(-1, -2)).masked_fill(~incl, 0)
     A_rk = (r_q @ k_i.transpose(-1, -2)).masked_fill(~incl, 0)
 
+    # SA = (I - A_ab)^{-1} [(a e^{Lam_{t-1}}) S0^T + A_ak V] = P S0^T + Q. The inverse of the
+    # [L, L] unit-lower-triangular matrix comes from one solve with L right-hand sides
+    # (cheaper than solving for the [L, 2N] right-hand side); every product below is exact.
     eye = torch.eye(L, dtype=dt, device=r.device)
-    lhs = eye - A_ab
-    # P: the part of SA driven by S0; Q: the part driven by this chunk's values.
-    PQ = torch.linalg.solve_triangular(lhs, torch.cat([a_q, A_ak @ v], dim=-1), upper=False, unitriangular=True)
-    P, Q = PQ[..., :N], PQ[..., N:]
-
-    Rq = r_q + A_rb @ P  # [.., L, N_key]: y = Rq S0^T + Y0
+    inverse = torch.linalg.solve_triangular(eye - A_ab, eye.expand_as(A_ab), upper=False, unitriangular=True)
+    P = inverse @ a_q  # [.., L, N_key]: the part of SA driven by S0
+    Q = (inverse @ A_ak) @ v  # [.., L, N_value]: the part driven by this chunk's values
+    Rq = r_q + A_rb @ P  # y = Rq S0^T + Y0
     Y0 = A_rk @ v + A_rb @ Q  # [.., L, N_value]
-    M = torch.diag_embed(lam_last.exp().squeeze(-2)) + P.transpose(-1, -2) @ b_e  # [.., N_key, N_key]
-    U = v.transpose(-1, -2) @ k_e + Q.transpose(-1, -2) @ b_e  # [.., N_value, N_key]
 
-    entering = []
-    # unbind, not M[:, :, c]: indexing inside the loop makes the backward quadratic in nc
-    for M_c, U_c in zip(M.unbind(2), U.unbind(2)):
-        entering.append(s)
-        s = s @ M_c + U_c
-    S0 = torch.stack(entering, dim=2)  # [B, H, nc, N_value, N_key]
-    return _from_chunks(Rq @ S0.transpose(-1, -2) + Y0, T), s
+    if scan == "matrices":
+        M = torch.diag_embed(lam_last.exp().squeeze(-2)) + P.transpose(-1, -2) @ b_e  # [.., N_key, N_key]
+        U = v.transpose(-1, -2) @ k_e + Q.transpose(-1, -2) @ b_e  # [.., N_value, N_key]
+        entering = []
+        # unbind, not M[:, :, c]: indexing inside the loop makes the backward quadratic in nc
+        for M_c, U_c in zip(M.unbind(2), U.unbind(2)):
+            entering.append(s)
+            s = s @ M_c + U_c
+        S0 = torch.stack(entering, dim=2)  # [B, H, nc, N_value, N_key]
+        return _from_chunks(Rq @ S0.transpose(-1, -2) + Y0, T), s
+
+    # Per chunk: SA^T = S0 P^T + Q^T;  y = Rq S0^T + Y0;  S_L = S0 diag(e^{Lam_L}) + V^T K_e + SA^T B_e.
+    nc = r.shape[2]
+    per_chunk = lambda t: t.reshape(B * H, nc, *t.shape[-2:]).unbind(1)  # noqa: E731
+    s = s.reshape(B * H, N, N)
+    ys = []
+    for PT, QT, Rq_c, Y0_c, g, VT, ke, be in zip(*map(per_chunk, (
+        P.transpose(-1, -2), Q.transpose(-1, -2), Rq, Y0, lam_last.exp(), v.transpose(-1, -2), k_e, b_e,
+    ))):
+        sa_t = torch.baddbmm(QT, s, PT)  # [BH, N_value, L]
+        ys.append(torch.baddbmm(Y0_c, Rq_c, s.transpose(-1, -2)))
+        s = torch.baddbmm(s * g, VT, ke).baddbmm(sa_t, be)
+    y = torch.stack(ys, dim=1).view(B, H, nc, L, N)
+    return _from_chunks(y, T), s.view(B, H, N, N)
 
 
 def _wkv6_intra_chunk(
@@ -231,14 +257,16 @@ def _compute_dtype_and_state(r: torch.Tensor, state: torch.Tensor | None) -> tup
 
 
 def _to_chunks(xs: tuple[torch.Tensor, ...], L: int, dt: torch.dtype) -> list[torch.Tensor]:
-    """[B, T, H, N] -> [B, H, nc, L, N] in ``dt``, zero-padded at the end. Zero inputs with
-    zero log-decay leave the state unchanged, so the padding does not affect the result."""
+    """[B, T, H, N] -> contiguous [B, H, nc, L, N] in ``dt``, zero-padded at the end (one copy
+    each). Zero inputs with zero log-decay leave the state unchanged, so the padding does not
+    affect the result."""
     B, T, H, N = xs[0].shape
     nc = -(-T // L)
     out = []
     for x in xs:
-        x = torch.nn.functional.pad(x.to(dt), (0, 0, 0, 0, 0, nc * L - T))
-        out.append(x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4))
+        if nc * L != T:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nc * L - T))
+        out.append(x.reshape(B, nc, L, H, N).permute(0, 3, 1, 2, 4).to(dt, memory_format=torch.contiguous_format))
     return out
 
 
