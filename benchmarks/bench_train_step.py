@@ -35,6 +35,7 @@ def fla_wkv7():
     decay_arg = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"  # (0.6.0: w)
 
     def wkv7(r, log_w, k, v, a, b, state):
+        log_w = log_w.to(r.dtype)  # fla's kernels want one input dtype (its layer passes bf16)
         o, s = chunk_rwkv7(
             r=r, k=k, v=v, a=a, b=b, scale=1.0, initial_state=state.transpose(-1, -2), output_final_state=True,
             chunk_size=64, safe_gate=True, lower_bound=-math.exp(-0.5), **{decay_arg: log_w},
