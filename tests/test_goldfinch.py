@@ -319,3 +319,27 @@ def test_greedy_generation_with_a_cache(seed, arch):
     assert [r.tokens for r in generate_batch(model, prompts, **greedy)] == alone
     with pytest.raises(StateError, match="share a cache length"):
         generate_batch(model, [prompts[0], prompts[1][:4]], **greedy)
+
+
+def test_options_are_checked_and_eval_ppl_scores_windows(tmp_path, capsys, seed):
+    with pytest.raises(ConfigError, match="no options"):
+        model_class("rwkv6")(ModelConfig(arch="rwkv6", n_layer=1, n_embd=64, head_size=32, vocab_size=V,
+                                         extra={"rope_base": 1}))
+    from rwkvkit.train.data import write_tokens
+    from rwkvkit.train.loss import evaluate_loss
+
+    model = make(noise=0.02)
+    d = model.save(tmp_path / "gf")
+    docs = [torch.randint(1, V, (20,)).tolist() for _ in range(3)]
+    write_tokens(tmp_path / "t", docs, vocab_size=V)
+    stream = torch.tensor([t for doc in docs for t in doc + [0]]).numpy()
+    got = {}
+    for context in ("auto", "stream"):
+        argv = ["eval-ppl", "--model", str(d), "--device", "cpu", str(tmp_path / "t.tokens"), "--ctx-len", "16",
+                "--context", context, "--json"]
+        assert main(argv) == 0
+        got[context] = json.loads(capsys.readouterr().out)["loss"]
+    windows = evaluate_loss(model, stream, ctx_len=16, fresh_state=True).loss
+    assert got["auto"] == pytest.approx(windows, rel=1e-6)
+    assert got["stream"] == pytest.approx(evaluate_loss(model, stream, ctx_len=16).loss, rel=1e-6)
+    assert abs(got["stream"] - got["auto"]) > 1e-6

@@ -319,17 +319,18 @@ class GoldFinch(BlockStackModel):
         config.extra = {"gold_layers": default_gold_layers(L), "compression": COMPRESSION, "rope_base": 0.0,
                         **config.extra}
         _check_options(config)
-        G = config.extra["gold_layers"]
-        self.first_gold = L - G
-        self.compressed_dim = C // config.extra["compression"]
-        self.cache_chunk = CACHE_CHUNK
+        first_gold = L - config.extra["gold_layers"]
+        Ck = C // config.extra["compression"]
         super().__init__(
             config,
-            lambda i: FinchC2TimeMix(config) if i < self.first_gold else GoldTimeMix(config),
+            lambda i: FinchC2TimeMix(config) if i < first_gold else GoldTimeMix(config),
             lambda i: ChannelMix(config),
-            w_kv_cache_a=nn.Linear(C, self.compressed_dim, bias=False),
-            w_kv_cache_b=nn.Linear(C + self.compressed_dim, C, bias=False),
+            w_kv_cache_a=nn.Linear(C, Ck, bias=False),
+            w_kv_cache_b=nn.Linear(C + Ck, C, bias=False),
         )
+        self.first_gold = first_gold  # blocks [first_gold, L) are GOLD
+        self.compressed_dim = Ck
+        self.cache_chunk = CACHE_CHUNK
 
     @property
     def n_gold(self) -> int:

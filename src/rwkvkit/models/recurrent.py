@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..errors import InputError, StateDictError, StateError
+from ..errors import ConfigError, InputError, StateDictError, StateError
 from ..state import RecurrentState
 from .base import LanguageModel
 
@@ -105,6 +105,12 @@ class BlockStackModel(LanguageModel):
 
 class RWKVModel(BlockStackModel):
     """An RWKV-5/6/7 language model; subclasses build the blocks' att and ffn modules."""
+
+    def __init__(self, config: ModelConfig, make_att: Callable[[int], nn.Module],
+                 make_ffn: Callable[[int], nn.Module]) -> None:
+        if config.extra:
+            raise ConfigError(f"config: {self.arch} has no options, got extra {config.extra}")
+        super().__init__(config, make_att, make_ffn)
 
     @classmethod
     def default_state_from_state_dict(cls, sd: dict[str, torch.Tensor]) -> RecurrentState | None:

@@ -126,7 +126,11 @@ def _add_eval_ppl(p: argparse.ArgumentParser) -> None:
                    help="a token file (NAME.tokens/.json, or NAME.bin/.idx), or text inputs as for "
                         "`rwkvkit prepare` (tokenized with the model's tokenizer)")
     p.add_argument("--ctx-len", type=_positive_int, default=1024, metavar="N",
-                   help="tokens per forward window; the state carries over (default: %(default)s)")
+                   help="tokens per forward window (default: %(default)s)")
+    p.add_argument("--context", choices=("auto", "stream", "window"), default="auto",
+                   help="stream: the state carries over from window to window; window: each window "
+                        "is scored from a fresh state; auto (default): window for models whose state "
+                        "is a growing cache (GoldFinch, Llama), else stream")
     p.add_argument("--batch-size", type=_positive_int, default=1, metavar="B",
                    help="score B parts of the stream side by side, cut at document starts "
                         "(default 1: the one exact stream)")
@@ -157,8 +161,10 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
             raise DataError(f"{args.model}: the model has no tokenizer; give a token file made by "
                             "`rwkvkit prepare` instead of text")
         tokens, offsets = tokenize_documents(args.data, model.tokenizer, text_split=args.text_split)
+    windows = args.context == "window" or (args.context == "auto" and model.cache_bytes_per_token() > 0)
     result = evaluate_loss(model, tokens, doc_offsets=offsets, ctx_len=args.ctx_len,
-                           batch_size=args.batch_size, max_tokens=args.max_tokens, progress=None)
+                           batch_size=args.batch_size, max_tokens=args.max_tokens, progress=None,
+                           fresh_state=windows)
     if args.json:
         out = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
                "seconds": result.seconds, "tokens_per_second": result.tokens_per_second}
