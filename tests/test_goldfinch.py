@@ -343,3 +343,22 @@ def test_options_are_checked_and_eval_ppl_scores_windows(tmp_path, capsys, seed)
     assert got["auto"] == pytest.approx(windows, rel=1e-6)
     assert got["stream"] == pytest.approx(evaluate_loss(model, stream, ctx_len=16).loss, rel=1e-6)
     assert abs(got["stream"] - got["auto"]) > 1e-6
+
+
+@pytest.mark.parametrize("arch", ["goldfinch", "llama", "finch-c2"])
+def test_step_advances_the_state_in_place(seed, arch):
+    """``step_`` (generation's and `rwkvkit bench`'s decode entry point) equals forward and
+    advances the state object it is given."""
+    model = make(arch) if arch != "llama" else model_class("llama")(
+        ModelConfig(arch="llama", n_layer=2, n_embd=64, head_size=32, vocab_size=V))
+    tokens = torch.randint(0, V, (2, 9))
+    _, state = model(tokens[:, :7], last_only=True)
+    ref = state.clone()
+    for t in (7, 8):
+        want, ref = model(tokens[:, t : t + 1], ref)
+        got = model.step_(tokens[:, t], state)
+        assert got.shape == (2, V) and rel_err(got, want[:, 0]) < TOL
+    for name, t in ref.tensor_fields().items():
+        assert rel_err(getattr(state, name), t) < TOL if t.is_floating_point() else torch.equal(getattr(state, name), t)
+    with pytest.raises(InputError, match="shape \\[B\\]"):
+        model.step_(tokens, state)

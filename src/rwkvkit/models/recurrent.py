@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..errors import ConfigError, InputError, StateDictError, StateError
-from ..state import RecurrentState
+from ..state import ModelState, RecurrentState
 from .base import LanguageModel
 
 
@@ -101,6 +101,23 @@ class BlockStackModel(LanguageModel):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+    @torch.no_grad()
+    def step_(self, tokens: torch.Tensor, state: ModelState) -> torch.Tensor:
+        """Decode one token per row: ``tokens`` [B] -> logits float32 [B, V], with the
+        ``state`` object advanced past the tokens (the contract of ``RWKVModel.step_``).
+
+        This generic form runs ``forward`` and moves the new tensors into ``state``; models
+        whose state is a growing cache (GoldFinch, Llama) use it: a cache cannot grow in a
+        fixed buffer, so unlike RWKV's step it allocates and is not replayable as a CUDA graph.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+            what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise InputError(f"step_: tokens must be integer ids of shape [B], got {what}")
+        logits, new = self(tokens[:, None], state, last_only=True)
+        for name, t in new.tensor_fields().items():
+            setattr(state, name, t)
+        return logits[:, -1]
 
 
 class RWKVModel(BlockStackModel):
