@@ -12,6 +12,7 @@ and writes everything as JSON to --out.
 
     python benchmarks/bench_wkv.py --out runs/bench_wkv.json
     python benchmarks/bench_wkv.py --sweep --out runs/sweep.json    # tune chunk/block_v/warps, per kernel
+    python benchmarks/bench_wkv.py --wkv6 [...]    # WKV-6 (RWKV-5.2/6) instead: see bench_wkv6.py
 """
 
 from __future__ import annotations
@@ -301,6 +302,12 @@ def sweep_configs(quick: bool):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--wkv6" in argv:  # the WKV-6 part: same structure and flags, in its own module
+        argv.remove("--wkv6")
+        import bench_wkv6
+
+        return bench_wkv6.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),

@@ -76,7 +76,8 @@ for every pass over them (forward: written once, read once; backward: read once,
 written and read once). Without gradients the states are still written: the output kernel
 needs them. Compiled for sm_90 (Triton 3.9, offline) at the defaults (N=64, bf16, tf32): the
 scans use 206-247 registers without spills, the forward output kernel 255 registers and 48 B
-of stack, the backward chunk kernel (block_v 32, 8 warps) 255 registers and 88 B of stack.
+of stack, the backward chunk kernel (one value block, 8 warps) 255 registers and 304 B of
+stack (88 B with block_v 32, but then the partial sums over value blocks cost more).
 
 Matmul precision: "ieee" (exact float32), "tf32" (tensor cores; ~4e-4 relative error) or
 "tf32x3". Default: ieee for float32 inputs, tf32 for bf16/fp16 inputs. The exponents, the
@@ -513,7 +514,9 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 def _auto_block_v(N: int, bt: int, budget: int) -> int:
     """The widest value block of the chunk kernels with block_v * N * block_t <= budget (their
-    grids already have T/L * B * H programs: no need to split for parallelism)."""
+    grids already have T/C * B * H programs: no need to split for parallelism; in the backward
+    more than one value block costs float32 partial sums of dr, dk, dlog_w, ~3 KB per token and
+    head at N=64, far more than the register spills of the single block)."""
     bv = N
     while bv > 16 and bv * N * bt > budget:
         bv //= 2
@@ -592,7 +595,7 @@ def wkv6_backward(
     in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32."""
     B, T, H, N = r.shape
     L = chunk_size
-    bv = block_v or _auto_block_v(N, block_t, 1 << 15)
+    bv = block_v or _auto_block_v(N, block_t, 1 << 16)  # N=64: one value block (no partial sums)
     sb = scan_block or _auto_scan_block(B * H, N, r.device)
     _check_config(N, L, block_t, precision, block_v=bv, scan_block=sb)
     nv = N // bv
