@@ -165,21 +165,22 @@ def _level_decay(lwp, lwn, offs_t, LVL: tl.constexpr, L: tl.constexpr, N: tl.con
 @triton.jit
 def _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, SHIFT: tl.constexpr, LEN: tl.constexpr):
     """log w at row t + SHIFT (SHIFT = -1: lwp, +1: lwn) for the rows t of a block of LEN rows
-    (offs_t = position in the block), float32; 0 where that row lies outside the block or past T."""
+    (offs_t = position in the block), float32; 0 where that row lies outside the block or
+    outside [0, T) (the scans prefetch one block past either end)."""
     if SHIFT < 0:
-        m = (offs_t >= 1) & (t <= T)
+        m = (offs_t >= 1) & (t >= 1) & (t <= T)
     else:
-        m = (offs_t < LEN - 1) & (t + 1 < T)
+        m = (offs_t < LEN - 1) & (t >= -1) & (t + 1 < T)
     p = lw_ptr + lw_base + (t.to(tl.int64) + SHIFT)[:, None] * lw_st + offs_k[None, :]
     return tl.load(p, mask=m[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k):
-    """log w at the single row t0, float32 [BK]; 0 if t0 >= T."""
+    """log w at the single row t0, float32 [BK]; 0 outside [0, T)."""
     tt = offs_k * 0 + t0
     p = lw_ptr + lw_base + tt.to(tl.int64) * lw_st + offs_k
-    return tl.load(p, mask=tt < T, other=0.0).to(tl.float32)
+    return tl.load(p, mask=(tt >= 0) & (tt < T), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -369,7 +370,7 @@ def _wkv6_bwd_state_kernel(
         r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
         dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
         lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
-        lwl_n = _load_lw_row(lw_ptr, lw_base, c * L - 1, T, lw_st, offs_k)  # (c = 0: unused)
+        lwl_n = _load_lw_row(lw_ptr, lw_base, c * L - 1, T, lw_st, offs_k)  # (c = 0: masked, unused)
 
         tl.store(dstates_ptr + (i_bh * NC + c) * N * N + s_offs, dS)
         rq = r * tl.exp(tl.cumsum(lwp, axis=0))  # r_t e^{P_t}
