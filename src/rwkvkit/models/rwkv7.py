@@ -102,13 +102,13 @@ class TimeMix(nn.Module):
         y = y + bonus.view(B, T, C)
         return self.output(y * g), wkv, v_first
 
-    @torch.no_grad()
     def step_(
         self, x: torch.Tensor, shift: torch.Tensor, wkv: torch.Tensor, v_first: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token (decoding): x [B, C] (ln1 output) -> (out [B, C], v_first); ``shift``
-        [B, C] and ``wkv`` [B, H, N, N] (this layer's state) are updated in place. The same
-        equations as ``forward``, with the six token mixes and the low-rank biases fused."""
+        """One token (decoding, called by ``RWKV7.step_`` without autograd): x [B, C] (ln1
+        output) -> (out [B, C], v_first); ``shift`` [B, C] and ``wkv`` [B, H, N, N] (this
+        layer's state) are updated in place. The same equations as ``forward``, with the six
+        token mixes and the low-rank biases fused."""
         B, C = x.shape
         H, N = self.n_head, self.head_size
         xx = shift.to(x.dtype) - x
@@ -127,16 +127,17 @@ class TimeMix(nn.Module):
         a = torch.sigmoid(torch.addmm(self.a0.view(1, C), xa @ self.a1, self.a2))
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
-        kk = F.normalize((k * self.k_k.view(C)).view(B, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * torch.addcmul(torch.ones_like(a), a - 1, self.k_a.view(C))
+        kk = (k * self.k_k.view(C)).view(B, H, N)
+        kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12)  # F.normalize
+        k_a = self.k_a.view(C)
+        k = k * torch.addcmul(1 - k_a, a, k_a)  # k (1 + (a - 1) k_a)
         log_w = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).mul_(-DECAY_SCALE)
 
-        heads = lambda t: t.view(B, H, N)  # noqa: E731
-        y = ops.wkv7_(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv)
-        y = F.group_norm(y.reshape(B, C), H, self.ln_x.weight.to(y.dtype), self.ln_x.bias.to(y.dtype), eps=self.ln_x.eps)
-        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
-        y = y.to(x.dtype) + bonus.view(B, C)
-        return self.output(y * g), v_first
+        r, k, v, a = (t.view(B, H, N) for t in (r, k, v, a))
+        y = ops.wkv7_(r, log_w.view(B, H, N), k, v, -kk, kk * a, wkv)
+        y = F.group_norm(y.view(B, C), H, self.ln_x.weight.to(y.dtype), self.ln_x.bias.to(y.dtype), eps=self.ln_x.eps)
+        y = y.to(x.dtype).view(B, H, N).addcmul_((r * k * self.r_k).sum(dim=-1, keepdim=True), v)  # + bonus
+        return self.output(y.view(B, C) * g), v_first
 
 
 class ChannelMix(nn.Module):
@@ -153,10 +154,9 @@ class ChannelMix(nn.Module):
         xk = x + (token_shift(x, x_prev) - x) * self.x_k
         return self.value(torch.relu(self.key(xk)) ** 2)
 
-    @torch.no_grad()
     def step_(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """One token (decoding): x [B, C] (ln2 output) -> out [B, C]; ``shift`` [B, C] is
-        updated in place."""
+        """One token (decoding, without autograd): x [B, C] (ln2 output) -> out [B, C];
+        ``shift`` [B, C] is updated in place."""
         xk = torch.addcmul(x, shift.to(x.dtype) - x, self.x_k.view(-1))
         shift.copy_(x)
         return self.value(torch.relu(self.key(xk)).square_())
