@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-examples", type=int, default=None)
     p.add_argument("--test-examples", type=int, default=None)
+    p.add_argument("--tasks", default=None, help="comma-separated SEQ:PAIRS (default 256:16,512:64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default="runs/mqar/results.json", help="JSON results (default: %(default)s)")
@@ -186,6 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(s, field, getattr(args, field))
     if args.lrs:
         s.lrs = tuple(float(v) for v in args.lrs.split(","))
+    if args.tasks:
+        try:
+            s.tasks = tuple(tuple(int(x) for x in t.split(":")) for t in args.tasks.split(","))
+        except ValueError:
+            p.error(f"--tasks: expected SEQ:PAIRS,..., got {args.tasks!r}")
     names = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = [a for a in names if a not in ARCHS]
     if unknown:

@@ -315,8 +315,9 @@ def _wkv6_fwd_out_kernel(
         A = _intra_matrix(r, k, lwp, lwn, u, offs_t, BT, LOG2BT, N, PREC)
         Y += tl.dot(A, v, input_precision=PREC)
         tl.store(y_ptr + row + offs_v[None, :], Y.to(y_ptr.dtype.element_ty), mask=tmask)
-        if i + 1 < n_blocks:
-            S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k), PREC)
+        # (unconditional: the update after the last block is unused; a loop-carried tensor
+        # changed under a branch gave wrong outputs on sm_90 with triton 3.6)
+        S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k), PREC)
 
 
 @triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
