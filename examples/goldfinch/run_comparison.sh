@@ -2,12 +2,13 @@
 # Train the four comparison models (llama, finch, finch_c2, goldfinch) side by side on one GPU,
 # each resuming from its latest checkpoint if one exists, then print the comparison table.
 #   bash examples/goldfinch/run_comparison.sh [extra `rwkvkit train` arguments, e.g. --stop-at 500]
+#   NAMES="finch goldfinch" bash examples/goldfinch/run_comparison.sh     # a subset
 set -u
 cd "$(dirname "$0")/../.."
 RWKVKIT="${RWKVKIT:-python3 -m rwkvkit}"
 mkdir -p runs/goldfinch_comparison
 pids=()
-for name in llama finch finch_c2 goldfinch; do
+for name in ${NAMES:-llama finch finch_c2 goldfinch}; do
     out="runs/goldfinch_comparison/$name"
     resume=()
     [ -e "$out/checkpoints/latest" ] && resume=(--resume)
