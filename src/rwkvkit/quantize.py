@@ -8,7 +8,7 @@ quarter of the bytes of float32 weights per token, which is what bounds its spee
 
 How an int8 product is computed:
 
-* CPU with PyTorch's x86 quantized engine (fbgemm): each input row is divided by its largest
+* CPU with PyTorch's fbgemm engine (x86): each input row is divided by its largest
   magnitude, rounded to integers on a fixed grid (8 bits; 7 where the CPU's int8 dot product
   saturates, i.e. x86 without VNNI), multiplied by the int8 weights with int32 accumulation,
   and scaled back. Scaling per row keeps every row's own resolution and makes its result
@@ -61,7 +61,7 @@ def _fbgemm_activation_levels() -> int | None:
     """Largest magnitude of the int8 activation grid that the x86 engine multiplies exactly
     (127: 8 bits; 63: 7 bits where u8 x s8 pairs saturate in int16), or None when the engine
     is not available. Found by running the kernel once on a worst case."""
-    if "x86" not in torch.backends.quantized.supported_engines and "fbgemm" not in torch.backends.quantized.supported_engines:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
         return None
     try:
         w = torch.full((8, 64), 1.0)
@@ -77,18 +77,28 @@ def _fbgemm_activation_levels() -> int | None:
 
 
 def _prepack(q: torch.Tensor, scale: torch.Tensor) -> Any:
+    """The int8 weights packed for fbgemm (chosen explicitly: the "x86" engine's own choice
+    is slower for single rows)."""
     with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the kernel is not
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-    return torch.ops.quantized.linear_prepack(qw, None)
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = engine
 
 
 def _fbgemm_linear(x: torch.Tensor, packed: Any, levels: int) -> torch.Tensor:
-    """x [M, K] float32 -> x W^T [M, N] float32, activations quantized per row."""
+    """x [M, K] float32 -> x W^T [M, N] float32, activations quantized per row.
+
+    The ops are called through their ``.default`` overloads: the overload packet inspects the
+    arguments in Python on every call (they include a packed-weights object), ~5 us each."""
     if x.shape[0] == 1:  # one row: the kernel's own per-call range is that row's (fewer ops)
-        return torch.ops.quantized.linear_dynamic(x, packed, levels < 127)
+        return torch.ops.quantized.linear_dynamic.default(x, packed, levels < 127)
     m = x.abs().amax(dim=-1, keepdim=True).clamp_min_(_TINY)  # (linalg.vector_norm(inf) is 10x slower)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x / m, 1.0 / levels, levels + 1, packed)
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default(x / m, 1.0 / levels, levels + 1, packed)
     return y.mul_(m)
 
 

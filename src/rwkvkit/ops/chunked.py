@@ -17,9 +17,12 @@ the a-rows, lower for the r-rows). The pairwise decays are factorised as
 e^{Lam_t} * e^{-Lam_s}; RWKV-7's decay is bounded below by exp(-e^-0.5), so over a chunk of
 16 steps e^{-Lam_s} stays below 1.7e4: safe in float32.
 
-Because everything is linear in S0, each chunk reduces to ``S_next = S0 M + U`` and
-``Y = Rq S0^T + Y0``; the chunk quantities are computed for all chunks at once and the
-scan over chunks is a short loop of [N, N] products.
+Because everything is linear in S0, SA = P S0^T + Q, ``Y = Rq S0^T + Y0`` and
+``S_next = S0 M + U``; P, Q, Rq, Y0 are computed for all chunks at once. The loop over chunks
+then either applies them to the state directly (``scan="state"``, the CPU default: three
+[N, N] x [N, L] products per chunk) or first builds every chunk's M and U [N, N]
+(``scan="matrices"``: one [N, N] product per chunk, but T/L * N^2 numbers written, which
+costs more than it saves where memory bandwidth is scarce).
 
 RWKV-5.2 / RWKV-6 per head (v5.2: the same with a decay that does not depend on t), same
 notation; the spec's S[key, value] transposed to [value, key]:
