@@ -61,7 +61,7 @@ from ..state import GoldFinchState
 from .attention import chunked_causal_attention, rope
 from .recurrent import BlockStackModel, RWKVModel, layer_count, official_matrix_init, shape_of, token_shift
 from .registry import register
-from .rwkv6 import RWKV56_MATRIX_GAINS, ChannelMix, ffn_default, init_decay_and_bonus, mix_init
+from .rwkv6 import RWKV56_MATRIX_GAINS, ChannelMix, data_decay, ddlerp, ffn_default, init_decay_and_bonus, mix_init
 
 COMPRESSION = 16  # c has C / 16 channels
 CACHE_CHUNK = 4096  # cache positions rebuilt into keys and values at a time
@@ -134,15 +134,11 @@ class FinchC2TimeMix(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, x_prev) - x
-        lora = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B, T, 5, -1)
-        m = torch.einsum("btjd,jdc->jbtc", lora, self.time_maa_w2)
-        xr, xk, xv, xw, xv2 = (x + xx * (getattr(self, f"time_maa_{n}") + m[j]) for j, n in enumerate(self.MIX_NAMES))
+        xr, xk, xv, xw, xv2 = ddlerp(self, x, x_prev, self.MIX_NAMES)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         v2 = self.value(xv2) + torch.tanh(xv2 @ self.time_value2_w1) @ self.time_value2_w2
-        z = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
-        log_w = -torch.exp(z.to(torch.promote_types(z.dtype, torch.float32)))
+        log_w = data_decay(self, xw)
         k = k * (-torch.expm1(log_w)).to(k.dtype)  # k (1 - w)
 
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731

@@ -54,6 +54,22 @@ def mix_init(C: int, layer_id: int, n_layer: int) -> dict[str, torch.Tensor]:
             "ffn": 1.0 - ddd ** (r1**3)}
 
 
+def ddlerp(module: nn.Module, x: torch.Tensor, x_prev: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Finch's data-dependent token shift: x + (x_{t-1} - x) * (time_maa_n + LoRA_n(x)) for
+    each of the five names, in the order of the LoRA's outputs."""
+    B, T, _ = x.shape
+    xx = token_shift(x, x_prev) - x
+    lora = torch.tanh((x + xx * module.time_maa_x) @ module.time_maa_w1).view(B, T, len(names), -1)
+    m = torch.einsum("btjd,jdc->jbtc", lora, module.time_maa_w2)
+    return [x + xx * (getattr(module, f"time_maa_{n}") + m[j]) for j, n in enumerate(names)]
+
+
+def data_decay(module: nn.Module, xw: torch.Tensor) -> torch.Tensor:
+    """Finch's log-decay from its LoRA, -exp(time_decay + LoRA(xw)), in at least float32."""
+    z = module.time_decay + torch.tanh(xw @ module.time_decay_w1) @ module.time_decay_w2
+    return -torch.exp(z.to(torch.promote_types(z.dtype, torch.float32)))
+
+
 def add_projections(module: nn.Module, C: int, H: int) -> None:
     """The RWKV-5/6 time-mix matrices (receptance, key, value, gate, output) and ln_x."""
     for name in ("receptance", "key", "value", "gate", "output"):
@@ -84,15 +100,11 @@ class TimeMix(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, x_prev) - x
-        lora = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B, T, 5, -1)
-        m = torch.einsum("btjd,jdc->jbtc", lora, self.time_maa_w2)
-        xw, xk, xv, xr, xg = (x + xx * (getattr(self, f"time_maa_{n}") + m[j]) for j, n in enumerate(MIX_NAMES))
+        xw, xk, xv, xr, xg = ddlerp(self, x, x_prev, MIX_NAMES)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
-        z = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
-        log_w = -torch.exp(z.to(torch.promote_types(z.dtype, torch.float32)))
+        log_w = data_decay(self, xw)
 
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = ops.wkv6(heads(r), heads(log_w), heads(k), heads(v), self.time_faaaa, wkv)

@@ -130,13 +130,13 @@ def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr,
 
 
 @triton.jit
-def _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L: tl.constexpr):
-    """Tokens [start, min(start + L, stop)) of chunk ``c`` in the flat token order; ``stop``
-    is the end of its sequence."""
+def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.constexpr, L: tl.constexpr):
+    """Chunk ``c`` of head ``h``: its rows' offsets in the flat [tokens, H, N] layout and the
+    mask of the rows inside its sequence (a chunk never crosses a sequence boundary)."""
     seq = tl.load(chunk_seq_ptr + c)
     start = tl.load(cu_ptr + seq) + (c - tl.load(chunk_cu_ptr + seq)) * L
-    stop = tl.load(cu_ptr + seq + 1)
-    return start, stop
+    t = start + offs_t
+    return (t.to(tl.int64) * H + h) * N, (t < tl.load(cu_ptr + seq + 1))[:, None]
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -152,13 +152,10 @@ def _prep_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
-    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
-    t = start + offs_t
-    tmask = (t < stop)[:, None]
-    row = (t.to(tl.int64) * H + h) * N
+    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     pk = row[:, None] + offs_k[None, :]
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
@@ -261,13 +258,10 @@ def _out_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
-    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
-    t = start + offs_t
-    tmask = (t < stop)[:, None]
-    row = (t.to(tl.int64) * H + h) * N
+    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     pk = row[:, None] + offs_k[None, :]
     pv = row[:, None] + offs_v[None, :]
     S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :])
@@ -300,13 +294,10 @@ def _bwd_prep_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
-    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
-    t = start + offs_t
-    tmask = (t < stop)[:, None]
-    row = (t.to(tl.int64) * H + h) * N
+    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     pk = row[:, None] + offs_k[None, :]
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
@@ -413,19 +404,17 @@ def _bwd_chunks_kernel(
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
-    start, stop = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     part = i_v.to(tl.int64) * part_stride
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
-    t = start + offs_t
-    row = (t.to(tl.int64) * H + h) * N
+    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     s_offs = (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :]
     S = tl.load(states_ptr + s_offs)
     dS = tl.load(dstates_ptr + s_offs)
     _chunk_grads(
         r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
-        row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, (t < stop)[:, None], S, dS, offs_t,
+        row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
         L, LOG2L, PREC,
     )
 
@@ -548,10 +537,9 @@ def _auto_warps(block_v: int, N: int) -> int:
     return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
 
 
-def _check_config(N: int, chunk_size: int, block_v: int | None, precision: str) -> None:
-    if N not in SUPPORTED_HEAD_SIZES:
-        raise ValueError(f"wkv7_triton: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
-    if chunk_size not in SUPPORTED_CHUNKS:
+def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
+    """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
+    if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
     if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
@@ -562,7 +550,7 @@ def _check_config(N: int, chunk_size: int, block_v: int | None, precision: str) 
 def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, block_v, num_warps, precision):
     """Run the scan; returns (per-chunk carried matrices, final matrix) in float32."""
     bv = block_v or _auto_block_v(table.n_seqs * H, N, 0, gl.device, min_waves=0.5)
-    _check_config(N, SUPPORTED_CHUNKS[0], bv, precision)
+    _check_config(N, None, bv, precision)
     out = _empty((table.n_chunks, H, N, N), torch.float32, gl.device)
     fin = _empty((table.n_seqs, H, N, N), torch.float32, gl.device)
     _scan_kernel[(table.n_seqs * H, N // bv)](
@@ -722,9 +710,9 @@ def wkv7_triton(
     if chunk_size is None:
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
-    _check_config(N, chunk_size, None, precision)
     scan_precision = scan_precision or precision
-    _check_config(N, chunk_size, None, scan_precision)
+    _check_config(N, chunk_size, None, precision)
+    _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
     if T == 0 or n_seqs == 0:
         s = torch.zeros(n_seqs, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
