@@ -302,23 +302,75 @@ def test_cli_train_tiny(tmp_path, capsys, arch):
     assert torch.isfinite(logits).all()
 
 
+def cache_model(arch: str) -> torch.nn.Module:
+    return make() if arch == "goldfinch" else model_class("llama")(
+        ModelConfig(arch="llama", n_layer=2, n_embd=64, head_size=32, vocab_size=V))
+
+
+GREEDY = dict(max_new_tokens=5, temperature=0, stop_tokens=(), presence_penalty=0, frequency_penalty=0)
+
+
+def assert_same_results(batch, alone):
+    """Batched results equal the one-by-one ones: tokens, and the final state of each row."""
+    assert [r.tokens for r in batch] == [r.tokens for r in alone]
+    for b, a in zip(batch, alone):
+        assert b.state.batch_size == 1 and b.state.cache_length == a.state.cache_length
+        for name, t in a.state.tensor_fields().items():
+            got = getattr(b.state, name)
+            assert rel_err(got, t) < TOL if t.is_floating_point() else torch.equal(got, t), name
+
+
 @pytest.mark.parametrize("arch", ["goldfinch", "llama"])
 def test_greedy_generation_with_a_cache(seed, arch):
     """generate's prefill (last_only) and decoding give the full forward's greedy tokens; a
-    batch of prompts of one length decodes together, row by row as each prompt alone; prompts
-    of different lengths cannot share a batch (their caches differ in length)."""
+    batch of prompts decodes row by row as each prompt alone, also when the prompts differ
+    in length (rows are decoded in groups that share a cache length)."""
     from rwkvkit import complete, generate_batch
 
-    model = make() if arch == "goldfinch" else model_class("llama")(
-        ModelConfig(arch="llama", n_layer=2, n_embd=64, head_size=32, vocab_size=V))
-    greedy = dict(max_new_tokens=5, temperature=0, stop_tokens=(), presence_penalty=0, frequency_penalty=0)
+    model = cache_model(arch)
     prompts = torch.randint(1, V, (2, 6)).tolist()
-    alone = [complete(model, p, **greedy).tokens for p in prompts]
+    alone = [complete(model, p, **GREEDY).tokens for p in prompts]
     full = model(torch.tensor([prompts[0] + alone[0][:-1]]))[0][0, 5:].argmax(-1)
     assert alone[0] == full.tolist()
-    assert [r.tokens for r in generate_batch(model, prompts, **greedy)] == alone
-    with pytest.raises(StateError, match="share a cache length"):
-        generate_batch(model, [prompts[0], prompts[1][:4]], **greedy)
+    assert [r.tokens for r in generate_batch(model, prompts, **GREEDY)] == alone
+    prompts = [prompts[0], prompts[1][:4], prompts[1], [7]]
+    batch = generate_batch(model, prompts, **GREEDY)
+    assert_same_results(batch, [complete(model, p, **GREEDY) for p in prompts])
+
+
+@pytest.mark.parametrize("arch", ["goldfinch", "llama"])
+def test_batched_generation_from_given_states(seed, arch):
+    """generate_batch takes the model's own states (GoldFinchState, KVCacheState): one shared
+    batch-1 state, a state with a row per prompt, or a list of per-prompt states whose caches
+    differ in length; every row equals its prompt generated alone from its state."""
+    from rwkvkit import complete, generate_batch, prefill
+
+    model = cache_model(arch)
+    starts = [prefill(model, torch.randint(1, V, (n,)).tolist())[1] for n in (5, 3, 5)]
+    prompts = [torch.randint(1, V, (n,)).tolist() for n in (4, 6, 2)]
+
+    shared = starts[0]
+    batch = generate_batch(model, prompts, states=shared, **GREEDY)
+    assert_same_results(batch, [complete(model, p, state=shared, **GREEDY) for p in prompts])
+
+    rows = ModelState.cat([starts[0], starts[2]])  # one state, a row per prompt (same length)
+    batch = generate_batch(model, [prompts[0], prompts[0]], states=rows, **GREEDY)
+    assert_same_results(batch, [complete(model, prompts[0], state=s, **GREEDY) for s in (starts[0], starts[2])])
+
+    per_row = [starts[0], None, starts[1]]  # cache lengths after the prompts: 9, 6, 5
+    batch = generate_batch(model, prompts, states=per_row, **GREEDY)
+    assert_same_results(batch, [complete(model, p, state=s, **GREEDY) for p, s in zip(prompts, per_row)])
+    assert [r.state.cache_length for r in batch] == [14, 11, 10]
+
+    from rwkvkit.errors import GenerationError
+
+    with pytest.raises(GenerationError, match=r"states\[1\] is a str"):
+        generate_batch(model, prompts[:2], states=[starts[0], "state"], **GREEDY)
+    with pytest.raises(GenerationError, match="states must be a model state"):
+        generate_batch(model, prompts[:2], states=3, **GREEDY)
+    other = cache_model("llama" if arch == "goldfinch" else "goldfinch").init_state(1)
+    with pytest.raises(StateError, match="KVCacheState|GoldFinchState"):
+        generate_batch(model, prompts[:2], states=other, **GREEDY)
 
 
 def test_options_are_checked_and_eval_ppl_scores_windows(tmp_path, capsys, seed):

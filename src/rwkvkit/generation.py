@@ -58,7 +58,7 @@ from typing import Any, Callable, Generator, Iterator, Literal, Sequence
 import torch
 
 from .errors import GenerationError, RwkvkitError
-from .state import RecurrentState
+from .state import ModelState, RecurrentState
 
 __all__ = [
     "ChatSession",
@@ -766,7 +766,7 @@ def generate_batch(
     prompts: Sequence[str | Sequence[int] | torch.Tensor],
     params: SamplingParams | None = None,
     *,
-    states: RecurrentState | Sequence[RecurrentState | None] | None = None,
+    states: ModelState | Sequence[ModelState | None] | None = None,
     tokenizer: Any = None,
     callback: Callable[[int, str], None] | None = None,
     chunk_len: int = DEFAULT_CHUNK_LEN,
@@ -775,15 +775,20 @@ def generate_batch(
     """Generate for several prompts at once; one :class:`GenerationResult` per prompt, in order.
 
     There is no attention mask in a recurrent model (padding would change the state), so
-    each prompt is prefilled alone, the states are joined with :meth:`RecurrentState.cat`,
+    each prompt is prefilled alone, the states are joined with :meth:`ModelState.cat`,
     and all rows then decode together one token per step. Each row has its own penalties
     and stops; a finished row leaves the batch. Greedy output of each row equals that
     prompt run alone (in float32; with bf16/fp16 weights the batch shape can change the
     rounding of matrix products and so flip near-tied choices); sampled output is reproducible for the same batch and seed, but is
     not the same draw as running the prompt alone (the rows share one random generator).
 
+    Models with a cache (GoldFinch, Llama) keep one cache length per batch, so their rows
+    are decoded in groups of equal length (start state's cache + prompt), one group after
+    the other, each with its own random generator (seeded alike); RWKV rows are one group.
+
     ``states``: None, one batch-1 state shared by every prompt (e.g. a system prompt), a
-    state with one row per prompt, or a list of per-prompt states (None entries allowed).
+    state with one row per prompt, or a list of per-prompt states (None entries allowed):
+    the model's own state type (``RecurrentState``, ``GoldFinchState``, ``KVCacheState``).
     ``callback(row, piece)`` receives text pieces as they become available.
     """
     params = _resolve_params(params, overrides)
@@ -795,22 +800,26 @@ def generate_batch(
     ids = [_prompt_ids(p, tokenizer) for p in prompts]
     n = len(ids)
     if states is None:
-        per_row: list[RecurrentState | None] = [None] * n
-    elif isinstance(states, RecurrentState):
+        per_row: list[ModelState | None] = [None] * n
+    elif isinstance(states, ModelState):
         if states.batch_size == 1:
             per_row = [states] * n
         elif states.batch_size == n:
             per_row = [states.select(i) for i in range(n)]
         else:
             raise GenerationError(f"states has batch size {states.batch_size}; expected 1 or {n} (one per prompt)")
-    else:
+    elif isinstance(states, Sequence):
         per_row = list(states)
         if len(per_row) != n:
             raise GenerationError(f"got {len(per_row)} states for {n} prompts")
         for i, st in enumerate(per_row):
+            if st is not None and not isinstance(st, ModelState):
+                raise GenerationError(f"states[{i}] is a {type(st).__name__}, not a model state (or None)")
             if st is not None and st.batch_size != 1:
                 raise GenerationError(f"states[{i}] has batch size {st.batch_size}; expected 1")
-    events = _run(model, ids, per_row, params, tokenizer, chunk_len)
+    else:
+        raise GenerationError(f"states must be a model state or a list of them, got {type(states).__name__}")
+    events = _run_groups(model, ids, per_row, params, tokenizer, chunk_len)
     while True:
         try:
             row, piece = next(events)
@@ -818,6 +827,43 @@ def generate_batch(
             return done.value
         if callback is not None:
             callback(row, piece)
+
+
+def _run_groups(
+    model: Any,
+    prompts: list[list[int]],
+    states: list[ModelState | None],
+    params: SamplingParams,
+    tokenizer: Any,
+    chunk_len: int,
+) -> Generator[tuple[int, str], None, list[GenerationResult]]:
+    """:func:`_run` over the rows grouped by the cache length they will have after their
+    prompt (rows of one batch share a cache length; states without a cache are all 0)."""
+    cached = _has_cache(model)
+    groups: dict[int, list[int]] = {}
+    for row, (ids, st) in enumerate(zip(prompts, states)):
+        length = len(ids) + (st.cache_length if st is not None else 0) if cached else 0
+        groups.setdefault(length, []).append(row)
+    if len(groups) == 1:
+        return (yield from _run(model, prompts, states, params, tokenizer, chunk_len))
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for rows in groups.values():
+        events = _run(model, [prompts[r] for r in rows], [states[r] for r in rows], params, tokenizer, chunk_len)
+        while True:
+            try:
+                i, piece = next(events)
+            except StopIteration as done:
+                for r, res in zip(rows, done.value):
+                    results[r] = res
+                break
+            yield rows[i], piece
+    return results  # type: ignore[return-value]
+
+
+def _has_cache(model: Any) -> bool:
+    """Whether the model's state grows with the context (GoldFinch, Llama)."""
+    template = getattr(model, "state_template", None)
+    return template is not None and bool(type(template()).LENGTH_AXIS)
 
 
 # -- chat ----------------------------------------------------------------------------------------
