@@ -169,3 +169,99 @@ def reference_logits(
     if proc.returncode != 0:
         raise RuntimeError(f"reference runner failed:\n{proc.stdout}\n{proc.stderr}")
     return torch.load(out, weights_only=True)
+
+
+# -- the GoldFinch paper's files (recursal/GoldFinch-paper) -------------------------------------
+def make_goldfinch_state_dict(
+    n_layer: int = 3, n_embd: int = 128, head_size: int = 64, vocab_size: int = 256, gold_layers: int = 1,
+    compression: int = 16, lora: tuple[int, int, int] = (32, 64, 64), ffn_dim: int | None = None, *,
+    seed: int = 0, dtype: torch.dtype = torch.float32,
+) -> "OrderedDict[str, torch.Tensor]":
+    """Random weights with the keys and shapes of the GoldFinch paper code's saved models
+    (lora = (maa, decay, kv)): Finch-C2 blocks (with their unused ``time_faaaa``) below
+    ``gold_layers`` GOLD blocks and the key compression ``w_kv_cache_a/b``; ``gold_layers=0``
+    gives a Finch-C2 file."""
+    g = torch.Generator().manual_seed(seed)
+    C, H, N, V = n_embd, n_embd // head_size, head_size, vocab_size
+    F = ffn_dim or int((C * 3.5) // 32 * 32)
+    Dm, Dd, R = lora
+    Ck = C // compression
+    first_gold = n_layer - gold_layers
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    def mix(*shape):
+        return torch.rand(*shape, generator=g)
+
+    def norm(name):
+        sd[name + ".weight"], sd[name + ".bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+
+    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    sd["emb.weight"] = randn(V, C)
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        if i == 0:
+            norm(p + "ln0")
+        norm(p + "ln1")
+        norm(p + "ln2")
+        if i < first_gold:
+            for n in ("x", "r", "k", "v", "w", "v2"):
+                sd[p + f"att.time_maa_{n}"] = mix(1, 1, C)
+            sd[p + "att.time_maa_w1"], sd[p + "att.time_maa_w2"] = randn(C, 5 * Dm, scale=0.1), randn(5, Dm, C, scale=0.1)
+            sd[p + "att.time_decay"] = randn(1, 1, C, scale=1.5, shift=-1.5)
+            sd[p + "att.time_decay_w1"], sd[p + "att.time_decay_w2"] = randn(C, Dd, scale=0.1), randn(Dd, C, scale=0.1)
+            sd[p + "att.time_value2_w1"], sd[p + "att.time_value2_w2"] = randn(C, Dd, scale=0.1), randn(Dd, C, scale=0.1)
+            sd[p + "att.time_faaaa"] = randn(H, N, scale=0.5)
+            for n in ("receptance", "key", "value", "output"):
+                sd[p + f"att.{n}.weight"] = randn(C, C, scale=C**-0.5)
+            norm(p + "att.ln_x")
+        else:
+            for n in ("x", "q", "v_cache", "k", "v"):
+                sd[p + f"att.time_maa_{n}"] = mix(1, 1, C)
+            sd[p + "att.time_maa_q_w1"], sd[p + "att.time_maa_q_w2"] = randn(C, Dm, scale=0.1), randn(Dm, C, scale=0.1)
+            sd[p + "att.time_maa_kv_w1"] = randn(C, 2 * Dm, scale=0.1)
+            sd[p + "att.time_maa_kv_w2"] = randn(2, Dm, C, scale=0.1)
+            for n in ("key", "value"):
+                sd[p + f"att.time_{n}_w1"], sd[p + f"att.time_{n}_w2"] = randn(C, R, scale=0.1), randn(R, C, scale=0.1)
+            sd[p + "att.query.weight"] = randn(C, C, scale=C**-0.5)
+            sd[p + "att.output.weight"] = randn(C, C, scale=C**-0.5)
+            for n in ("q", "k", "v", "x"):
+                norm(p + f"att.ln_{n}")
+        sd[p + "ffn.time_maa_k"], sd[p + "ffn.time_maa_r"] = mix(1, 1, C), mix(1, 1, C)
+        sd[p + "ffn.key.weight"] = randn(F, C, scale=C**-0.5)
+        sd[p + "ffn.receptance.weight"] = randn(C, C, scale=C**-0.5)
+        sd[p + "ffn.value.weight"] = randn(C, F, scale=F**-0.5)
+    norm("ln_out")
+    sd["head.weight"] = randn(V, C, scale=C**-0.5)
+    if gold_layers:
+        sd["w_kv_cache_a.weight"] = randn(Ck, C, scale=C**-0.5)
+        sd["w_kv_cache_b.weight"] = randn(C, C + Ck, scale=(C + Ck) ** -0.5)
+    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())
+
+
+def make_paper_llama_state_dict(
+    n_layer: int = 2, n_embd: int = 128, vocab_size: int = 256, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+) -> "OrderedDict[str, torch.Tensor]":
+    """Random weights with the keys and shapes of the GoldFinch paper code's Llama baseline
+    (LayerNorms, SwiGLU of width C*8/3 rounded down to 32)."""
+    g = torch.Generator().manual_seed(seed)
+    C, V = n_embd, vocab_size
+    F = C * 4 * 2 // 3 // 32 * 32
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    sd["emb.weight"] = randn(V, C)
+    for i in range(n_layer):
+        p = f"blocks.{i}."
+        for n in (["ln0"] if i == 0 else []) + ["ln1", "ln2"]:
+            sd[p + f"{n}.weight"], sd[p + f"{n}.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+        for n in ("wq", "wk", "wv", "wo"):
+            sd[p + f"att.{n}.weight"] = randn(C, C, scale=C**-0.5)
+        sd[p + "ffn.w1.weight"], sd[p + "ffn.w3.weight"] = randn(F, C, scale=C**-0.5), randn(F, C, scale=C**-0.5)
+        sd[p + "ffn.w2.weight"] = randn(C, F, scale=F**-0.5)
+    sd["ln_out.weight"], sd["ln_out.bias"] = randn(C, scale=0.1, shift=1.0), randn(C, scale=0.1)
+    sd["head.weight"] = randn(V, C, scale=C**-0.5)
+    return OrderedDict((k, v.to(dtype)) for k, v in sd.items())

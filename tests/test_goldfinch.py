@@ -414,3 +414,69 @@ def test_step_advances_the_state_in_place(seed, arch):
         assert rel_err(getattr(state, name), t) < TOL if t.is_floating_point() else torch.equal(getattr(state, name), t)
     with pytest.raises(InputError, match="shape \\[B\\]"):
         model.step_(tokens, state)
+
+
+# -- the paper's released files -----------------------------------------------------------------
+PAPER_FILES = {  # name: (gold_layers, rope_base)
+    "goldfinch": (1, 0.0),
+    "goldfinch-G2": (2, 0.0),
+    "goldfinch-rope10k": (1, 10000.0),
+    "finchc2": (0, 0.0),
+}
+
+
+@pytest.mark.parametrize("gold_layers,rope_base", PAPER_FILES.values(), ids=PAPER_FILES.keys())
+def test_paper_files_load_and_match_the_papers_forward(tmp_path, seed, gold_layers, rope_base):
+    """A .pth with the GoldFinch paper code's keys and shapes is detected (goldfinch /
+    finch-c2), sized from its tensors, and gives the logits of the paper code's forward
+    (tests/goldfinch_paper.py, float64); prefill + decoding give its last positions too."""
+    from goldfinch_paper import goldfinch_logits
+    from official_files import make_goldfinch_state_dict
+
+    sd = make_goldfinch_state_dict(4, 128, 32, V, gold_layers, lora=(8, 16, 16), seed=seed % 1000)
+    path = tmp_path / "goldfinch.pth"
+    torch.save(sd, path)
+    model = load_model(path, dtype=torch.float64, extra={"rope_base": rope_base} if rope_base else None)
+    arch = "goldfinch" if gold_layers else "finch-c2"
+    assert model.config.arch == arch and model.config.head_size == 32 and model.config.lora["maa"] == 8
+    if gold_layers:
+        assert model.n_gold == gold_layers and model.compressed_dim == 8
+        assert model.config.extra == {"gold_layers": gold_layers, "compression": 16, "rope_base": rope_base}
+    tokens = torch.randint(0, V, (2, 11))
+    want = goldfinch_logits(sd, tokens, head_size=32, rope_base=rope_base)
+    got, _ = model(tokens)
+    assert rel_err(got, want) < 1e-10
+    logits, state = model(tokens[:, :9], last_only=True)
+    assert rel_err(logits[:, 0], want[:, 8]) < 1e-10
+    for t in (9, 10):
+        logits, state = model(tokens[:, t : t + 1], state)
+        assert rel_err(logits[:, 0], want[:, t]) < 1e-10
+    if rope_base:  # the file cannot say it was trained with RoPE: without the option it is NoPE
+        assert rel_err(load_model(path, dtype=torch.float64)(tokens)[0], want) > 1e-3
+
+
+def test_paper_files_errors_name_the_file_and_key(tmp_path, seed):
+    from official_files import make_goldfinch_state_dict
+    from rwkvkit.errors import StateDictError, UnsupportedArchitectureError
+
+    sd = make_goldfinch_state_dict(3, 64, 32, V, 1, lora=(8, 8, 16))
+    path = tmp_path / "gf.pth"
+    torch.save({k: v for k, v in sd.items() if k != "blocks.2.att.time_maa_kv_w2"}, path)
+    with pytest.raises(StateDictError, match=r"gf\.pth: missing key\(s\): blocks\.2\.att\.time_maa_kv_w2"):
+        load_model(path)
+    torch.save({**sd, "blocks.2.att.time_key_w2": torch.zeros(16, 63)}, path)
+    with pytest.raises(StateDictError, match=r"gf\.pth: wrong shape\(s\): blocks\.2\.att\.time_key_w2"):
+        load_model(path)
+    torch.save({**sd, "blocks.2.att.ln_r.weight": torch.ones(64)}, path)
+    with pytest.raises(UnsupportedArchitectureError, match=r"gf\.pth: GPTAlpha"):
+        load_model(path)
+    finch_below = {k: v for k, v in sd.items() if "time_value2" not in k}  # the paper's upgrade experiment
+    torch.save({**finch_below, "blocks.0.att.gate.weight": torch.ones(64, 64)}, path)
+    with pytest.raises(UnsupportedArchitectureError, match=r"gf\.pth: GOLD blocks over lower blocks other than Finch-C2"):
+        load_model(path)
+    torch.save(sd, path)
+    with pytest.raises(ConfigError, match="rope_base"):
+        load_model(path, extra={"rope_base": -1})
+    saved = load_model(path).save(tmp_path / "saved")
+    with pytest.raises(ConfigError, match=r"saved: extra=.*official \.pth files only"):
+        load_model(saved, extra={"rope_base": 10000.0})

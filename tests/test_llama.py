@@ -142,3 +142,24 @@ def test_cli_train_tiny(tmp_path, capsys):
     assert model.config.arch == "llama" and model.config.extra["norm"] == "rmsnorm"
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert saved["extra"] == {"norm": "rmsnorm"} and saved["eval_context"] == "auto"
+
+
+def test_paper_file_loads_and_matches_the_papers_forward(tmp_path, seed):
+    """A .pth with the GoldFinch paper code's Llama keys is detected as "llama" and gives the
+    logits of the paper code's forward (tests/goldfinch_paper.py, float64, RoPE 10000)."""
+    from goldfinch_paper import llama_logits
+    from official_files import make_paper_llama_state_dict
+
+    sd = make_paper_llama_state_dict(2, 128, 97, seed=seed % 1000)
+    path = tmp_path / "llama.pth"
+    torch.save(sd, path)
+    model = load_model(path, dtype=torch.float64)
+    assert model.config.arch == "llama" and model.config.extra == {"rope_base": 10000.0, "norm": "layernorm"}
+    tokens = torch.randint(0, 97, (2, 10))
+    want = llama_logits(sd, tokens)
+    assert rel_err(model(tokens)[0], want) < 1e-10
+    logits, state = model(tokens[:, :8], last_only=True)
+    assert rel_err(logits[:, 0], want[:, 7]) < 1e-10
+    for t in (8, 9):
+        logits, state = model(tokens[:, t : t + 1], state)
+        assert rel_err(logits[:, 0], want[:, t]) < 1e-10

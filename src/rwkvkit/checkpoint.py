@@ -130,6 +130,9 @@ def detect_arch(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
                 f"{source}: RWKV-7 DeepEmbed variant (ffn.s_emb keys) is not supported"
             )
         return "rwkv7"
+    gold_paper = _goldfinch_paper_arch(sd, source)
+    if gold_paper is not None:
+        return gold_paper
     if "blocks.0.att.time_maa_x" in sd:
         return "rwkv6"
     decay = sd.get("blocks.0.att.time_decay")
@@ -150,6 +153,28 @@ def detect_arch(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     raise UnsupportedArchitectureError(
         f"{source}: unknown RWKV variant (blocks.0 keys: {_listed(sorted(k for k in sd if k.startswith('blocks.0.')))})"
     )
+
+
+def _goldfinch_paper_arch(sd: dict[str, torch.Tensor], source: str) -> str | None:
+    """The architectures of the GoldFinch paper's released files (recursal/GoldFinch-paper),
+    whose parameter names are ours: GoldFinch (the shared key compression
+    ``w_kv_cache_a/b``), Finch-C2 (``time_value2_w1``, no gate) and the Llama baseline
+    (``att.wq``). None for other files. Its Finch files are RWKV-6 files."""
+    if any(k.endswith(".att.ln_r.weight") for k in sd):
+        raise UnsupportedArchitectureError(
+            f"{source}: GPTAlpha attention blocks (att.ln_r.weight, the GoldFinch paper's ablation) are not supported")
+    if "w_kv_cache_a.weight" in sd:
+        if "blocks.0.att.time_value2_w1" not in sd:
+            raise UnsupportedArchitectureError(
+                f"{source}: GOLD blocks over lower blocks other than Finch-C2 (blocks.0.att has "
+                f"{_listed(sorted(k for k in sd if k.startswith('blocks.0.att.')))}; the paper's upgrade "
+                "experiment) are not supported")
+        return "goldfinch"
+    if "blocks.0.att.time_value2_w1" in sd and "blocks.0.att.gate.weight" not in sd:
+        return "finch-c2"
+    if "blocks.0.att.wq.weight" in sd:
+        return "llama"
+    return None
 
 
 # -- building a model -------------------------------------------------------------------------
@@ -214,6 +239,7 @@ def load_model(
     dtype: torch.dtype | None = torch.float32,
     *,
     quantize: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> LanguageModel:
     """Load a model from an official ``.pth``, a directory written by ``model.save``, a
     ``.safetensors`` file with its ``config.json`` beside it, or a training run's folder (its
@@ -230,6 +256,9 @@ def load_model(
             and the head) in int8 with per-output-channel scales, everything else in
             ``dtype`` (see :mod:`rwkvkit.quantize`). For inference; about a quarter of the
             bytes of float32 weights per decoded token.
+        extra: architecture options of an official ``.pth`` that its tensors cannot tell
+            (``ModelConfig.extra``), e.g. ``{"rope_base": 10000.0}`` for the GoldFinch
+            paper's ``goldfinch_rope10k.pth``. A saved model's config.json names its own.
     """
     from .quantize import check_mode, quantize_model
     from .tokenizer import load_tokenizer
@@ -237,6 +266,9 @@ def load_model(
     check_mode(quantize)
 
     path = _newest_checkpoint(Path(path))
+    if extra and (path.is_dir() or path.suffix == ".safetensors"):
+        raise ConfigError(f"{path}: extra={extra!r} applies to official .pth files only; a saved "
+                          "model's options are in its config.json")
     if path.is_dir() or path.suffix == ".safetensors":
         directory = path if path.is_dir() else path.parent
         weights = directory / "model.safetensors" if path.is_dir() else path
@@ -259,6 +291,8 @@ def load_model(
         arch = detect_arch(sd, str(path))
         cls = model_class(arch)
         config = cls.config_from_state_dict(sd)
+        if extra:
+            config.extra = {**config.extra, **extra}
         default_state = cls.default_state_from_state_dict(sd)
         model = build_model(config, sd, device=device, dtype=dtype, source=str(path))
         if config.vocab_size == 65536:
