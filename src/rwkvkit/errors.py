@@ -46,3 +46,7 @@ class GenerationError(RwkvkitError):
 
 class InputError(RwkvkitError, ValueError):
     """Invalid arguments to a model call (token shapes, ids out of range, ...)."""
+
+
+class CUDAGraphError(RwkvkitError):
+    """A model that cannot be decoded through a CUDA graph (not on CUDA, a growing cache, int8)."""

@@ -45,7 +45,11 @@ this and keeps the state consistent with the conversation text.
 Generation runs under ``torch.no_grad()`` (not ``inference_mode``), so the returned states
 are ordinary tensors that may later be used where autograd is on (e.g. state tuning).
 Decoding uses the model's in-place ``step_`` (one token per row, no new state per token) on
-a state that belongs to the loop alone; the states handed back are copies.
+a state that belongs to the loop alone; the states handed back are copies. On a GPU the step
+is replayed as a CUDA graph (:mod:`rwkvkit.cuda_graphs`: the same numbers, one launch instead
+of hundreds of small ones); every function here takes ``cuda_graphs=False`` to run it
+eagerly instead. On the CPU, and for models that cannot be graphed (GoldFinch and Llama,
+whose caches grow; int8 layers), decoding is always eager.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from typing import Any, Callable, Generator, Iterator, Literal, Sequence
 
 import torch
 
+from .cuda_graphs import GraphDecoder
 from .errors import GenerationError, RwkvkitError
 from .state import ModelState, RecurrentState
 
@@ -570,6 +575,7 @@ def _run(
     params: SamplingParams,
     tokenizer: Any,
     chunk_len: int,
+    cuda_graphs: bool = True,
 ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
     """Generate for every prompt together; yields ``(row, text piece)``, returns the results."""
     vocab = model.config.vocab_size
@@ -598,6 +604,9 @@ def _run(
     ban = torch.tensor(params.ban_tokens, dtype=torch.long, device=device) if params.ban_tokens else None
     stop_tokens = set(params.stop_tokens)
     active = list(range(n))  # batch position -> row
+    # With CUDA graphs the decoder's state and logits live in the graph's buffers and change
+    # at its next step: what is kept from them below is copied first (select, indexing).
+    decoder = GraphDecoder(model, cuda_graphs=cuda_graphs)
 
     step = 0
     while active and step < params.max_new_tokens:
@@ -629,7 +638,7 @@ def _run(
         penalty.update(drawn)
         if len(feed) != len(active):
             state = state.select(feed)
-        logits, state = _decode_step(model, [drawn[p] for p in feed], state)
+        logits, state = decoder.step([drawn[p] for p in feed], state)
         where = {pos: i for i, pos in enumerate(feed)}  # batch position -> row of the fed batch
         for pos, reason, stop in ended:
             finals[active[pos]] = (state.select(where[pos]), reason, stop)
@@ -640,6 +649,7 @@ def _run(
         if len(keep) != len(active):
             penalty.select(keep)
         active = [active[p] for p in keep]
+    decoder.close()  # (a generator abandoned early just drops its graph)
 
     results = []
     for row in range(n):
@@ -658,19 +668,6 @@ def _run(
     return results
 
 
-def _decode_step(model: Any, tokens: list[int], state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-    """Feed one token per row: returns (logits [B, V], the state after them). Uses the
-    model's in-place ``step_`` when it has one (``state`` must then belong to the caller's
-    loop alone: it is advanced where it lies), else ``forward`` over one token."""
-    batch = torch.tensor(tokens, dtype=torch.long)
-    step = getattr(model, "step_", None)
-    with torch.no_grad():
-        if step is not None:
-            return step(batch, state), state
-        logits, state = model(batch[:, None], state, last_only=True)
-    return logits[:, -1], state
-
-
 def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
     return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
@@ -683,6 +680,7 @@ def stream(
     state: RecurrentState | None = None,
     tokenizer: Any = None,
     chunk_len: int = DEFAULT_CHUNK_LEN,
+    cuda_graphs: bool = True,
     **overrides: Any,
 ) -> TextStream:
     """Generate lazily: iterate to get text pieces as they become complete characters
@@ -691,7 +689,8 @@ def stream(
 
     ``prompt`` is text (encoded with ``tokenizer`` or ``model.tokenizer``) or token ids;
     ``state`` (batch 1, not modified) is what the prompt continues (None: the initial state).
-    Settings errors are raised here, before any token is generated.
+    ``cuda_graphs``: on a GPU, decode through a CUDA graph (default; the same numbers) or,
+    with False, eagerly. Settings errors are raised here, before any token is generated.
     """
     params = _resolve_params(params, overrides)
     tokenizer = _tokenizer_of(model, tokenizer)
@@ -703,7 +702,7 @@ def stream(
         raise GenerationError(f"state has batch size {state.batch_size}; a single prompt needs a batch-1 state")
 
     def pieces() -> Generator[str, None, GenerationResult]:
-        results = yield from _strip_rows(_run(model, [ids], [state], params, tokenizer, chunk_len))
+        results = yield from _strip_rows(_run(model, [ids], [state], params, tokenizer, chunk_len, cuda_graphs))
         return results[0]
 
     return TextStream(pieces())
@@ -730,11 +729,13 @@ def complete(
     tokenizer: Any = None,
     callback: Callable[[str], None] | None = None,
     chunk_len: int = DEFAULT_CHUNK_LEN,
+    cuda_graphs: bool = True,
     **overrides: Any,
 ) -> GenerationResult:
     """Generate and return the full :class:`GenerationResult` (text, tokens, state, why it
     stopped). ``callback`` gets each text piece as it becomes available (as :func:`stream`)."""
-    s = stream(model, prompt, params, state=state, tokenizer=tokenizer, chunk_len=chunk_len, **overrides)
+    s = stream(model, prompt, params, state=state, tokenizer=tokenizer, chunk_len=chunk_len,
+               cuda_graphs=cuda_graphs, **overrides)
     for piece in s:
         if callback is not None:
             callback(piece)
@@ -751,13 +752,14 @@ def generate(
     tokenizer: Any = None,
     callback: Callable[[str], None] | None = None,
     chunk_len: int = DEFAULT_CHUNK_LEN,
+    cuda_graphs: bool = True,
     **overrides: Any,
 ) -> str:
     """Generate a continuation of ``prompt`` and return its text (see :func:`complete`
     for the tokens and final state, :func:`stream` for an iterator)."""
     return complete(
         model, prompt, params, state=state, tokenizer=tokenizer, callback=callback,
-        chunk_len=chunk_len, **overrides,
+        chunk_len=chunk_len, cuda_graphs=cuda_graphs, **overrides,
     ).text
 
 
@@ -770,6 +772,7 @@ def generate_batch(
     tokenizer: Any = None,
     callback: Callable[[int, str], None] | None = None,
     chunk_len: int = DEFAULT_CHUNK_LEN,
+    cuda_graphs: bool = True,
     **overrides: Any,
 ) -> list[GenerationResult]:
     """Generate for several prompts at once; one :class:`GenerationResult` per prompt, in order.
@@ -789,7 +792,9 @@ def generate_batch(
     ``states``: None, one batch-1 state shared by every prompt (e.g. a system prompt), a
     state with one row per prompt, or a list of per-prompt states (None entries allowed):
     the model's own state type (``RecurrentState``, ``GoldFinchState``, ``KVCacheState``).
-    ``callback(row, piece)`` receives text pieces as they become available.
+    ``callback(row, piece)`` receives text pieces as they become available. ``cuda_graphs``
+    as in :func:`stream` (a batch decodes in a graph of the next power-of-two size, padded;
+    it moves to a smaller one when finished rows halve the batch).
     """
     params = _resolve_params(params, overrides)
     tokenizer = _tokenizer_of(model, tokenizer)
@@ -819,7 +824,7 @@ def generate_batch(
                 raise GenerationError(f"states[{i}] has batch size {st.batch_size}; expected 1")
     else:
         raise GenerationError(f"states must be a model state or a list of them, got {type(states).__name__}")
-    events = _run_groups(model, ids, per_row, params, tokenizer, chunk_len)
+    events = _run_groups(model, ids, per_row, params, tokenizer, chunk_len, cuda_graphs)
     while True:
         try:
             row, piece = next(events)
@@ -836,6 +841,7 @@ def _run_groups(
     params: SamplingParams,
     tokenizer: Any,
     chunk_len: int,
+    cuda_graphs: bool = True,
 ) -> Generator[tuple[int, str], None, list[GenerationResult]]:
     """:func:`_run` over the rows grouped by the cache length they will have after their
     prompt (rows of one batch share a cache length; states without a cache are all 0)."""
@@ -845,10 +851,11 @@ def _run_groups(
         length = len(ids) + (st.cache_length if st is not None else 0) if cached else 0
         groups.setdefault(length, []).append(row)
     if len(groups) == 1:
-        return (yield from _run(model, prompts, states, params, tokenizer, chunk_len))
+        return (yield from _run(model, prompts, states, params, tokenizer, chunk_len, cuda_graphs))
     results: list[GenerationResult | None] = [None] * len(prompts)
     for rows in groups.values():
-        events = _run(model, [prompts[r] for r in rows], [states[r] for r in rows], params, tokenizer, chunk_len)
+        events = _run(model, [prompts[r] for r in rows], [states[r] for r in rows], params, tokenizer, chunk_len,
+                      cuda_graphs)
         while True:
             try:
                 i, piece = next(events)
@@ -893,7 +900,7 @@ class ChatSession:
     blank line too.
 
     ``system``: text prefilled once at the start (followed by a blank line); :meth:`reset`
-    goes back to the state right after it.
+    goes back to the state right after it. ``cuda_graphs`` as in :func:`stream`.
     """
 
     def __init__(
@@ -905,6 +912,7 @@ class ChatSession:
         tokenizer: Any = None,
         state: RecurrentState | None = None,
         chunk_len: int = DEFAULT_CHUNK_LEN,
+        cuda_graphs: bool = True,
         **overrides: Any,
     ) -> None:
         self.model = model
@@ -913,6 +921,7 @@ class ChatSession:
         if self.tokenizer is None:
             raise GenerationError("chat needs a tokenizer: the model has none; pass tokenizer=...")
         self.chunk_len = chunk_len
+        self.cuda_graphs = cuda_graphs
         self.initial_state = state
         if system:
             text = system.rstrip("\n") + "\n\n"
@@ -934,7 +943,7 @@ class ChatSession:
         before = self.state
         inner = stream(
             self.model, prompt_ids, self.params, state=before, tokenizer=self.tokenizer,
-            chunk_len=self.chunk_len,
+            chunk_len=self.chunk_len, cuda_graphs=self.cuda_graphs,
         )
 
         def pieces() -> Generator[str, None, GenerationResult]:
