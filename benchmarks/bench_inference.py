@@ -9,12 +9,16 @@
 
 CPU: ours with float32, bfloat16 and int8 weights (``load_model(dtype=..., quantize=...)``)
 against the reference at ``cpu fp32`` with RWKV_JIT_ON=1. GPU: ours with bf16 and fp16
-weights against the reference at ``cuda fp16`` (with its CUDA kernel when it compiles).
-Prefill tokens/s at T=--prefill (batch 1, last logits only) and decode tokens/s at batch 1
-(one token per call; ours through ``model.step_``), each the median of --repeats runs taken
-in turns (reference, ours, ours, ..., reference, ...) so that a change of load on a shared
-machine hits every system alike; then our batched decoding throughput. Ratios are ours /
-reference from this run. ``--out FILE`` writes everything as JSON.
+weights, decoding through a CUDA graph (what generation uses) and eagerly, against the
+reference at ``cuda fp16`` with RWKV_CUDA_ON=1 (its CUDA kernel, built with nvcc and ninja at
+import; without it if that fails, which the label says). Prefill tokens/s at T=--prefill
+(batch 1, last logits only) and decode tokens/s at batch 1 (one token per call; ours through
+``model.step_`` or its CUDA graph), each the median of --repeats runs taken in turns
+(reference, ours, ours, ..., reference, ...) so that a change of load on a shared machine
+hits every system alike; then our batched decoding throughput against the memory-bandwidth
+bound (measured read bandwidth / bytes per step), and on a GPU prefill throughput at larger
+shapes against the matrix-product ceiling (measured). Ratios are ours / reference from this
+run. ``--out FILE`` writes everything as JSON.
 
 The random checkpoint comes from ``tests/official_files.py`` (official keys and shapes, bf16
 storage like the released files) and is written to a temporary directory.
@@ -40,9 +44,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from rwkvkit import load_model  # noqa: E402
 from rwkvkit.benchmark import (  # noqa: E402
-    device_name, read_bandwidth, seconds, start_decoding, time_decode, time_prefill,
-    weight_bytes_per_token,
+    device_name, matmul_flops, prefill_flops_per_token, read_bandwidth, seconds, start_decoding, time_decode,
+    time_prefill, weight_bytes_per_token,
 )
+from rwkvkit.cuda_graphs import GraphedStep  # noqa: E402
 
 LORA = {768: (64, 64, 32, 128), 256: (32, 32, 32, 64)}
 
@@ -60,19 +65,24 @@ def make_checkpoint(directory: Path, layers: int, width: int, vocab: int) -> Pat
 
 # -- the systems under test -------------------------------------------------------------------
 class Ours:
-    def __init__(self, label: str, path: Path, device: str, **load_args) -> None:
-        self.label = label
-        self.model = load_model(path, device=device, **load_args)
-        self.device = self.model.device
+    """One of our set-ups: a loaded model, decoding eagerly or through a CUDA graph
+    (``graphs``); ``prefill`` says whether its prefill is timed (the graph and eager twins of
+    one model prefill alike, so only one of them is)."""
+
+    def __init__(self, label: str, model: torch.nn.Module, *, graphs: bool = False, prefill: bool = True) -> None:
+        self.label, self.model, self.graphs, self.prefill = label, model, graphs, prefill
+        self.device = model.device
 
     def prefill_seconds(self, tokens: torch.Tensor) -> float:
-        return time_prefill(self.model, tokens[None])
+        return time_prefill(self.model, tokens if tokens.dim() == 2 else tokens[None])
 
     def decode_setup(self, batch_size: int = 1):
-        return start_decoding(self.model, batch_size)
+        state = start_decoding(self.model, batch_size)
+        return state, (GraphedStep(self.model, state) if self.graphs else None)
 
-    def decode_seconds(self, state, tokens: torch.Tensor) -> float:
-        return time_decode(self.model, state, tokens[:, None] if tokens.dim() == 1 else tokens)
+    def decode_seconds(self, setup, tokens: torch.Tensor) -> float:
+        state, graph = setup
+        return time_decode(self.model, state, tokens[:, None] if tokens.dim() == 1 else tokens, graph=graph)
 
 
 class Reference:
@@ -85,6 +95,10 @@ class Reference:
         self.label = "reference (rwkv 0.8.32, " + ("cuda fp16" if cuda else "cpu fp32") + ")"
         self.device = torch.device(device)
         self.kernel = False
+        self.prefill = True
+        # The package turns on TF32 matrix products and cuDNN autotuning for the whole
+        # process when it is imported; ours are put back afterwards.
+        flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
         for cuda_kernel in ([True, False] if cuda else [False]):
             os.environ["RWKV_CUDA_ON"] = "1" if cuda_kernel else "0"
             for name in [m for m in sys.modules if m == "rwkv.model"]:
@@ -99,6 +113,7 @@ class Reference:
                 if not cuda_kernel:
                     raise
                 print(f"# reference CUDA kernel unavailable ({type(exc).__name__}: {str(exc)[:120]}); using RWKV_CUDA_ON=0")
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
         if cuda:
             self.label += ", CUDA kernel" if self.kernel else ", no CUDA kernel"
 
@@ -136,7 +151,8 @@ def in_turns(systems, make_run, repeats: int) -> dict[str, float]:
 def compare(systems, args) -> dict:
     prompt = torch.randint(1, args.vocab_size, (args.prefill,), generator=torch.Generator().manual_seed(0))
     steps = torch.randint(1, args.vocab_size, (args.steps,), generator=torch.Generator().manual_seed(1))
-    prefill = in_turns(systems, lambda s: (lambda: s.prefill_seconds(prompt)), args.repeats)
+    timed = [s for s in systems if s.prefill]
+    prefill = in_turns(timed, lambda s: (lambda: s.prefill_seconds(prompt)), args.repeats)
 
     def decode_run(s):
         state = s.decode_setup()
@@ -144,7 +160,8 @@ def compare(systems, args) -> dict:
 
     decode = in_turns(systems, decode_run, args.repeats)
     return {
-        s.label: {"prefill_tokens_per_s": args.prefill / prefill[s.label], "decode_tokens_per_s": args.steps / decode[s.label]}
+        s.label: {"prefill_tokens_per_s": args.prefill / prefill[s.label] if s.label in prefill else None,
+                  "decode_tokens_per_s": args.steps / decode[s.label]}
         for s in systems
     }
 
@@ -154,12 +171,29 @@ def batched(ours: list[Ours], batch_sizes: list[int], args) -> dict:
     for system in ours:
         row = {}
         for B in batch_sizes:
-            state = system.decode_setup(B)
-            steps = max(4, args.steps * 4 // max(B, 4))
+            setup = system.decode_setup(B)
+            # A CPU step grows with the batch; a GPU step hardly does at small batches.
+            steps = args.steps if system.device.type == "cuda" else max(4, args.steps * 4 // max(B, 4))
             ids = torch.randint(1, args.vocab_size, (steps, B), generator=torch.Generator().manual_seed(2))
-            system.decode_seconds(state, ids[:2])
-            t = statistics.median(system.decode_seconds(state, ids) for _ in range(args.repeats))
+            system.decode_seconds(setup, ids[:2])
+            t = statistics.median(system.decode_seconds(setup, ids) for _ in range(args.repeats))
             row[B] = B * steps / t
+            del setup
+        out[system.label] = row
+    return out
+
+
+def prefill_shapes(ours: list[Ours], shapes: list[tuple[int, int]], args) -> dict:
+    """Prefill tokens/s at each (batch, length), through ``generation.prefill`` (chunks of
+    512 tokens, last logits only)."""
+    out = {}
+    for system in ours:
+        row = {}
+        for B, T in shapes:
+            tokens = torch.randint(1, args.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+            system.prefill_seconds(tokens)
+            t = statistics.median(system.prefill_seconds(tokens) for _ in range(args.repeats))
+            row[f"{B}x{T}"] = B * T / t
         out[system.label] = row
     return out
 
@@ -242,23 +276,52 @@ print(base, peak, t)
 
 
 # -- output -----------------------------------------------------------------------------------
-def print_comparison(res: dict, ref_label: str, args) -> None:
-    ref = res[ref_label]
+def print_comparison(res: dict, ref_label: str | None, args) -> None:
+    ref = res.get(ref_label) if ref_label else None
+
+    def ratio(r, key):
+        return f"{r[key] / ref[key]:.2f}" if ref and r[key] and ref[key] else "-"
+
     print(f"\n| system | prefill T={args.prefill} tokens/s | x ref | decode batch 1 tokens/s | x ref |")
     print("|---|---|---|---|---|")
     for label, r in res.items():
-        print(f"| {label} | {r['prefill_tokens_per_s']:,.1f} | {r['prefill_tokens_per_s'] / ref['prefill_tokens_per_s']:.2f} "
-              f"| {r['decode_tokens_per_s']:,.1f} | {r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f} |")
+        prefill = f"{r['prefill_tokens_per_s']:,.1f}" if r["prefill_tokens_per_s"] else "(as above)"
+        print(f"| {label} | {prefill} | {ratio(r, 'prefill_tokens_per_s')} "
+              f"| {r['decode_tokens_per_s']:,.1f} | {ratio(r, 'decode_tokens_per_s')} |")
 
 
-def print_batched(res: dict, bytes_per_token: dict, bandwidth: float) -> None:
+def decode_bound(batch: int, weight_bytes: int, state_bytes: int, bandwidth: float) -> float:
+    """Tokens/s if a step only read the weights once and read and wrote each row's state."""
+    return batch * bandwidth / (weight_bytes + 2 * state_bytes * batch)
+
+
+def print_batched(res: dict, sizes_bytes: dict, bandwidth: float) -> None:
     sizes = list(next(iter(res.values())))
-    print("\n| ours: decode tokens/s at batch | " + " | ".join(str(b) for b in sizes) + " | weights per token | bound at batch 1 |")
-    print("|---" * (len(sizes) + 3) + "|")
+    print("\n| ours: decode tokens/s (share of the bandwidth bound) at batch | " + " | ".join(str(b) for b in sizes) + " |")
+    print("|---" * (len(sizes) + 1) + "|")
     for label, row in res.items():
-        nbytes = bytes_per_token[label]
-        print(f"| {label} | " + " | ".join(f"{row[b]:,.0f}" for b in sizes)
-              + f" | {nbytes / 1e6:,.0f} MB | {bandwidth / nbytes:,.1f} |")
+        w, st = sizes_bytes[label]
+        print(f"| {label} | " + " | ".join(f"{row[b]:,.0f} ({row[b] / decode_bound(b, w, st, bandwidth):.0%})" for b in sizes) + " |")
+    for label, (w, st) in sizes_bytes.items():
+        if "eager" not in label:
+            print(f"| bound, {label.split(',')[0]} ({w / 1e6:,.0f} MB weights, {st / 1e6:.1f} MB state/row) | "
+                  + " | ".join(f"{decode_bound(b, w, st, bandwidth):,.0f}" for b in sizes) + " |")
+    graphs = [label for label in res if "CUDA graph" in label]
+    for label in graphs:
+        eager = label.replace("CUDA graph", "eager")
+        if eager in res:
+            print(f"| {label.split(',')[0]}: graph / eager | " + " | ".join(f"{res[label][b] / res[eager][b]:.1f}x" for b in sizes) + " |")
+
+
+def print_prefill(res: dict, flops_per_token: int, ceiling: dict) -> None:
+    shapes = list(next(iter(res.values())))
+    print("\n| ours: prefill tokens/s (share of the matrix-product ceiling) at batch x length | " + " | ".join(shapes) + " |")
+    print("|---" * (len(shapes) + 1) + "|")
+    for label, row in res.items():
+        peak = ceiling[label]
+        print(f"| {label} | " + " | ".join(f"{row[s]:,.0f} ({row[s] * flops_per_token / peak:.0%})" for s in shapes) + " |")
+    print(f"({flops_per_token / 1e6:,.0f} MFLOP per token in the block matrices; ceilings: "
+          + ", ".join(f"{k} {v / 1e12:,.0f} TFLOP/s" for k, v in ceiling.items()) + ")")
 
 
 def main() -> None:
@@ -270,10 +333,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--prefill", type=int, default=512, help="prompt length (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=32, help="decoded tokens per run (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="decoded tokens per run (default: 32 on CPU, 64 on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="runs per figure, median (default: 5 on CPU, 3 on CUDA)")
     p.add_argument("--batch", default=None, help="batch sizes for our batched decoding "
-                   "(default: 1,2,4,8,16,32,64 on CPU; 1,4,16,64,128,256 on CUDA)")
+                   "(default: 1,2,4,8,16,32,64 on CPU; 1,2,4,...,256 on CUDA)")
+    p.add_argument("--prefill-shapes", default="1x512,1x4096,8x4096",
+                   help="CUDA: prefill throughput at these batch x length shapes (default: %(default)s)")
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
     p.add_argument("--floor", action="store_true", help="only measure GEMM/GEMV/bandwidth (CPU)")
     p.add_argument("--long", type=int, default=0, metavar="T", help="only measure a T-token prefill's peak memory")
@@ -285,6 +350,9 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_inference: --device cuda but CUDA is not available")
+    gpu = device.type == "cuda"
+    args.steps = args.steps or (64 if gpu else 32)
+    args.repeats = args.repeats or (3 if gpu else 5)
     report = {"device": device_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "argv": sys.argv[1:]}
     print(f"# {report['device']}, torch {torch.__version__}, {report['date']}")
@@ -301,13 +369,16 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             path = args.model or make_checkpoint(Path(tmp), args.layers, args.width, args.vocab)
-            if device.type == "cuda":
-                ours = [Ours("ours bf16", path, "cuda", dtype=torch.bfloat16),
-                        Ours("ours fp16", path, "cuda", dtype=torch.float16)]
-                default_batches = "1,4,16,64,128,256"
+            if gpu:
+                ours = []
+                for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                    model = load_model(path, device="cuda", dtype=dtype)
+                    ours += [Ours(f"ours {name}, CUDA graph", model, graphs=True),
+                             Ours(f"ours {name}, eager", model, prefill=False)]
+                default_batches = ",".join(str(2**i) for i in range(9))
             else:
-                ours = [Ours("ours fp32", path, "cpu"), Ours("ours bf16", path, "cpu", dtype=torch.bfloat16),
-                        Ours("ours int8", path, "cpu", quantize="int8")]
+                ours = [Ours("ours fp32", load_model(path)), Ours("ours bf16", load_model(path, dtype=torch.bfloat16)),
+                        Ours("ours int8", load_model(path, quantize="int8"))]
                 default_batches = "1,2,4,8,16,32,64"
             args.vocab_size = ours[0].model.config.vocab_size
             cfg = ours[0].model.config
@@ -317,16 +388,28 @@ def main() -> None:
             if not args.no_reference:
                 systems.insert(0, Reference(path, args.device))
             report["compare"] = compare(systems, args)
-            if not args.no_reference:
-                print_comparison(report["compare"], systems[0].label, args)
+            print_comparison(report["compare"], None if args.no_reference else systems[0].label, args)
             bandwidth = read_bandwidth(device)
-            bytes_per_token = {o.label: weight_bytes_per_token(o.model) + 2 * o.model.state_nbytes(1) for o in ours}
+            sizes_bytes = {o.label: (weight_bytes_per_token(o.model), o.model.state_nbytes(1)) for o in ours}
             batch_sizes = [int(b) for b in (args.batch or default_batches).split(",")]
             report["batched"] = batched(ours, batch_sizes, args)
             report["bandwidth_GBps"] = bandwidth / 1e9
-            report["bytes_per_token"] = bytes_per_token
-            print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s; the bound is bandwidth / (weights + state read and written)")
-            print_batched(report["batched"], bytes_per_token, bandwidth)
+            report["weight_and_state_bytes"] = sizes_bytes
+            report["decode_bound_tokens_per_s"] = {
+                label: {b: decode_bound(b, w, st, bandwidth) for b in batch_sizes} for label, (w, st) in sizes_bytes.items()
+            }
+            print(f"\nread bandwidth {bandwidth / 1e9:,.0f} GB/s; the decode bound is batch x bandwidth / "
+                  "(weights + every row's state read and written)")
+            print_batched(report["batched"], sizes_bytes, bandwidth)
+            if gpu:
+                shapes = [tuple(int(n) for n in s.split("x")) for s in args.prefill_shapes.split(",") if s]
+                timed = [o for o in ours if o.prefill]
+                report["prefill"] = prefill_shapes(timed, shapes, args)
+                flops = prefill_flops_per_token(ours[0].model)
+                ceiling = {o.label: matmul_flops(device, o.model.dtype) for o in timed}
+                report["prefill_flops_per_token"] = flops
+                report["matmul_flops"] = ceiling
+                print_prefill(report["prefill"], flops, ceiling)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -3,9 +3,12 @@ memory-bandwidth bound on decoding.
 
 Decoding one token reads every weight once (the embedding only one row) and the state;
 at small batches that traffic, not arithmetic, sets the speed, so the bound is
-``read bandwidth / bytes per token`` (measured, not a datasheet figure). ``rwkvkit bench``
-prints :func:`measure` for one model; ``benchmarks/bench_inference.py`` compares several
-set-ups and the reference ``rwkv`` package in one run.
+``read bandwidth / bytes per token`` (measured, not a datasheet figure). On a GPU, decoding
+is timed through a CUDA graph (:mod:`rwkvkit.cuda_graphs`, what generation uses) and eagerly,
+for the ratio; prefill is compute-bound, so :func:`matmul_flops` and
+:func:`prefill_flops_per_token` give its bound. ``rwkvkit bench`` prints :func:`measure` for
+one model; ``benchmarks/bench_inference.py`` compares several set-ups and the reference
+``rwkv`` package in one run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cuda_graphs import GraphedStep, graph_unsupported_reason
 from .generation import DEFAULT_CHUNK_LEN, prefill
 from .quantize import Int8Linear
 
@@ -72,14 +76,17 @@ def start_decoding(model: torch.nn.Module, batch_size: int, prompt_len: int = 16
     return state
 
 
-def time_decode(model: torch.nn.Module, state, tokens: torch.Tensor) -> float:
-    """Seconds to decode ``tokens`` [steps, B] one step at a time with ``model.step_``
-    (``state`` advances in place). The ids are fixed in advance: sampling is not timed."""
+def time_decode(model: torch.nn.Module, state, tokens: torch.Tensor, *, graph: GraphedStep | None = None) -> float:
+    """Seconds to decode ``tokens`` [steps, B] one step at a time with ``model.step_``, or
+    by replaying ``graph`` (a :class:`~rwkvkit.cuda_graphs.GraphedStep` captured on
+    ``state``); ``state`` advances in place. The ids are fixed in advance and already on the
+    device: sampling is not timed."""
     tokens = tokens.to(model.device)
+    step = model.step_ if graph is None else graph.step_
 
     def run() -> None:
         for row in tokens:
-            model.step_(row, state)
+            step(row, state)
 
     return seconds(run, model.device)
 
@@ -102,6 +109,34 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+def prefill_flops_per_token(model: torch.nn.Module) -> int:
+    """Multiply-add FLOPs per prompt token in the blocks' matrices (2 per weight; the head
+    runs for the last token only, the WKV recurrence is not counted): what bounds prefill."""
+    total = 0
+    for name, module in model.named_modules():
+        if not name.startswith("blocks."):
+            continue
+        if isinstance(module, Int8Linear):
+            total += 2 * module.in_features * module.out_features
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() == 2 and min(p.shape) > 1:
+                total += 2 * p.numel()
+    return total
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192, repeats: int = 5) -> float:
+    """FLOP/s of one large square matrix product in ``dtype`` on ``device`` (the median of
+    ``repeats``): the compute ceiling that prefill is compared with."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(0) if device.type == "cuda" else torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=g).to(dtype)
+    b = torch.randn(size, size, device=device, generator=g).to(dtype)
+    a @ b
+    times = [seconds(lambda: a @ b, device) for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(times)
+
+
 def read_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     """Bytes per second at which the device reads a buffer much larger than its caches
     (the median of ``repeats`` sums over ``nbytes``)."""
@@ -119,6 +154,8 @@ class BenchResult:
     prefill_len: int
     prefill_tokens_per_s: float
     decode_tokens_per_s: dict[int, float] = field(default_factory=dict)  # batch size -> tokens/s
+    decode_mode: str = "eager"  # how decode_tokens_per_s was measured: "eager" or "CUDA graph"
+    decode_eager_tokens_per_s: dict[int, float] = field(default_factory=dict)  # with CUDA graphs: eager too
     weight_bytes: int = 0
     state_bytes: int = 0  # one row's state (read and written per token)
     bandwidth: float = 0.0  # bytes/s
@@ -139,9 +176,11 @@ def measure(
     steps: int = 32,
     repeats: int = 3,
     bandwidth: float | None = None,
+    cuda_graphs: bool = True,
 ) -> BenchResult:
     """Prefill tokens/s at ``prefill_len`` (batch 1) and decode tokens/s at each batch size,
-    each the median of ``repeats`` runs after a warm-up run."""
+    each the median of ``repeats`` runs after a warm-up run. Where the model can decode
+    through a CUDA graph (and ``cuda_graphs``), decoding is timed through it and eagerly."""
     device = model.device
     tokens = random_tokens(model, (1, prefill_len))
     time_prefill(model, tokens)
@@ -151,12 +190,17 @@ def measure(
         weight_bytes=weight_bytes_per_token(model), state_bytes=model.state_nbytes(1),
         bandwidth=read_bandwidth(device) if bandwidth is None else bandwidth,
     )
+    graphs = cuda_graphs and graph_unsupported_reason(model) is None
+    if graphs:
+        result.decode_mode = "CUDA graph"
     for B in batch_sizes:
         state = start_decoding(model, B)
-        ids = random_tokens(model, (steps, B), seed=1)
-        time_decode(model, state, ids[: max(1, steps // 4)])
-        t = statistics.median(time_decode(model, state, ids) for _ in range(repeats))
-        result.decode_tokens_per_s[B] = B * steps / t
+        ids = random_tokens(model, (steps, B), seed=1).to(device)
+        for graph in ([GraphedStep(model, state)] if graphs else []) + [None]:
+            time_decode(model, state, ids[: max(1, steps // 4)], graph=graph)
+            t = statistics.median(time_decode(model, state, ids, graph=graph) for _ in range(repeats))
+            out = result.decode_tokens_per_s if graph is not None or not graphs else result.decode_eager_tokens_per_s
+            out[B] = B * steps / t
     return result
 
 
@@ -170,5 +214,9 @@ def format_result(result: BenchResult) -> str:
     ]
     for B, tps in result.decode_tokens_per_s.items():
         share = tps / result.bound(B) if result.bandwidth else float("nan")
-        lines.append(f"decode batch {B:<4}       {tps:,.1f} tokens/s ({share:.0%} of the bandwidth bound {result.bound(B):,.1f})")
+        line = f"decode batch {B:<4}       {tps:,.1f} tokens/s ({share:.0%} of the bandwidth bound {result.bound(B):,.1f})"
+        eager = result.decode_eager_tokens_per_s.get(B)
+        if eager:
+            line += f", {result.decode_mode}; eager {eager:,.1f} ({tps / eager:.1f}x)"
+        lines.append(line)
     return "\n".join(lines) + "\n"

@@ -5,6 +5,9 @@
     rwkvkit info PATH [--json]
     rwkvkit bench [MODEL] [--device D] [--dtype T] [--quantize int8] [--prefill T] [--batch 1,8]
 
+``--no-cuda-graphs`` (generate, chat, bench): on a GPU, decode eagerly instead of through a
+CUDA graph.
+
 Errors that are the user's (every :class:`RwkvkitError`, and OSError for files) print one
 line ``rwkvkit: error: <message>`` on stderr and exit 1; Ctrl-C exits 130.
 
@@ -80,6 +83,8 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: the big matrices in int8 (about 4x fewer bytes per token than fp32)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on a GPU, decode eagerly instead of replaying a CUDA graph per token")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, defaults: Any) -> None:
@@ -161,7 +166,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             prompt = prompt[:-1]
     model = _load(args)
     out = sys.stdout
-    for piece in stream(model, prompt, params):
+    for piece in stream(model, prompt, params, cuda_graphs=args.cuda_graphs):
         _write(out, piece)
     if out.isatty():
         _write(out, "\n")
@@ -184,7 +189,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     params = _sampling_params(args, SamplingParams.chat())
     model = _load(args)
     system = _unescape(args.system) if args.system else None
-    session = ChatSession(model, params, system=system)
+    session = ChatSession(model, params, system=system, cuda_graphs=args.cuda_graphs)
     out, interactive = sys.stdout, sys.stdin.isatty()
     if interactive:
         print("rwkvkit chat: /reset starts over, /exit (or Ctrl-D) quits", file=sys.stderr)
@@ -308,7 +313,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(f"device   {model.device.type}: {device_name(model.device)}")
     print(f"weights  {weights}")
     result = measure(model, label=weights, prefill_len=args.prefill, batch_sizes=args.batch,
-                     steps=args.steps, repeats=args.repeats)
+                     steps=args.steps, repeats=args.repeats, cuda_graphs=args.cuda_graphs)
     sys.stdout.write(format_result(result))
     return 0
 

@@ -65,14 +65,13 @@ WARMUP_STEPS = 3
 
 def graph_unsupported_reason(model: nn.Module) -> str | None:
     """None when ``model.step_`` can be captured as a CUDA graph; otherwise why not."""
-    device = getattr(model, "device", None)
-    if not isinstance(device, torch.device) or device.type != "cuda":
-        return f"the model is on {device}, not a CUDA device"
     if not isinstance(model, RWKVModel):
         arch = getattr(model, "arch", type(model).__name__)
         return f"{arch}: its state is a growing cache, so each step allocates new tensors"
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         return "int8 layers (quantize='int8' is a CPU feature; on CUDA they run eagerly)"
+    if model.device.type != "cuda":
+        return f"the model is on {model.device}, not a CUDA device"
     return None
 
 
