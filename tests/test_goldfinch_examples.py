@@ -59,9 +59,38 @@ def test_mqar_data():
 
 
 def test_mqar_tiny_run(tmp_path, capsys):
-    report = load_script("mqar").main(["--tiny", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "r.json")])
+    mqar = load_script("mqar")
+    report = mqar.main(["--tiny", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "r.json")])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert [r["arch"] for r in saved["results"]] == ["llama", "finch", "finch-c2", "goldfinch"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 for r in saved["results"])
-    assert "| goldfinch |" in capsys.readouterr().out
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 2 and r["ms_per_step"] > 0 for r in saved["results"])
+    out = capsys.readouterr().out
+    assert "| goldfinch |" in out and f"plot: {tmp_path / 'r.png'}" in out
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    again = mqar.main(["--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "again.png")])
+    assert again == saved and (tmp_path / "again.png").is_file()
+    assert mqar.table(saved["results"]) in capsys.readouterr().out
+
+
+def test_mqar_queries_are_the_scored_positions():
+    mqar = load_script("mqar")
+    x, y = mqar.mqar_batch(6, 64, 8, 128, torch.Generator().manual_seed(1))
+    q = mqar.Queries.of(x, y, torch.device("cpu"))
+    assert q.pos.shape == q.val.shape == (6, 8)
+    for i in range(6):
+        scored = (y[i] != -100).nonzero().flatten()
+        assert q.pos[i].tolist() == scored.tolist() and q.val[i].tolist() == y[i, scored].tolist()
+
+
+def test_mqar_parallel_runs_equal_the_serial_ones(tmp_path, capsys):
+    """--parallel (one process per run; here on the CPU) gives the serial run's numbers."""
+    mqar = load_script("mqar")
+    common = ["--tiny", "--no-progress", "--device", "cpu", "--archs", "llama,goldfinch", "--no-plot"]
+    serial = mqar.main(common + ["--out", str(tmp_path / "serial.json")])
+    parallel = mqar.main(common + ["--parallel", "--per-gpu", "2", "--out", str(tmp_path / "par.json")])
+    keep = ("arch", "seq_len", "kv_pairs", "lr", "accuracy", "final_train_loss", "steps", "parameters")
+    assert [{k: r[k] for k in keep} for r in parallel["results"]] == [{k: r[k] for k in keep} for r in serial["results"]]
+    assert sorted(p.name for p in (tmp_path / "par_parts").iterdir()) == [
+        "goldfinch_32_4_lr0.003.json", "goldfinch_32_4_lr0.003.log", "llama_32_4_lr0.003.json", "llama_32_4_lr0.003.log"]
+    assert json.loads((tmp_path / "par.json").read_text())["settings"]["device"] == "parallel, one process per run: cpu"
