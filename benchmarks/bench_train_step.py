@@ -35,12 +35,14 @@ def fla_wkv7():
     decay_arg = "log_w" if "log_w" in inspect.signature(chunk_rwkv7).parameters else "w"  # (0.6.0: w)
 
     def wkv7(r, log_w, k, v, a, b, state):
-        log_w = log_w.to(r.dtype)  # fla's kernels want one input dtype (its layer passes bf16)
+        # fla's kernels want one dtype for every input and for the output gradient (its layer
+        # passes bf16 throughout), so everything goes in as bf16 and the output stays bf16.
+        r, log_w, k, v, a, b = (t.to(torch.bfloat16) for t in (r, log_w, k, v, a, b))
         o, s = chunk_rwkv7(
             r=r, k=k, v=v, a=a, b=b, scale=1.0, initial_state=state.transpose(-1, -2), output_final_state=True,
             chunk_size=64, safe_gate=True, lower_bound=-math.exp(-0.5), **{decay_arg: log_w},
         )[:2]
-        return o.to(state.dtype), s.transpose(-1, -2).to(state.dtype)
+        return o, s.transpose(-1, -2).to(state.dtype)
 
     return wkv7
 
