@@ -4,39 +4,37 @@ the float64 step reference (and the float32 chunked form at a large shape), with
 
 Runs on CUDA. Without CUDA or without triton the module skips, except that with
 RWKVKIT_TRITON_INTERPRET=1 a small set runs on CPU under the Triton interpreter (tiny shapes:
-the interpreter is slow). On the GPU every distinct kernel configuration compiles for 5-30 s, so
-almost every test uses the default configuration (chunk 64, block_t 16, automatic blocks).
+the interpreter is slow). The switch, the skips and the comparisons shared with the other
+version's tests are in tests/triton_checks.py. On the GPU every distinct kernel configuration
+compiles for 5-30 s, so almost every test uses the default configuration (chunk 64, block_t 16,
+automatic blocks).
 """
-
-import os
 
 import pytest
 import torch
+from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
+    DEVICE,
+    INTERPRET,
+    compare_one_output_used,
+    compare_with_chunked,
+    compare_with_reference,
+    gpu_only,
+    poison_buffers,
+)
 
-INTERPRET = os.environ.get("RWKVKIT_TRITON_INTERPRET") == "1"
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
+from conftest import rel_err
+from test_ops_wkv6 import wkv6_inputs
 
-pytest.importorskip("triton")
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs CUDA (or RWKVKIT_TRITON_INTERPRET=1 for the interpreter subset)", allow_module_level=True)
+from rwkvkit.ops import wkv6, wkv6_chunked, wkv6_reference
+from rwkvkit.ops.triton import wkv6 as kernels
+from rwkvkit.ops.triton import wkv6_triton, wkv6_triton_supports
 
-from conftest import rel_err  # noqa: E402
-from test_ops_wkv6 import wkv6_inputs  # noqa: E402
-
-from rwkvkit.ops import wkv6, wkv6_chunked, wkv6_reference  # noqa: E402
-from rwkvkit.ops.triton import wkv6 as kernels  # noqa: E402
-from rwkvkit.ops.triton import wkv6_triton, wkv6_triton_supports  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
 # head size of the small tests: tiny under the interpreter; on the GPU the size the GPU tests
 # use, so that they share compiled kernels
 NS = 16 if INTERPRET else 64
 NVB = 32 if INTERPRET else 64  # head size of the tests with two value blocks everywhere:
 VB = dict(block_v=NVB // 2, bwd_block_v=NVB // 2, scan_block=NVB // 2)
-gpu_only = pytest.mark.skipif(INTERPRET, reason="GPU only (too slow under the interpreter)")
 NAMES = ["r", "log_w", "k", "v", "u", "state"]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # the few non-default configurations the tests compile (GPU compile time)
 SMALL_CHUNK = dict(chunk_size=16)  # many chunks at small T: the sequential scans
 WIDE_BLOCK = dict(chunk_size=32, block_t=32)  # 32-row blocks: five levels
@@ -56,36 +54,11 @@ def make_inputs(B, T, H, N, *, decay="realistic"):
     return wkv6_inputs(B, T, H, N, decay=decay)
 
 
-def run_and_compare(x, *, dtype, logw_dtype=None, with_state=True, tol=None, **kw):
-    """Run the kernels (forward + backward with random output gradients) on ``x`` rounded to
-    ``dtype`` and compare y, the final state and all gradients with float64 autograd through
-    the step reference on the same rounded inputs."""
-    *inp, s0 = x
-    dtypes = [dtype] * 4 + [torch.float32]  # u stays float32, as the models keep it
-    if logw_dtype is not None:
-        dtypes[1] = logw_dtype
-    ours = [t.to(DEVICE, dt).requires_grad_() for t, dt in zip(inp, dtypes)]
-    if with_state:
-        ours.append(s0.to(DEVICE).requires_grad_())
-    y, s = wkv6_triton(*ours, **kw)
-    assert y.dtype == kw.get("out_dtype", dtype) and s.dtype == torch.float32
-    gy, gs = torch.randn(y.shape), torch.randn(s.shape)
-    got = torch.autograd.grad((y.float() * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), ours)
-
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
-    y_ref, s_ref = wkv6_reference(*ref_in)
-    ref = torch.autograd.grad((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum(), ref_in)
-
-    tol = tol or TOL[dtype]
-    errors = {"y": rel_err(y, y_ref), "final state": rel_err(s, s_ref)}
-    for name, g, g_ref, t in zip(NAMES, got, ref, ours):
-        assert g.dtype == t.dtype, f"grad {name} has dtype {g.dtype}, input {t.dtype}"
-        errors["d" + name] = rel_err(g, g_ref)
-    for name, out in [("y", y), ("final state", s)] + list(zip(NAMES, got)):
-        assert torch.isfinite(out).all(), f"{name} has NaN/inf"
-    bad = {k: v for k, v in errors.items() if not v < tol}
-    assert not bad, f"errors above {tol}: {bad} (all: {errors})"
-    return errors
+def run_and_compare(x, *, dtype, logw_dtype=None, **kw):
+    """compare_with_reference: r, k, v in ``dtype``, log_w in ``logw_dtype`` (default
+    ``dtype``), u float32 (as the models keep it)."""
+    dtypes = [dtype, logw_dtype or dtype, dtype, dtype, torch.float32]
+    return compare_with_reference(wkv6_triton, wkv6_reference, NAMES, x, dtypes, **kw)
 
 
 # --- interpreter-sized tests (also run on GPU) ----------------------------------------------
@@ -140,11 +113,7 @@ def test_rwkv5_constant_decay(seed):
 
 def test_every_output_element_written(seed, monkeypatch):
     """Outputs and gradient buffers start as NaN: the kernels must overwrite every element."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", poisoned)
+    poison_buffers(monkeypatch, kernels)
     run_and_compare(make_inputs(2, 19, 1, NS), dtype=torch.float32)
     run_and_compare(make_inputs(1, 35, 2, NS), dtype=torch.float32, **SMALL_CHUNK)
     run_and_compare(make_inputs(1, 45, 1, NVB), dtype=torch.float32, **VB, **WIDE_BLOCK)
@@ -200,19 +169,7 @@ def test_memory_accesses_in_bounds(seed, monkeypatch):
 
 def test_only_one_output_used(seed):
     """Backward with only y or only the final state in the loss (the other gradient is None)."""
-    *inp, s0 = make_inputs(1, 18, 1, NS)
-    ours = [t.to(DEVICE).requires_grad_() for t in inp + [s0]]
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
-    for pick in (0, 1):
-        out = wkv6_triton(*ours)[pick]
-        out_ref = wkv6_reference(*ref_in)[pick]
-        got = torch.autograd.grad(out.sum(), ours)
-        ref = torch.autograd.grad(out_ref.sum(), ref_in, allow_unused=True, materialize_grads=True)
-        for name, g, g_ref in zip(NAMES, got, ref):
-            if name in ("r", "u") and pick == 1:  # the final state depends on neither
-                assert not g.any(), f"grad {name} should be zero, seed {seed}"
-                continue
-            assert rel_err(g, g_ref) < 1e-4, f"output {pick}, grad {name}, seed {seed}"
+    compare_one_output_used(wkv6_triton, wkv6_reference, NAMES, make_inputs(1, 18, 1, NS), not_in_state=("r", "u"))
 
 
 def test_state_not_modified_and_out_dtype(seed):
@@ -340,17 +297,5 @@ def test_dispatcher_uses_triton_on_cuda(seed, monkeypatch):
 def test_large_shape_vs_chunked(seed, dtype):
     """B=2, T=4096, H=4, N=64 against the float32 PyTorch chunked form (autograd) on the same
     (rounded) inputs: outputs, final state and all gradients."""
-    *inp, s0 = [t.cuda() for t in make_inputs(2, 4096, 4, 64, decay="mixed")]
-    dtypes = [dtype, torch.float32, dtype, dtype, torch.float32]
-    ours = [t.to(dt).requires_grad_() for t, dt in zip(inp, dtypes)] + [s0.clone().requires_grad_()]
-    ref_in = [t.detach().float().requires_grad_() for t in ours]
-    y, s = wkv6_triton(*ours)
-    y_ref, s_ref = wkv6_chunked(*ref_in)
-    gy, gs = torch.randn_like(y_ref), torch.randn_like(s_ref)
-    got = torch.autograd.grad((y.float() * gy).sum() + (s * gs).sum(), ours)
-    ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), ref_in)
-    tol = TOL[dtype]
-    assert rel_err(y, y_ref) < tol and rel_err(s, s_ref) < tol, f"seed {seed}"
-    for name, g, g_ref in zip(NAMES, got, ref):
-        assert torch.isfinite(g).all(), f"grad {name} not finite, seed {seed}"
-        assert rel_err(g, g_ref) < tol, f"grad {name}: {rel_err(g, g_ref):.2e}, seed {seed}"
+    x = make_inputs(2, 4096, 4, 64, decay="mixed")
+    compare_with_chunked(wkv6_triton, wkv6_chunked, NAMES, x, [dtype, torch.float32, dtype, dtype, torch.float32])

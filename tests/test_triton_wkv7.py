@@ -3,36 +3,33 @@ reference (and the float32 chunked form at a large shape).
 
 Runs on CUDA. Without CUDA or without triton the module skips, except that with
 RWKVKIT_TRITON_INTERPRET=1 a small set runs on CPU under the Triton interpreter (tiny shapes:
-the interpreter is slow).
+the interpreter is slow). The switch, the skips and the comparisons shared with the other
+version's tests are in tests/triton_checks.py.
 """
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
+from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
+    DEVICE,
+    compare_one_output_used,
+    compare_with_chunked,
+    compare_with_reference,
+    gpu_only,
+    poison_buffers,
+)
 
-INTERPRET = os.environ.get("RWKVKIT_TRITON_INTERPRET") == "1"
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernels are defined
+from conftest import rel_err
+from test_ops import wkv7_inputs
 
-pytest.importorskip("triton")
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs CUDA (or RWKVKIT_TRITON_INTERPRET=1 for the interpreter subset)", allow_module_level=True)
+from rwkvkit.ops import wkv7_chunked, wkv7_reference
+from rwkvkit.ops.triton import wkv7 as kernels
+from rwkvkit.ops.triton import wkv7_triton
+from rwkvkit.ops.triton.wkv7 import wkv7_recurrent
 
-from conftest import rel_err  # noqa: E402
-from test_ops import wkv7_inputs  # noqa: E402
-
-from rwkvkit.ops import wkv7_chunked, wkv7_reference  # noqa: E402
-from rwkvkit.ops.triton import wkv7 as kernels  # noqa: E402
-from rwkvkit.ops.triton import wkv7_triton  # noqa: E402
-from rwkvkit.ops.triton.wkv7 import wkv7_recurrent  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-gpu_only = pytest.mark.skipif(INTERPRET, reason="GPU only (too slow under the interpreter)")
 NAMES = ["r", "log_w", "k", "v", "a", "b", "state"]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def make_inputs(B, T, H, N, *, decay="realistic"):
@@ -48,36 +45,10 @@ def make_inputs(B, T, H, N, *, decay="realistic"):
     return wkv7_inputs(B, T, H, N, decay=decay)
 
 
-def run_and_compare(x, *, dtype, logw_dtype=None, with_state=True, tol=None, **kw):
-    """Run the kernel (forward + backward with random output gradients) on ``x`` rounded to
-    ``dtype`` and compare y, the final state and all gradients with float64 autograd through
-    the step reference on the same rounded inputs."""
-    *inp, s0 = x
-    dtypes = [dtype] * 6
-    if logw_dtype is not None:
-        dtypes[1] = logw_dtype
-    ours = [t.to(DEVICE, dt).requires_grad_() for t, dt in zip(inp, dtypes)]
-    if with_state:
-        ours.append(s0.to(DEVICE).requires_grad_())
-    y, s = wkv7_triton(*ours, **kw)
-    assert y.dtype == kw.get("out_dtype", dtype) and s.dtype == torch.float32
-    gy, gs = torch.randn(y.shape), torch.randn(s.shape)
-    got = torch.autograd.grad((y.float() * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), ours)
-
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
-    y_ref, s_ref = wkv7_reference(*ref_in)
-    ref = torch.autograd.grad((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum(), ref_in)
-
-    tol = tol or TOL[dtype]
-    errors = {"y": rel_err(y, y_ref), "final state": rel_err(s, s_ref)}
-    for name, g, g_ref, t in zip(NAMES, got, ref, ours):
-        assert g.dtype == t.dtype, f"grad {name} has dtype {g.dtype}, input {t.dtype}"
-        errors["d" + name] = rel_err(g, g_ref)
-    for name, out in [("y", y), ("final state", s)] + list(zip(NAMES, got)):
-        assert torch.isfinite(out).all(), f"{name} has NaN/inf"
-    bad = {k: v for k, v in errors.items() if not v < tol}
-    assert not bad, f"errors above {tol}: {bad} (all: {errors})"
-    return errors
+def run_and_compare(x, *, dtype, logw_dtype=None, **kw):
+    """compare_with_reference: every input in ``dtype`` (log_w in ``logw_dtype`` if given)."""
+    dtypes = [dtype, logw_dtype or dtype] + [dtype] * 4
+    return compare_with_reference(wkv7_triton, wkv7_reference, NAMES, x, dtypes, **kw)
 
 
 # --- interpreter-sized tests (also run on GPU) ----------------------------------------------
@@ -109,30 +80,15 @@ def test_small_mixed_dtypes(seed):
 
 def test_every_output_element_written(seed, monkeypatch):
     """Outputs and gradient buffers start as NaN: the kernels must overwrite every element."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "_empty", poisoned)
+    poison_buffers(monkeypatch, kernels)
     run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16)
     run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16)
 
 
 def test_only_one_output_used(seed):
     """Backward with only y or only the final state in the loss (the other gradient is None)."""
-    *inp, s0 = make_inputs(1, 18, 1, 16)
-    ours = [t.to(DEVICE).requires_grad_() for t in inp + [s0]]
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
-    for pick in (0, 1):
-        out = wkv7_triton(*ours, chunk_size=16)[pick]
-        out_ref = wkv7_reference(*ref_in)[pick]
-        got = torch.autograd.grad(out.sum(), ours)
-        ref = torch.autograd.grad(out_ref.sum(), ref_in, allow_unused=True, materialize_grads=True)
-        for name, g, g_ref in zip(NAMES, got, ref):
-            if name == "r" and pick == 1:  # the final state does not depend on r
-                assert not g.any(), f"grad r should be zero, seed {seed}"
-                continue
-            assert rel_err(g, g_ref) < 1e-4, f"output {pick}, grad {name}, seed {seed}"
+    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
+                            chunk_size=16)
 
 
 def test_state_not_modified_and_out_dtype(seed):
@@ -277,20 +233,7 @@ def test_varlen_gpu(seed):
 def test_large_shape_vs_chunked(seed, dtype):
     """B=2, T=4096, H=4, N=64 against the float32 PyTorch chunked form (autograd) on the same
     (rounded) inputs: outputs, final state and all gradients."""
-    x = [t.cuda() for t in make_inputs(2, 4096, 4, 64)]
-    *inp, s0 = x
-    ours = [t.to(dtype).requires_grad_() for t in inp] + [s0.clone().requires_grad_()]
-    ref_in = [t.detach().float().requires_grad_() for t in ours]
-    y, s = wkv7_triton(*ours)
-    y_ref, s_ref = wkv7_chunked(*ref_in)
-    gy, gs = torch.randn_like(y_ref), torch.randn_like(s_ref)
-    got = torch.autograd.grad((y.float() * gy).sum() + (s * gs).sum(), ours)
-    ref = torch.autograd.grad((y_ref * gy).sum() + (s_ref * gs).sum(), ref_in)
-    tol = TOL[dtype]
-    assert rel_err(y, y_ref) < tol and rel_err(s, s_ref) < tol, f"seed {seed}"
-    for name, g, g_ref in zip(NAMES, got, ref):
-        assert torch.isfinite(g).all(), f"grad {name} not finite, seed {seed}"
-        assert rel_err(g, g_ref) < tol, f"grad {name}: {rel_err(g, g_ref):.2e}, seed {seed}"
+    compare_with_chunked(wkv7_triton, wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64), [dtype] * 6)
 
 
 @gpu_only
