@@ -97,9 +97,11 @@ def _as_tokens(tokens: torch.Tensor | Sequence[int], batch_size: int) -> torch.T
 class GraphedStep:
     """``model.step_(tokens, state)`` captured as one CUDA graph on the tensors of ``state``.
 
-    Construction runs ``WARMUP_STEPS`` eager steps on a copy of ``state`` on a side stream,
-    then captures one step on ``state`` itself (capture runs nothing, so ``state`` is not
-    advanced). Afterwards :meth:`step_` copies the tokens into the static buffer
+    Construction runs one eager step on a copy of ``state`` (bad shapes, dtypes or devices
+    fail there, as in ``model.step_``) and ``WARMUP_STEPS`` more on a side stream, then
+    captures one step on ``state`` itself (capture runs nothing, so ``state`` is not
+    advanced); ``pool`` is a memory pool to share with other graphs
+    (``torch.cuda.graph_pool_handle()``; default: the graph's own). Afterwards :meth:`step_` copies the tokens into the static buffer
     ``self.tokens`` and replays: ``state`` advances in place and the logits land in
     ``self.logits`` [B, V] float32, the same tensor every time (copy it to keep it past the
     next step). The replayed numbers equal eager ``model.step_``'s: the same kernels run on
