@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from rwkvkit.ops import wkv7, wkv7_chunked, wkv7_reference
+from rwkvkit.ops import wkv7, wkv7_, wkv7_chunked, wkv7_reference, wkv7_step
 
 
 def wkv7_inputs(B, T, H, N, *, decay="realistic", dtype=torch.float32, gen=None):
@@ -74,6 +74,22 @@ def test_dispatcher_step_and_chunked_agree(seed):
         y, s = wkv7(*(z[:, t : t + 1] for z in x), s)
         ys.append(y)
     assert rel_err(torch.cat(ys, 1), y_all) < 1e-5 and rel_err(s, s_all) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_inplace_step_matches_reference(seed, dtype, tol):
+    """The in-place decoding step (``wkv7_``, on the CPU ``inplace.wkv7_step_``) against the
+    float64 reference step, token after token, with the state updated where it lies."""
+    *x, s0 = wkv7_inputs(2, 12, 3, 16, dtype=dtype)
+    ref = s0.double()
+    live = s0.clone()
+    ptr = live.data_ptr()
+    for t in range(12):
+        y_ref, ref = wkv7_step(*(z[:, t].double() for z in x), ref)
+        y = wkv7_(*(z[:, t] for z in x), live)
+        assert y.dtype == dtype and live.data_ptr() == ptr
+        assert rel_err(y, y_ref) < tol, f"token {t}, seed {seed}"
+    assert rel_err(live, ref) < tol, f"seed {seed}"
 
 
 def test_state_not_modified(seed):

@@ -90,16 +90,26 @@ def _prepack(q: torch.Tensor, scale: torch.Tensor) -> Any:
         torch.backends.quantized.engine = engine
 
 
-def _fbgemm_linear(x: torch.Tensor, packed: Any, levels: int) -> torch.Tensor:
-    """x [M, K] float32 -> x W^T [M, N] float32, activations quantized per row.
+@functools.lru_cache(maxsize=None)
+def _kernels() -> tuple[Any, Any]:
+    """fbgemm's two products: ``linear_dynamic`` (the input quantized over its own range by
+    the kernel) and ``linear_with_input_q_dq_qweight_dq_output_fp32`` (on a given grid).
 
-    The ops are called through their ``.default`` overloads: the overload packet inspects the
-    arguments in Python on every call (they include a packed-weights object), ~5 us each."""
+    Called below their Python wrappers: the overload packet inspects the arguments on every
+    call (~5 us), and an overload that takes a packed-weights object still scans them in
+    Python (~2 us); the operator itself (``_op``, where this torch has it) does neither."""
+    ops = torch.ops.quantized
+    overloads = (ops.linear_dynamic.default, ops.linear_with_input_q_dq_qweight_dq_output_fp32.default)
+    return tuple(getattr(op, "_op", op) for op in overloads)
+
+
+def _fbgemm_linear(x: torch.Tensor, packed: Any, levels: int) -> torch.Tensor:
+    """x [M, K] float32 -> x W^T [M, N] float32, activations quantized per row."""
+    dynamic, on_grid = _kernels()
     if x.shape[0] == 1:  # one row: the kernel's own per-call range is that row's (fewer ops)
-        return torch.ops.quantized.linear_dynamic.default(x, packed, levels < 127)
+        return dynamic(x, packed, levels < 127)
     m = x.abs().amax(dim=-1, keepdim=True).clamp_min_(_TINY)  # (linalg.vector_norm(inf) is 10x slower)
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default(x / m, 1.0 / levels, levels + 1, packed)
-    return y.mul_(m)
+    return on_grid(x / m, 1.0 / levels, levels + 1, packed).mul_(m)
 
 
 class Int8Linear(nn.Module):
@@ -142,15 +152,16 @@ class Int8Linear(nn.Module):
         return q.float() * scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        packed = self.packed
+        if packed is not None and x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous():
+            return _fbgemm_linear(x, packed, self.levels)  # decoding: no reshapes, fewest checks
+        if packed is None:
             q, scale = self.qweight, self.scale
             return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise RuntimeError(f"Int8Linear: weights packed for the CPU, input on {x.device}; quantize on the target device")
-        if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():  # decoding: no reshapes
-            return _fbgemm_linear(x, self.packed, self.levels)
         shape = x.shape
-        y = _fbgemm_linear(x.reshape(-1, shape[-1]).float().contiguous(), self.packed, self.levels)
+        y = _fbgemm_linear(x.reshape(-1, shape[-1]).float().contiguous(), packed, self.levels)
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     # -- state dict: the official float ``weight`` key -------------------------------------
@@ -172,6 +183,52 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         kernel = f"fbgemm, {8 if self.levels == 127 else 7}-bit activations" if self.packed is not None else "weight-only"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({kernel})"
+
+
+class Int8Rows:
+    """Several matrices with one input size, quantized and packed as one int8 matrix, for
+    products in which each matrix has its own input rows (one token's differently mixed
+    inputs to several projections):
+
+        rows [n, B, in] -> [rows[0] W_0^T, ..., rows[n-1] W_(n-1)^T], each [B, out_i]
+
+    One kernel call multiplies all n B rows by the stacked matrix and keeps the diagonal
+    blocks. Decoding is bound by reading the weights, which this does once, as n separate
+    products would; the n-fold arithmetic is what such a product leaves idle, and one call
+    instead of n saves n - 1 calls' fixed cost (~15-30 us each on a CPU). For one token
+    (B == 1) the kernel quantizes the n rows over their common range (the mixes of one token
+    span similar ranges); for several, each row is scaled on its own as in
+    :class:`Int8Linear`, so rows of a batch do not affect each other. A plain object, not a
+    module: it is derived from weights that the model keeps in their official form.
+    Needs PyTorch's fbgemm engine (x86; see :func:`int8_rows_supported`).
+    """
+
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        levels = _fbgemm_activation_levels()
+        if levels is None:
+            raise ConfigError("Int8Rows: this PyTorch has no fbgemm int8 kernels (x86 CPU builds have them)")
+        self.levels = levels
+        self.sizes = [w.shape[0] for w in weights]
+        self.packed = _prepack(*quantize_int8_per_channel(torch.cat([w.detach().float().cpu() for w in weights])))
+
+    def __call__(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        n, B, K = rows.shape
+        x = rows.reshape(n * B, K).float().contiguous()  # (no copies for float32 [n, B, K] rows)
+        if B == 1:
+            y = _kernels()[0](x, self.packed, self.levels < 127)
+        else:
+            y = _fbgemm_linear(x, self.packed, self.levels)
+        y = y.to(rows.dtype).view(n, B, -1)
+        out, start = [], 0
+        for i, size in enumerate(self.sizes):
+            out.append(y[i, :, start : start + size])
+            start += size
+        return out
+
+
+def int8_rows_supported() -> bool:
+    """Whether :class:`Int8Rows` (fbgemm's int8 kernels) is available here."""
+    return _fbgemm_activation_levels() is not None
 
 
 def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:

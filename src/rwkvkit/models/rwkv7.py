@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
+from ..quantize import Int8Linear, Int8Rows
 from .recurrent import RWKVModel, group_norm_heads, layer_count, official_matrix_init, orthogonal_, shape_of, token_shift
 from .registry import register
 
@@ -108,36 +109,82 @@ class TimeMix(nn.Module):
         """One token (decoding, called by ``RWKV7.step_`` without autograd): x [B, C] (ln1
         output) -> (out [B, C], v_first); ``shift`` [B, C] and ``wkv`` [B, H, N, N] (this
         layer's state) are updated in place. The same equations as ``forward``, with the six
-        token mixes and the low-rank biases fused."""
+        token mixes in one op and fewer, fused small ops; in int8 models on the CPU, r, k, v
+        (one token) and the low-rank down-projections are one int8 product each
+        (:meth:`int8_products`)."""
         B, C = x.shape
         H, N = self.n_head, self.head_size
+        first = self.layer_id == 0  # layer 0 has no value residual (no v0, v1, v2)
         xx = shift.to(x.dtype) - x
         shift.copy_(x)
-        mu = torch.cat((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # [6, 1, C]
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mu).unbind(0)
+        mu = torch.cat((self.x_r, self.x_k, self.x_v, self.x_w, self.x_a, self.x_g))  # [6, 1, C]
+        mix = torch.addcmul(x, xx, mu)  # [6, B, C]: the inputs of r, k, v and of the w, a, g maps
 
-        r = self.receptance(xr)
-        z = torch.addmm(self.w0.view(1, C), torch.tanh(xw @ self.w1), self.w2)
-        k = self.key(xk)
-        v = self.value(xv)
-        if self.layer_id == 0:
+        int8 = self.int8_products()
+        if int8 is not None and B == 1:
+            r, k, v = int8.rkv(mix[:3])
+        else:
+            r, k, v = self.receptance(mix[0]), self.key(mix[1]), self.value(mix[2])
+        # The low-rank maps' down-projections (x_w w1, x_a a1, x_v v1, x_g g1).
+        if int8 is not None:
+            dv, dw, da, dg = ([None] if first else []) + int8.lora_down(mix[3:] if first else mix[2:])
+        else:
+            dv = None if first else mix[2] @ self.v1
+            dw, da, dg = mix[3] @ self.w1, mix[4] @ self.a1, mix[5] @ self.g1
+
+        z = torch.addmm(self.w0.view(1, C), torch.tanh(dw), self.w2)
+        if first:
             v_first = v
         else:
-            v = torch.addcmul(v, v_first - v, torch.sigmoid(torch.addmm(self.v0.view(1, C), xv @ self.v1, self.v2)))
-        a = torch.sigmoid(torch.addmm(self.a0.view(1, C), xa @ self.a1, self.a2))
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+            v = torch.lerp(v, v_first, torch.addmm(self.v0.view(1, C), dv, self.v2).sigmoid_())
+        a = torch.addmm(self.a0.view(1, C), da, self.a2).sigmoid_()
+        g = torch.sigmoid(dg) @ self.g2
 
         kk = (k * self.k_k.view(C)).view(B, H, N)
-        kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12)  # F.normalize
+        kk = kk.div_(torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize
         k_a = self.k_a.view(C)
         k = k * torch.addcmul(1 - k_a, a, k_a)  # k (1 + (a - 1) k_a)
         log_w = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).mul_(-DECAY_SCALE)
 
-        r, k, v, a = (t.view(B, H, N) for t in (r, k, v, a))
+        r, k, v, a = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N), a.view(B, H, N)
         y = ops.wkv7_(r, log_w.view(B, H, N), k, v, -kk, kk * a, wkv)
-        y = F.group_norm(y.view(B, C), H, self.ln_x.weight.to(y.dtype), self.ln_x.bias.to(y.dtype), eps=self.ln_x.eps)
-        y = y.to(x.dtype).view(B, H, N).addcmul_((r * k * self.r_k).sum(dim=-1, keepdim=True), v)  # + bonus
-        return self.output(y.view(B, C) * g), v_first
+        ln = self.ln_x
+        y = torch.group_norm(y.view(B, C), H, ln.weight.to(y.dtype), ln.bias.to(y.dtype), ln.eps)
+        y = y.to(x.dtype).view(B, H, N).addcmul_(torch.linalg.vecdot(r * self.r_k, k).unsqueeze(-1), v)  # + bonus
+        return self.output(y.view(B, C).mul_(g)), v_first
+
+    def int8_products(self) -> "Int8Products | None":
+        """For a model quantized for the CPU (``quantize="int8"`` with fbgemm): the decoding
+        step's fused int8 products, else None. Derived from the weights on first use and again
+        whenever one of them changes (layers quantized anew, parameters updated in place).
+        (Called once per token and layer: it reads ``_modules`` and ``_parameters`` directly,
+        as ``nn.Module.__getattr__`` costs ~0.7 us a name.)"""
+        modules, params = self._modules, self._parameters
+        packed = tuple(getattr(modules[n], "packed", None) for n in ("receptance", "key", "value"))
+        if packed[0] is None or not isinstance(modules["receptance"], Int8Linear):
+            return None
+        names = ("w1", "a1", "g1") if self.layer_id == 0 else ("v1", "w1", "a1", "g1")
+        versions = tuple((params[n].data_ptr(), params[n]._version) for n in names)
+        cached = self.__dict__.get("_int8_products")
+        if cached is None or cached.versions != versions or any(a is not b for a, b in zip(cached.packed, packed)):
+            cached = Int8Products(self, packed, versions, [params[n] for n in names])
+            self.__dict__["_int8_products"] = cached  # a plain attribute: not a module, not in state_dict
+        return cached
+
+
+class Int8Products:
+    """The fused int8 products of one RWKV-7 time-mix's decoding step (see :class:`Int8Rows`):
+
+    * ``rkv(rows [3, 1, C]) -> (r, k, v)``: the receptance, key and value of one token as one
+      product (their int8 weights once more, stacked: +3 C^2 bytes per layer);
+    * ``lora_down(rows [n, B, C])``: the low-rank down-projections (v1, w1, a1, g1; layer 0
+      without v1) of the token mixes, in int8 (their float weights stay for ``forward``).
+    """
+
+    def __init__(self, att: TimeMix, packed: tuple, versions: tuple, downs: list[torch.Tensor]) -> None:
+        self.packed, self.versions = packed, versions
+        self.rkv = Int8Rows([layer.dequantized_weight() for layer in (att.receptance, att.key, att.value)])
+        self.lora_down = Int8Rows([p.t() for p in downs])
 
 
 class ChannelMix(nn.Module):
@@ -159,7 +206,7 @@ class ChannelMix(nn.Module):
         ``shift`` [B, C] is updated in place."""
         xk = torch.addcmul(x, shift.to(x.dtype) - x, self.x_k.view(-1))
         shift.copy_(x)
-        return self.value(torch.relu(self.key(xk)).square_())
+        return self.value(torch.relu_(self.key(xk)).square_())
 
 
 @register("rwkv7")
