@@ -62,7 +62,7 @@ class Settings:
     test_examples: int = 1_000
     epochs: int = 8
     batch: int = 64
-    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    lrs: tuple[float, ...] = (1e-3, 2e-3, 3e-3)
     weight_decay: float = 0.1
     warmup_steps: int = 50
     seed: int = 0
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a toy size for a CPU smoke test")
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma-separated, from {', '.join(ARCHS)}")
-    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default 1e-3,3e-3)")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default 1e-3,2e-3,3e-3)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-examples", type=int, default=None)
     p.add_argument("--test-examples", type=int, default=None)
