@@ -97,19 +97,30 @@ def _kernels() -> tuple[Any, Any]:
 
     Called below their Python wrappers: the overload packet inspects the arguments on every
     call (~5 us), and an overload that takes a packed-weights object still scans them in
-    Python (~2 us); the operator itself (``_op``, where this torch has it) does neither."""
+    Python (~2 us); the operator itself (``_op``, where this torch has it) does neither.
+    Call them inside :func:`_plain_dispatch`."""
     ops = torch.ops.quantized
     overloads = (ops.linear_dynamic.default, ops.linear_with_input_q_dq_qweight_dq_output_fp32.default)
     return tuple(getattr(op, "_op", op) for op in overloads)
 
 
+def _plain_dispatch() -> Any:
+    """A context without ``__torch_function__`` dispatch on tensor subclasses, for calls that
+    take the packed weights. Before each call PyTorch probes every argument for a
+    ``__torch_function__`` attribute; on the packed weights (a TorchScript object) the probe
+    raises and catches an exception inside, ~8 us of a ~11 us call on a small matrix. Our
+    inputs are plain tensors, so skipping the probe changes nothing else."""
+    return torch._C.DisableTorchFunctionSubclass()
+
+
 def _fbgemm_linear(x: torch.Tensor, packed: Any, levels: int) -> torch.Tensor:
     """x [M, K] float32 -> x W^T [M, N] float32, activations quantized per row."""
     dynamic, on_grid = _kernels()
-    if x.shape[0] == 1:  # one row: the kernel's own per-call range is that row's (fewer ops)
-        return dynamic(x, packed, levels < 127)
-    m = x.abs().amax(dim=-1, keepdim=True).clamp_min_(_TINY)  # (linalg.vector_norm(inf) is 10x slower)
-    return on_grid(x / m, 1.0 / levels, levels + 1, packed).mul_(m)
+    with _plain_dispatch():
+        if x.shape[0] == 1:  # one row: the kernel's own per-call range is that row's (fewer ops)
+            return dynamic(x, packed, levels < 127)
+        m = x.abs().amax(dim=-1, keepdim=True).clamp_min_(_TINY)  # (linalg.vector_norm(inf) is 10x slower)
+        return on_grid(x / m, 1.0 / levels, levels + 1, packed).mul_(m)
 
 
 class Int8Linear(nn.Module):
@@ -215,7 +226,8 @@ class Int8Rows:
         n, B, K = rows.shape
         x = rows.reshape(n * B, K).float().contiguous()  # (no copies for float32 [n, B, K] rows)
         if B == 1:
-            y = _kernels()[0](x, self.packed, self.levels < 127)
+            with _plain_dispatch():
+                y = _kernels()[0](x, self.packed, self.levels < 127)
         else:
             y = _fbgemm_linear(x, self.packed, self.levels)
         y = y.to(rows.dtype).view(n, B, -1)
