@@ -416,6 +416,19 @@ def test_prefill_chunks_agree(world_model, seed):
     assert rel_err(l1, l2) < 1e-4 and rel_err(s1.wkv, s2.wkv) < 1e-4
 
 
+def test_prefill_default_chunk_follows_the_device(world_model, monkeypatch):
+    from rwkvkit import generation
+
+    assert generation.default_chunk_len(torch.device("cpu")) == generation.DEFAULT_CHUNK_LEN
+    assert generation.default_chunk_len("cuda") == generation.CUDA_CHUNK_LEN > generation.DEFAULT_CHUNK_LEN
+    lengths = []
+    forward = world_model.forward
+    monkeypatch.setattr(world_model, "forward", lambda x, *a, **k: lengths.append(x.shape[1]) or forward(x, *a, **k))
+    monkeypatch.setattr(generation, "DEFAULT_CHUNK_LEN", 16)
+    prefill(world_model, list(range(1, 41)))
+    assert lengths == [16, 16, 8]
+
+
 def test_batched_greedy_equals_one_by_one(world_model, tok):
     prompts = [[17], tok.encode("The quick brown fox"), list(range(300, 341)), "Once upon a time, "]
     params = GREEDY.replace(max_new_tokens=10)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .cuda_graphs import GraphedStep, graph_unsupported_reason
-from .generation import DEFAULT_CHUNK_LEN, prefill
+from .generation import prefill
 from .quantize import Int8Linear
 
 
@@ -65,7 +65,7 @@ def random_tokens(model: torch.nn.Module, shape: Sequence[int], seed: int = 0) -
     return torch.randint(1, model.config.vocab_size, tuple(shape), generator=g)
 
 
-def time_prefill(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int = DEFAULT_CHUNK_LEN) -> float:
+def time_prefill(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int | None = None) -> float:
     """Seconds to prefill ``tokens`` [B, T] from the initial state (only the last logits)."""
     return seconds(lambda: prefill(model, tokens, chunk_len=chunk_len), model.device)
 
