@@ -73,7 +73,7 @@ def test_int8_rows_are_the_separate_products(seed, B):
     rows = torch.randn(3, B, 96, generator=g)
     if B > 1:  # rows of very different sizes: none may coarsen another
         rows = rows * torch.tensor([1.0, 0.01, 100.0])[:, None, None]
-    out = Int8Rows(weights)(rows)
+    out = Int8Rows(weights).blocks(rows)
     assert [tuple(o.shape) for o in out] == [(B, n) for n in sizes]
     for w, x, y in zip(weights, rows, out):
         assert rel_err(y, x @ w.T) < 2e-2, f"seed {seed}"
@@ -113,7 +113,7 @@ def test_quantized_model_layers_save_and_bad_mode(tmp_path, seed):
 
 
 @pytest.mark.parametrize("setting, max_rel_err, min_top1", [
-    (dict(quantize="int8"), 2e-2, 0.97),       # measured 7.3e-3 and 98.5% (prefill; decoding 6.6e-3, 100%)
+    (dict(quantize="int8"), 2e-2, 0.97),       # measured 7.4e-3, 98.5% (decoding 6.6e-3, 98.5%)
     (dict(dtype=torch.bfloat16), 1e-2, 0.97),  # measured 3.6e-3 and 98.5%
 ])
 def test_logits_tolerance_against_float32(setting, max_rel_err, min_top1):
@@ -141,9 +141,10 @@ def _unfused(monkeypatch):
 @needs_fbgemm
 def test_int8_fused_step_follows_the_unfused_step(monkeypatch):
     """step_ of an int8 model (the bundled one, on a text) with its fused int8 products (r, k,
-    v as one product; the low-rank down-projections in int8) against the same step with
-    separate products, and against the text decoded in a batch of two (r, k, v separately,
-    each row on its own scale): the differences are of the int8 rounding's size."""
+    v as one product; the low-rank maps as two int8 products) against the same step with
+    separate products (the low-rank maps in float32), and against the text decoded in a
+    batch of two (r, k, v separately, each row on its own scale): the differences are of
+    the int8 rounding's size."""
     model = load_default_model(quantize="int8")
     ids = torch.tensor(model.tokenizer.encode(TEXT))
 
@@ -158,13 +159,13 @@ def test_int8_fused_step_follows_the_unfused_step(monkeypatch):
         separate = decode(ids[None])[0]
     in_batch = decode(torch.stack([ids, ids.flip(0)]))[0]
     assert rel_err(fused, separate) < 1.5e-2  # measured 6.4e-3 (each 6.6e-3 from float32)
-    assert rel_err(fused, in_batch) < 1.5e-2  # measured 7.5e-3
+    assert rel_err(fused, in_batch) < 1.5e-2  # measured 7.6e-3
 
 
 @needs_fbgemm
 def test_int8_fused_products_follow_the_weights(tmp_path, seed):
     """The fused products are derived from the weights: loading other weights, or changing a
-    low-rank matrix in place, is seen by the next step."""
+    low-rank matrix or bias in place, is seen by the next step."""
     paths = []
     for i in range(2):
         sd = make_rwkv7_state_dict(n_layer=2, n_embd=64, head_size=32, vocab_size=97, seed=seed + i)
@@ -177,9 +178,10 @@ def test_int8_fused_products_follow_the_weights(tmp_path, seed):
         return m.step_(token, m.init_state(1))
 
     step(model)
-    model.load_state_dict(other.state_dict())
-    assert torch.equal(step(model), step(other))
-    with torch.no_grad():
-        model.blocks[1].att.w1.mul_(3.0)
-        other.blocks[1].att.w1.mul_(3.0)
-    assert torch.equal(step(model), step(other))
+    model.load_state_dict(other.state_dict())  # (int8 scales re-derived: they may move by an ulp)
+    assert rel_err(step(model), step(other)) < 1e-5
+    for name in ("w1", "g2", "v0"):
+        with torch.no_grad():
+            getattr(model.blocks[1].att, name).mul_(3.0)
+            getattr(other.blocks[1].att, name).mul_(3.0)
+        assert rel_err(step(model), step(other)) < 1e-5, name

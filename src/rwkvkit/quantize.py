@@ -17,6 +17,12 @@ How an int8 product is computed:
   so a row decoded alone and the same row inside a batch can differ in the last int8 step.
 * Anywhere else: weight-only, the weights dequantized on the fly (correct, not fast).
 
+Decoding one token reads every weight once and does little arithmetic with it, so the fixed
+cost of a call (~15-30 us) counts as much as the bytes. :class:`Int8Rows` multiplies several
+matrices, each by its own input rows, in one call; the RWKV-7 decoding step uses it for r, k,
+v of one token and for its low-rank maps, which it keeps as int8 copies for decoding (their
+float matrices stay for ``forward``; ``rwkv7.Int8Products``).
+
 ``state_dict()`` of a quantized layer holds the dequantized float32 ``weight`` under the
 official key, so ``model.save()`` and exporting still write official-layout files (with the
 rounding of the int8 weights), and loading a state dict into an :class:`Int8Linear`
@@ -201,14 +207,14 @@ class Int8Rows:
     products in which each matrix has its own input rows (one token's differently mixed
     inputs to several projections):
 
-        rows [n, B, in] -> [rows[0] W_0^T, ..., rows[n-1] W_(n-1)^T], each [B, out_i]
+        rows [n, B, in] -> y [n, B, sum(out_i)];  block(y, i) = rows[i] W_i^T  [B, out_i]
 
-    One kernel call multiplies all n B rows by the stacked matrix and keeps the diagonal
-    blocks. Decoding is bound by reading the weights, which this does once, as n separate
-    products would; the n-fold arithmetic is what such a product leaves idle, and one call
-    instead of n saves n - 1 calls' fixed cost (~15-30 us each on a CPU). For one token
-    (B == 1) the kernel quantizes the n rows over their common range (the mixes of one token
-    span similar ranges); for several, each row is scaled on its own as in
+    One kernel call multiplies all n B rows by the stacked matrix; :meth:`blocks` keeps the
+    diagonal blocks. Decoding is bound by reading the weights, which this does once, as n
+    separate products would; the n-fold arithmetic is what such a product leaves idle, and
+    one call instead of n saves n - 1 calls' fixed cost (~15-30 us each on a CPU). For one
+    token (B == 1) the kernel quantizes the n rows over their common range (the mixes of one
+    token span similar ranges); for several, each row is scaled on its own as in
     :class:`Int8Linear`, so rows of a batch do not affect each other. A plain object, not a
     module: it is derived from weights that the model keeps in their official form.
     Needs PyTorch's fbgemm engine (x86; see :func:`int8_rows_supported`).
@@ -222,7 +228,9 @@ class Int8Rows:
         self.sizes = [w.shape[0] for w in weights]
         self.packed = _prepack(*quantize_int8_per_channel(torch.cat([w.detach().float().cpu() for w in weights])))
 
-    def __call__(self, rows: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, B, in] -> every row times the stacked matrix, [n, B, sum(out_i)], in the
+        rows' dtype."""
         n, B, K = rows.shape
         x = rows.reshape(n * B, K).float().contiguous()  # (no copies for float32 [n, B, K] rows)
         if B == 1:
@@ -230,7 +238,11 @@ class Int8Rows:
                 y = _kernels()[0](x, self.packed, self.levels < 127)
         else:
             y = _fbgemm_linear(x, self.packed, self.levels)
-        y = y.to(rows.dtype).view(n, B, -1)
+        return y.to(rows.dtype).view(n, B, -1)
+
+    def blocks(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """rows [n, B, in] -> [rows[0] W_0^T, ..., rows[n-1] W_(n-1)^T], each [B, out_i]."""
+        y = self(rows)
         out, start = [], 0
         for i, size in enumerate(self.sizes):
             out.append(y[i, :, start : start + size])

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
-from ..quantize import Int8Linear, Int8Rows
+from ..quantize import Int8Linear, Int8Rows, quantize_int8_per_channel
 from .recurrent import RWKVModel, group_norm_heads, layer_count, official_matrix_init, orthogonal_, shape_of, token_shift
 from .registry import register
 
@@ -109,9 +109,8 @@ class TimeMix(nn.Module):
         """One token (decoding, called by ``RWKV7.step_`` without autograd): x [B, C] (ln1
         output) -> (out [B, C], v_first); ``shift`` [B, C] and ``wkv`` [B, H, N, N] (this
         layer's state) are updated in place. The same equations as ``forward``, with the six
-        token mixes in one op and fewer, fused small ops; in int8 models on the CPU, r, k, v
-        (one token) and the low-rank down-projections are one int8 product each
-        (:meth:`int8_products`)."""
+        token mixes in one op and fewer, fused small ops; in int8 models on the CPU, r, k, v of
+        one token are one int8 product and the low-rank maps two (:class:`Int8Products`)."""
         B, C = x.shape
         H, N = self.n_head, self.head_size
         first = self.layer_id == 0  # layer 0 has no value residual (no v0, v1, v2)
@@ -122,29 +121,28 @@ class TimeMix(nn.Module):
 
         int8 = self.int8_products()
         if int8 is not None and B == 1:
-            r, k, v = int8.rkv(mix[:3])
+            r, k, v = int8.rkv.blocks(mix[:3])
         else:
             r, k, v = self.receptance(mix[0]), self.key(mix[1]), self.value(mix[2])
-        # The low-rank maps' down-projections (x_w w1, x_a a1, x_v v1, x_g g1).
+        # The low-rank maps: sigmoid(z_v) (layers > 0), sigmoid(z_w) (the decay), a and g.
         if int8 is not None:
-            dv, dw, da, dg = ([None] if first else []) + int8.lora_down(mix[3:] if first else mix[2:])
+            gate, sw, a, g = int8.low_rank(mix[3:] if first else mix[2:])
         else:
-            dv = None if first else mix[2] @ self.v1
-            dw, da, dg = mix[3] @ self.w1, mix[4] @ self.a1, mix[5] @ self.g1
-
-        z = torch.addmm(self.w0.view(1, C), torch.tanh(dw), self.w2)
+            gate = None if first else torch.addmm(self.v0.view(1, C), mix[2] @ self.v1, self.v2).sigmoid_()
+            z = torch.addmm(self.w0.view(1, C), torch.tanh(mix[3] @ self.w1), self.w2)
+            sw = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
+            a = torch.addmm(self.a0.view(1, C), mix[4] @ self.a1, self.a2).sigmoid_()
+            g = torch.sigmoid(mix[5] @ self.g1) @ self.g2
         if first:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.addmm(self.v0.view(1, C), dv, self.v2).sigmoid_())
-        a = torch.addmm(self.a0.view(1, C), da, self.a2).sigmoid_()
-        g = torch.sigmoid(dg) @ self.g2
+            v = torch.lerp(v, v_first, gate)
+        log_w = sw.mul_(-DECAY_SCALE)
 
         kk = (k * self.k_k.view(C)).view(B, H, N)
         kk = kk.div_(torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize
         k_a = self.k_a.view(C)
         k = k * torch.addcmul(1 - k_a, a, k_a)  # k (1 + (a - 1) k_a)
-        log_w = torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32))).mul_(-DECAY_SCALE)
 
         r, k, v, a = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N), a.view(B, H, N)
         y = ops.wkv7_(r, log_w.view(B, H, N), k, v, -kk, kk * a, wkv)
@@ -163,28 +161,56 @@ class TimeMix(nn.Module):
         packed = tuple(getattr(modules[n], "packed", None) for n in ("receptance", "key", "value"))
         if packed[0] is None or not isinstance(modules["receptance"], Int8Linear):
             return None
-        names = ("w1", "a1", "g1") if self.layer_id == 0 else ("v1", "w1", "a1", "g1")
-        versions = tuple((params[n].data_ptr(), params[n]._version) for n in names)
+        maps = ("w", "a", "g") if self.layer_id == 0 else ("v", "w", "a", "g")
+        low_rank = [params[m + i] for m in maps for i in "012" if m + i in params]
+        versions = tuple((p.data_ptr(), p._version) for p in low_rank)
         cached = self.__dict__.get("_int8_products")
         if cached is None or cached.versions != versions or any(a is not b for a, b in zip(cached.packed, packed)):
-            cached = Int8Products(self, packed, versions, [params[n] for n in names])
+            cached = Int8Products(self, maps, packed, versions)
             self.__dict__["_int8_products"] = cached  # a plain attribute: not a module, not in state_dict
         return cached
 
 
 class Int8Products:
-    """The fused int8 products of one RWKV-7 time-mix's decoding step (see :class:`Int8Rows`):
+    """The fused int8 products of one RWKV-7 time-mix's decoding step, derived from its
+    weights (which stay as they are for ``forward`` and ``state_dict``):
 
-    * ``rkv(rows [3, 1, C]) -> (r, k, v)``: the receptance, key and value of one token as one
-      product (their int8 weights once more, stacked: +3 C^2 bytes per layer);
-    * ``lora_down(rows [n, B, C])``: the low-rank down-projections (v1, w1, a1, g1; layer 0
-      without v1) of the token mixes, in int8 (their float weights stay for ``forward``).
+    * ``rkv.blocks(rows [3, 1, C]) -> [r, k, v]``: one token's receptance, key and value as one
+      product (:class:`Int8Rows`; the three int8 matrices once more, stacked: 3 C^2 bytes a
+      layer);
+    * ``low_rank(rows [n, B, C]) -> (sigmoid(z_v) or None, sigmoid(z_w), a, g)``: the
+      low-rank maps of the mixes x_v (layers > 0), x_w, x_a, x_g as two products: the
+      down-projections stacked (:class:`Int8Rows`), their output masked to one block per
+      row, and the up-projections stacked along their input, so that row i meets only map
+      i's matrix. The rows of that second product are scaled one by one (a tanh, two raw
+      projections and a sigmoid have different ranges). int8 copies of the low-rank
+      matrices: 2 C (D_w + D_a + D_v + D_g) bytes a layer.
     """
 
-    def __init__(self, att: TimeMix, packed: tuple, versions: tuple, downs: list[torch.Tensor]) -> None:
+    def __init__(self, att: TimeMix, maps: tuple[str, ...], packed: tuple, versions: tuple) -> None:
         self.packed, self.versions = packed, versions
         self.rkv = Int8Rows([layer.dequantized_weight() for layer in (att.receptance, att.key, att.value)])
-        self.lora_down = Int8Rows([p.t() for p in downs])
+        self.down = Int8Rows([getattr(att, m + "1").t() for m in maps])
+        ups = [getattr(att, m + "2") for m in maps]  # [D_i, C]
+        up = torch.cat(ups).t().float()  # [C, sum D_i]
+        self.up = Int8Linear(up.shape[1], up.shape[0], *quantize_int8_per_channel(up))
+        self.mask = torch.block_diag(*[torch.ones(1, u.shape[0]) for u in ups]).unsqueeze(1)  # [n, 1, sum D_i]
+        ends = torch.tensor([u.shape[0] for u in ups]).cumsum(0).tolist()
+        block = {m: slice(end - u.shape[0], end) for m, u, end in zip(maps, ups, ends)}
+        self.w_block, self.g_block = (maps.index("w"), block["w"]), (maps.index("g"), block["g"])
+        self.bias = torch.cat([getattr(att, m + "0") for m in maps[:-1]]).float()  # [n - 1, 1, C]: v0, w0, a0
+        self.has_gate = "v" in maps
+
+    def low_rank(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, B, C = rows.shape
+        h = self.down(rows.float()).mul_(self.mask)  # [n, B, sum D_i]: row i keeps block i
+        h[self.w_block[0], :, self.w_block[1]].tanh_()
+        h[self.g_block[0], :, self.g_block[1]].sigmoid_()
+        u = self.up(h.view(n * B, -1)).view(n, B, C)
+        s = torch.add(u[:-1], self.bias).sigmoid_()  # sigmoid(z_v), sigmoid(z_w), a
+        dt = rows.dtype
+        gate = s[0].to(dt) if self.has_gate else None
+        return gate, s[-2], s[-1].to(dt), u[-1].to(dt)
 
 
 class ChannelMix(nn.Module):

@@ -63,7 +63,6 @@ def wkv7(
     return wkv7_chunked(r, log_w, k, v, a, b, state)
 
 
-@torch.no_grad()
 def wkv7_(
     r: torch.Tensor,
     log_w: torch.Tensor,
@@ -75,6 +74,9 @@ def wkv7_(
 ) -> torch.Tensor:
     """One RWKV-7 step for decoding, in place: inputs [B, H, N], ``state`` [B, H, N, N] is
     updated. Returns ``y`` [B, H, N] in the state's dtype. No gradients."""
+    if torch.is_grad_enabled():  # (a no_grad decorator would cost ~2 us on every call)
+        with torch.no_grad():
+            return wkv7_(r, log_w, k, v, a, b, state)
     if _triton_enabled(r) and state.dtype == torch.float32 and state.is_contiguous():
         from .triton import wkv7_recurrent, wkv7_triton_supports
 
