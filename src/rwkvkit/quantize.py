@@ -18,10 +18,10 @@ How an int8 product is computed:
 * Anywhere else: weight-only, the weights dequantized on the fly (correct, not fast).
 
 Decoding one token reads every weight once and does little arithmetic with it, so the fixed
-cost of a call (~15-30 us) counts as much as the bytes. :class:`Int8Rows` multiplies several
-matrices, each by its own input rows, in one call; the RWKV-7 decoding step uses it for r, k,
-v of one token and for its low-rank maps, which it keeps as int8 copies for decoding (their
-float matrices stay for ``forward``; ``rwkv7.Int8Products``).
+cost of a call counts as much as the bytes. :class:`Int8Rows` multiplies several matrices,
+each by its own input rows, in one call; the RWKV-7 decoding step uses it for its low-rank
+maps, which it keeps as int8 copies for decoding (their float matrices stay for ``forward``;
+``rwkv7.Int8Products``).
 
 ``state_dict()`` of a quantized layer holds the dequantized float32 ``weight`` under the
 official key, so ``model.save()`` and exporting still write official-layout files (with the

@@ -109,8 +109,8 @@ class TimeMix(nn.Module):
         """One token (decoding, called by ``RWKV7.step_`` without autograd): x [B, C] (ln1
         output) -> (out [B, C], v_first); ``shift`` [B, C] and ``wkv`` [B, H, N, N] (this
         layer's state) are updated in place. The same equations as ``forward``, with the six
-        token mixes in one op and fewer, fused small ops; in int8 models on the CPU, r, k, v of
-        one token are one int8 product and the low-rank maps two (:class:`Int8Products`)."""
+        token mixes in one op and fewer, fused small ops; in int8 models on the CPU, the four
+        low-rank maps are two int8 products (:class:`Int8Products`)."""
         B, C = x.shape
         H, N = self.n_head, self.head_size
         first = self.layer_id == 0  # layer 0 has no value residual (no v0, v1, v2)
@@ -119,12 +119,9 @@ class TimeMix(nn.Module):
         mu = torch.cat((self.x_r, self.x_k, self.x_v, self.x_w, self.x_a, self.x_g))  # [6, 1, C]
         mix = torch.addcmul(x, xx, mu)  # [6, B, C]: the inputs of r, k, v and of the w, a, g maps
 
-        int8 = self.int8_products()
-        if int8 is not None and B == 1:
-            r, k, v = int8.rkv.blocks(mix[:3])
-        else:
-            r, k, v = self.receptance(mix[0]), self.key(mix[1]), self.value(mix[2])
+        r, k, v = self.receptance(mix[0]), self.key(mix[1]), self.value(mix[2])
         # The low-rank maps: sigmoid(z_v) (layers > 0), sigmoid(z_w) (the decay), a and g.
+        int8 = self.int8_products()
         if int8 is not None:
             gate, sw, a, g = int8.low_rank(mix[3:] if first else mix[2:])
         else:
@@ -153,43 +150,40 @@ class TimeMix(nn.Module):
 
     def int8_products(self) -> "Int8Products | None":
         """For a model quantized for the CPU (``quantize="int8"`` with fbgemm): the decoding
-        step's fused int8 products, else None. Derived from the weights on first use and again
-        whenever one of them changes (layers quantized anew, parameters updated in place).
-        (Called once per token and layer: it reads ``_modules`` and ``_parameters`` directly,
-        as ``nn.Module.__getattr__`` costs ~0.7 us a name.)"""
-        modules, params = self._modules, self._parameters
-        packed = tuple(getattr(modules[n], "packed", None) for n in ("receptance", "key", "value"))
-        if packed[0] is None or not isinstance(modules["receptance"], Int8Linear):
+        step's int8 low-rank maps, else None. Derived from the low-rank weights on first use
+        and again whenever one of them changes (loaded anew, updated in place). (Called once
+        per token and layer: it reads ``_modules`` and ``_parameters`` directly, as
+        ``nn.Module.__getattr__`` costs ~0.7 us a name.)"""
+        r = self._modules["receptance"]
+        if not isinstance(r, Int8Linear) or r.packed is None:
             return None
+        params = self._parameters
         maps = ("w", "a", "g") if self.layer_id == 0 else ("v", "w", "a", "g")
         low_rank = [params[m + i] for m in maps for i in "012" if m + i in params]
         versions = tuple((p.data_ptr(), p._version) for p in low_rank)
         cached = self.__dict__.get("_int8_products")
-        if cached is None or cached.versions != versions or any(a is not b for a, b in zip(cached.packed, packed)):
-            cached = Int8Products(self, maps, packed, versions)
+        if cached is None or cached.versions != versions:
+            cached = Int8Products(self, maps, versions)
             self.__dict__["_int8_products"] = cached  # a plain attribute: not a module, not in state_dict
         return cached
 
 
 class Int8Products:
-    """The fused int8 products of one RWKV-7 time-mix's decoding step, derived from its
-    weights (which stay as they are for ``forward`` and ``state_dict``):
+    """The int8 low-rank maps of one RWKV-7 time-mix's decoding step, derived from its float
+    low-rank weights (which stay as they are for ``forward`` and ``state_dict``).
 
-    * ``rkv.blocks(rows [3, 1, C]) -> [r, k, v]``: one token's receptance, key and value as one
-      product (:class:`Int8Rows`; the three int8 matrices once more, stacked: 3 C^2 bytes a
-      layer);
-    * ``low_rank(rows [n, B, C]) -> (sigmoid(z_v) or None, sigmoid(z_w), a, g)``: the
-      low-rank maps of the mixes x_v (layers > 0), x_w, x_a, x_g as two products: the
-      down-projections stacked (:class:`Int8Rows`), their output masked to one block per
-      row, and the up-projections stacked along their input, so that row i meets only map
-      i's matrix. The rows of that second product are scaled one by one (a tanh, two raw
-      projections and a sigmoid have different ranges). int8 copies of the low-rank
-      matrices: 2 C (D_w + D_a + D_v + D_g) bytes a layer.
+    ``low_rank(rows [n, B, C]) -> (sigmoid(z_v) or None, sigmoid(z_w), a, g)`` for the mixes
+    x_v (layers > 0), x_w, x_a, x_g in two products instead of eight: the down-projections
+    stacked (:class:`Int8Rows`), their output masked to one block per row, and the
+    up-projections stacked along their input, so that row i meets only map i's matrix. The
+    rows of that second product are scaled one by one (a tanh, two raw projections and a
+    sigmoid have different ranges). Decoding reads the low-rank matrices in int8 (2 C (D_w
+    + D_a + D_v + D_g) bytes a layer instead of 4x that in float32) and makes 2 calls
+    instead of 8.
     """
 
-    def __init__(self, att: TimeMix, maps: tuple[str, ...], packed: tuple, versions: tuple) -> None:
-        self.packed, self.versions = packed, versions
-        self.rkv = Int8Rows([layer.dequantized_weight() for layer in (att.receptance, att.key, att.value)])
+    def __init__(self, att: TimeMix, maps: tuple[str, ...], versions: tuple) -> None:
+        self.versions = versions
         self.down = Int8Rows([getattr(att, m + "1").t() for m in maps])
         ups = [getattr(att, m + "2") for m in maps]  # [D_i, C]
         up = torch.cat(ups).t().float()  # [C, sum D_i]
