@@ -28,6 +28,19 @@ def test_bytes_per_token_count_each_weight_once(tiny_file):
     assert weight_bytes_per_token(load_model(tiny_file, dtype=torch.bfloat16)) == weight_bytes_per_token(fp32) // 2
     int8 = load_model(tiny_file, quantize="int8")
     assert weight_bytes_per_token(int8) < weight_bytes_per_token(fp32) // 2
+    # int8: the Int8Linear weights and scales, the low-rank matrices as the step's int8
+    # copies (one byte each), everything else in float32, the embedding one row
+    from rwkvkit.quantize import Int8Linear
+
+    expected = 0
+    for name, module in int8.named_modules():
+        if isinstance(module, Int8Linear):
+            expected += module.in_features * module.out_features + 4 * module.out_features
+            continue
+        for pname, t in module.named_parameters(recurse=False):
+            low_rank = name.endswith(".att") and pname in {m + i for m in "vwag" for i in "12"}
+            expected += t.numel() * (1 if low_rank else 4) if name != "emb" else 4 * row
+    assert weight_bytes_per_token(int8) == expected
 
 
 def test_measure_and_bound(tiny_file):

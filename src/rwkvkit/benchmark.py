@@ -93,16 +93,21 @@ def time_decode(model: torch.nn.Module, state, tokens: torch.Tensor, *, graph: G
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decoding step reads: every parameter and buffer once (int8
-    layers: their int8 weights and scales), the embedding one row."""
+    layers: their int8 weights and scales; int8 RWKV-7 models: the low-rank matrices in the
+    int8 copies their decoding step reads), the embedding one row."""
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             total += module.in_features * module.out_features + 4 * module.out_features
             continue
+        products = getattr(module, "int8_products", None)
+        int8_low_rank = callable(products) and products() is not None
         for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t is None:
                 continue
-            if name == "emb" and pname == "weight":
+            if int8_low_rank and len(pname) == 2 and pname[0] in "vwag" and pname[1] in "12":
+                total += t.numel()  # one byte each (their per-row scales are negligible)
+            elif name == "emb" and pname == "weight":
                 total += t.shape[1] * t.element_size()
             else:
                 total += t.numel() * t.element_size()
