@@ -160,6 +160,65 @@ def test_recurrent_matches_reference(seed, T):
         wkv7_recurrent(*inp, state.double(), inplace=True)
 
 
+def timemix_step_inputs(B, H, N, gate, dtype):
+    """Arguments of ``ops.wkv7_timemix_step_`` (float32 CPU, the [B, C] ones then rounded to
+    ``dtype`` and back), realistic ranges."""
+    C = H * N
+    rows = {"r": torch.randn(B, C), "k": torch.randn(B, C), "v": torch.randn(B, C),
+            "a": torch.rand(B, C), "g": torch.randn(B, C) * 0.5,
+            "gate": torch.rand(B, C) if gate else None, "v_first": torch.randn(B, C) if gate else None}
+    rows = {n: None if t is None else t.to(dtype).float() for n, t in rows.items()}
+    log_w = -math.exp(-0.5) * torch.rand(B, C)
+    params = dict(k_k=0.85 + 0.1 * torch.rand(C), k_a=1 + 0.1 * torch.randn(C), r_k=0.3 * torch.randn(H, N),
+                  ln_weight=1 + 0.1 * torch.randn(C), ln_bias=0.1 * torch.randn(C))
+    state = 0.3 * torch.randn(B, H, N, N)
+    return rows, log_w, params, state
+
+
+def call_timemix_step(fn, rows, log_w, params, state, eps=64e-5):
+    return fn(rows["r"], log_w, rows["k"], rows["v"], rows["a"], rows["g"], rows["gate"], rows["v_first"],
+              params["k_k"], params["k_a"], params["r_k"], params["ln_weight"], params["ln_bias"], eps, state)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_timemix_step_kernel_matches_ops(seed, gate, dtype):
+    """The fused decoding step of an RWKV-7 time-mix against the PyTorch ops in float64."""
+    from rwkvkit import ops
+    from rwkvkit.ops.triton import wkv7_timemix_step_
+
+    rows, log_w, params, s0 = timemix_step_inputs(3, 2, 32, gate, dtype)
+    state_ref = s0.double()
+    out_ref = call_timemix_step(ops.wkv7_timemix_step_, {n: None if t is None else t.double() for n, t in rows.items()},
+                                log_w.double(), {n: t.double() for n, t in params.items()}, state_ref)
+    state = s0.to(DEVICE)
+    out = call_timemix_step(wkv7_timemix_step_, {n: None if t is None else t.to(DEVICE, dtype) for n, t in rows.items()},
+                            log_w.to(DEVICE), {n: t.to(DEVICE) for n, t in params.items()}, state)
+    assert out.dtype == dtype and out.shape == (3, 64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
+    assert rel_err(out, out_ref) < tol
+    assert rel_err(state, state_ref) < 1e-5  # the state stays float32 (inputs rounded alike)
+
+
+@gpu_only
+def test_model_step_with_fused_kernel(seed, monkeypatch):
+    """RWKV-7 decoding with RWKVKIT_FUSED_STEP=1 equals the unfused step (float32 model)."""
+    from rwkvkit.config import ModelConfig
+    from rwkvkit.models import model_class
+
+    model = model_class("rwkv7")(ModelConfig(arch="rwkv7", n_layer=3, n_embd=128, vocab_size=300, head_size=64))
+    model = model.to(DEVICE).eval()
+    tokens = torch.randint(0, 300, (6, 2), device=DEVICE)
+    runs = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("RWKVKIT_FUSED_STEP", fused)
+        state = model.init_state(2)
+        runs.append(([model.step_(t, state).clone() for t in tokens], state))
+    (l0, s0), (l1, s1) = runs
+    assert rel_err(torch.stack(l1), torch.stack(l0)) < 1e-5
+    assert rel_err(s1.wkv, s0.wkv) < 1e-5
+
+
 def test_rejects_bad_arguments():
     x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(6)]
     with pytest.raises(ValueError, match="chunk_size"):

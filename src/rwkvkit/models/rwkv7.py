@@ -110,9 +110,10 @@ class TimeMix(nn.Module):
         output) -> (out [B, C], v_first); ``shift`` [B, C] and ``wkv`` [B, H, N, N] (this
         layer's state) are updated in place. The same equations as ``forward``, with the six
         token mixes in one op and fewer, fused small ops; in int8 models on the CPU, the four
-        low-rank maps are two int8 products (:class:`Int8Products`)."""
+        low-rank maps are two int8 products (:class:`Int8Products`); everything from the
+        projections to the output matrix is ``ops.wkv7_timemix_step_`` (one kernel on CUDA
+        with ``RWKVKIT_FUSED_STEP=1``)."""
         B, C = x.shape
-        H, N = self.n_head, self.head_size
         first = self.layer_id == 0  # layer 0 has no value residual (no v0, v1, v2)
         xx = shift.to(x.dtype) - x
         shift.copy_(x)
@@ -132,21 +133,10 @@ class TimeMix(nn.Module):
             g = torch.sigmoid(mix[5] @ self.g1) @ self.g2
         if first:
             v_first = v
-        else:
-            v = torch.lerp(v, v_first, gate)
-        log_w = sw.mul_(-DECAY_SCALE)
-
-        kk = (k * self.k_k.view(C)).view(B, H, N)
-        kk = kk.div_(torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize
-        k_a = self.k_a.view(C)
-        k = k * torch.addcmul(1 - k_a, a, k_a)  # k (1 + (a - 1) k_a)
-
-        r, k, v, a = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N), a.view(B, H, N)
-        y = ops.wkv7_(r, log_w.view(B, H, N), k, v, -kk, kk * a, wkv)
         ln = self.ln_x
-        y = torch.group_norm(y.view(B, C), H, ln.weight.to(y.dtype), ln.bias.to(y.dtype), ln.eps)
-        y = y.to(x.dtype).view(B, H, N).addcmul_(torch.linalg.vecdot(r * self.r_k, k).unsqueeze(-1), v)  # + bonus
-        return self.output(y.view(B, C).mul_(g)), v_first
+        y = ops.wkv7_timemix_step_(r, sw.mul_(-DECAY_SCALE), k, v, a, g, gate, None if first else v_first,
+                                   self.k_k, self.k_a, self.r_k, ln.weight, ln.bias, ln.eps, wkv)
+        return self.output(y), v_first
 
     def int8_products(self) -> "Int8Products | None":
         """For a model quantized for the CPU (``quantize="int8"`` with fbgemm): the decoding

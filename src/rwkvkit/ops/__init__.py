@@ -3,7 +3,8 @@
 ``wkv7`` (RWKV-7) and ``wkv6`` (RWKV-5.2 and RWKV-6) pick the backend: the Triton kernels
 on CUDA when triton is installed (``RWKVKIT_WKV_BACKEND=torch`` turns them off), else the
 recurrent step for T == 1 and the PyTorch chunked form otherwise. ``wkv7_`` is the in-place
-decoding step (no gradients).
+decoding step (no gradients); ``wkv7_timemix_step_`` is the whole RWKV-7 time-mix step around
+it (one kernel on CUDA with ``RWKVKIT_FUSED_STEP=1``).
 ``reference`` holds the step-by-step spec.
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "wkv7_chunked",
     "wkv7_reference",
     "wkv7_step",
+    "wkv7_timemix_step_",
 ]
 
 
@@ -84,6 +86,68 @@ def wkv7_(
         if wkv7_triton_supports(*xs, state):
             return wkv7_recurrent(*xs, state, inplace=True, out_dtype=state.dtype)[0][:, 0]
     return wkv7_step_(r, log_w, k, v, a, b, state)
+
+
+def _fused_step_enabled(x: torch.Tensor) -> bool:
+    return _triton_enabled(x) and os.environ.get("RWKVKIT_FUSED_STEP", "0") == "1"
+
+
+def wkv7_timemix_step_(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    gate: torch.Tensor | None,
+    v_first: torch.Tensor | None,
+    k_k: torch.Tensor,
+    k_a: torch.Tensor,
+    r_k: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One RWKV-7 time-mix decoding step from its projections to the input of its output
+    matrix, the state [B, H, N, N] float32 updated in place (no gradients):
+
+        v = lerp(v, v_first, gate)                     (when ``gate`` is given: layers > 0)
+        kk = normalize(k * k_k) per head;  k = k * (1 - k_a + a * k_a)
+        S = S diag(e^log_w) + (S (-kk)) (kk a)^T + v k^T;  y = S r
+        out = (GroupNorm_H(y; ln_weight, ln_bias, eps) + (sum(r * r_k * k) per head) v) * g
+
+    ``r, log_w, k, v, a, g, gate, v_first`` [B, C] (C = H N); ``k_k, k_a, ln_weight,
+    ln_bias`` [C]; ``r_k`` [H, N]. Returns ``out`` [B, C] in r's dtype. On CUDA with
+    ``RWKVKIT_FUSED_STEP=1``: one Triton kernel instead of ~20 small ops (the CUDA-graph step
+    is bound by its kernel count); else PyTorch ops around ``wkv7_``. The kernel computes in
+    float32 throughout; the ops round to r's dtype between steps as the model always did.
+    """
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return wkv7_timemix_step_(r, log_w, k, v, a, g, gate, v_first, k_k, k_a, r_k, ln_weight, ln_bias,
+                                      eps, state)
+    B, H, N, _ = state.shape
+    xs = (r, log_w, k, v, a, g) + ((gate, v_first) if gate is not None else ())
+    if (_fused_step_enabled(r) and N in (16, 32, 64, 128) and state.dtype == torch.float32
+            and state.is_contiguous() and all(x.is_contiguous() and x.device == r.device for x in xs)):
+        from .triton import available, wkv7_timemix_step_ as fused
+
+        if available():
+            return fused(r, log_w, k, v, a, g, gate, v_first, k_k.reshape(-1), k_a.reshape(-1), r_k,
+                         ln_weight, ln_bias, eps, state)
+    C = H * N
+    if gate is not None:
+        v = torch.lerp(v, v_first, gate)
+    kk = (k * k_k.reshape(C)).view(B, H, N)
+    kk = kk.div_(torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min_(1e-12))  # F.normalize
+    k_a = k_a.reshape(C)
+    k = k * torch.addcmul(1 - k_a, a, k_a)  # k (1 + (a - 1) k_a)
+    r, k, v, a = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N), a.view(B, H, N)
+    y = wkv7_(r, log_w.view(B, H, N), k, v, -kk, kk * a, state)
+    y = torch.group_norm(y.view(B, C), H, ln_weight.to(y.dtype), ln_bias.to(y.dtype), eps)
+    y = y.to(r.dtype).view(B, H, N).addcmul_(torch.linalg.vecdot(r * r_k, k).unsqueeze(-1), v)  # + bonus
+    return y.view(B, C).mul_(g)
 
 
 def wkv6(

@@ -16,6 +16,7 @@ __all__ = [
     "wkv6_triton",
     "wkv6_triton_supports",
     "wkv7_recurrent",
+    "wkv7_timemix_step_",
     "wkv7_triton",
     "wkv7_triton_supports",
 ]
@@ -59,6 +60,13 @@ def wkv7_triton_supports(
 def wkv7_triton(*args, **kwargs):
     """RWKV-7 WKV through the Triton kernels; see ``rwkvkit.ops.triton.wkv7.wkv7_triton``."""
     from .wkv7 import wkv7_triton as impl
+
+    return impl(*args, **kwargs)
+
+
+def wkv7_timemix_step_(*args, **kwargs):
+    """An RWKV-7 time-mix decoding step in one kernel; see ``rwkvkit.ops.wkv7_timemix_step_``."""
+    from .wkv7 import wkv7_timemix_step_ as impl
 
     return impl(*args, **kwargs)
 

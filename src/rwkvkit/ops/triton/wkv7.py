@@ -454,6 +454,53 @@ def _recurrent_kernel(
     tl.store(sT_ptr + s_offs, S)
 
 
+@triton.jit(do_not_specialize=["H"])
+def _timemix_step_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, g_ptr,  # [B, C] (C = H N)
+    gate_ptr, vf_ptr,  # [B, C] (unused unless HAS_GATE)
+    kk_w_ptr, ka_w_ptr, lnw_ptr, lnb_ptr,  # [C]
+    rk_ptr,  # [H, N]
+    s_ptr,  # [B, H, N, N] float32, updated in place
+    out_ptr,  # [B, C]
+    H, eps,
+    N: tl.constexpr, HAS_GATE: tl.constexpr,
+):
+    """One decoding step of an RWKV-7 time-mix from the projections to the input of its output
+    matrix, one head per program (see ``wkv7_timemix_step_``)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    h = i_bh % H
+    offs = tl.arange(0, N)
+    row = i_bh * N + offs  # [B, C] rows: b C + h N = (b H + h) N
+    ch = h * N + offs
+    r = tl.load(r_ptr + row).to(tl.float32)
+    k = tl.load(k_ptr + row).to(tl.float32)
+    v = tl.load(v_ptr + row).to(tl.float32)
+    a = tl.load(a_ptr + row).to(tl.float32)
+    w = tl.exp(tl.load(lw_ptr + row).to(tl.float32))
+    if HAS_GATE:  # value residual: lerp(v, v_first, gate)
+        vf = tl.load(vf_ptr + row).to(tl.float32)
+        v = v + tl.load(gate_ptr + row).to(tl.float32) * (vf - v)
+    kk = k * tl.load(kk_w_ptr + ch).to(tl.float32)
+    kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, axis=0)), 1e-12)
+    ka = tl.load(ka_w_ptr + ch).to(tl.float32)
+    k = k * (1.0 - ka + a * ka)
+    # S <- S diag(w) + (S (-kk)) (kk a)^T + v k^T; y = S r  (S [value, key])
+    s_offs = i_bh * N * N + offs[:, None] * N + offs[None, :]
+    S = tl.load(s_ptr + s_offs)
+    sa = tl.sum(S * (-kk)[None, :], axis=1)
+    S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
+    tl.store(s_ptr + s_offs, S)
+    y = tl.sum(S * r[None, :], axis=1)
+    # GroupNorm over the head, then the bonus (r . (r_k k)) v, then the gate g
+    mean = tl.sum(y, axis=0) / N
+    d = y - mean
+    y = d / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+    y = y * tl.load(lnw_ptr + ch).to(tl.float32) + tl.load(lnb_ptr + ch).to(tl.float32)
+    y += tl.sum(r * tl.load(rk_ptr + ch).to(tl.float32) * k, axis=0) * v
+    y *= tl.load(g_ptr + row).to(tl.float32)
+    tl.store(out_ptr + row, y.to(out_ptr.dtype.element_ty))
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -763,3 +810,33 @@ def wkv7_recurrent(
         *xs, s0 if s0 is not None else sT, y, sT, T, H, N=N, BV=bv, HAS_S0=s0 is not None, num_warps=4 if N * bv >= 2048 else 2,
     )
     return y, sT
+
+
+def wkv7_timemix_step_(
+    r: torch.Tensor,
+    log_w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    gate: torch.Tensor | None,
+    v_first: torch.Tensor | None,
+    k_k: torch.Tensor,
+    k_a: torch.Tensor,
+    r_k: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """``rwkvkit.ops.wkv7_timemix_step_`` in one kernel (one program per row and head); every
+    tensor on one CUDA device, [B, C] inputs contiguous, ``state`` float32 contiguous."""
+    B, H, N, _ = state.shape
+    out = _empty((B, H * N), r.dtype, r.device)
+    has_gate = gate is not None
+    _timemix_step_kernel[(B * H,)](
+        r, log_w, k, v, a, g, gate if has_gate else r, v_first if has_gate else r,
+        k_k, k_a, ln_weight, ln_bias, r_k, state, out, H, float(eps),
+        N=N, HAS_GATE=has_gate, num_warps=4 if N >= 64 else 2,
+    )
+    return out
