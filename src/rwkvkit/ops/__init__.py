@@ -134,8 +134,8 @@ def wkv7_timemix_step_(
         from .triton import available, wkv7_timemix_step_ as fused
 
         if available():
-            return fused(r, log_w, k, v, a, g, gate, v_first, k_k.reshape(-1), k_a.reshape(-1), r_k,
-                         ln_weight, ln_bias, eps, state)
+            return fused(r, log_w, k, v, a, g, gate, v_first, k_k.reshape(-1), k_a.reshape(-1), r_k.contiguous(),
+                         ln_weight.contiguous(), ln_bias.contiguous(), eps, state)
     C = H * N
     if gate is not None:
         v = torch.lerp(v, v_first, gate)

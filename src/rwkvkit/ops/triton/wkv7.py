@@ -812,23 +812,8 @@ def wkv7_recurrent(
     return y, sT
 
 
-def wkv7_timemix_step_(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    g: torch.Tensor,
-    gate: torch.Tensor | None,
-    v_first: torch.Tensor | None,
-    k_k: torch.Tensor,
-    k_a: torch.Tensor,
-    r_k: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    eps: float,
-    state: torch.Tensor,
-) -> torch.Tensor:
+def wkv7_timemix_step_(r, log_w, k, v, a, g, gate, v_first, k_k, k_a, r_k, ln_weight, ln_bias, eps: float,
+                       state: torch.Tensor) -> torch.Tensor:
     """``rwkvkit.ops.wkv7_timemix_step_`` in one kernel (one program per row and head); every
     tensor on one CUDA device, [B, C] inputs contiguous, ``state`` float32 contiguous."""
     B, H, N, _ = state.shape
