@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import rel_err
 from official_files import make_rwkv7_state_dict
@@ -206,6 +207,27 @@ def test_save_and_load_directory(tmp_path, official, seed):
     assert torch.equal(model(tokens)[0], again(tokens)[0])
     # The safetensors file alone, with config.json beside it.
     assert torch.equal(model(tokens)[0], load_model(out / "model.safetensors")(tokens)[0])
+
+
+def test_cpu_float32_matrices_are_column_major(tmp_path, official, seed):
+    """load_model stores float32 nn.Linear weights transposed on the CPU (decoding reads them
+    faster); the values, the saved files and the outputs are those of the plain layout."""
+    model = load_model(official[0])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    plain = load_model(official[0])
+    for m in plain.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = m.weight.data.contiguous()
+    tokens = torch.randint(0, 100, (2, 9))
+    assert rel_err(model(tokens)[0], plain(tokens)[0]) < 1e-6
+    state = model.init_state(2)
+    plain_state = plain.init_state(2)
+    with torch.no_grad():
+        assert rel_err(model.step_(tokens[:, 0], state), plain.step_(tokens[:, 0], plain_state)) < 1e-6
+    assert all(t.is_contiguous() for t in load_file(model.save(tmp_path / "s") / "model.safetensors").values())
+    bf16 = load_model(official[0], dtype=torch.bfloat16)
+    assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
 
 
 def test_save_with_tokenizer_and_default_state(tmp_path, seed):

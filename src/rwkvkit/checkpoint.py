@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from .config import ModelConfig
 from .errors import (
@@ -251,7 +252,9 @@ def load_model(
     Args:
         device: where the weights go (quantized weights are packed for that device).
         dtype: of the weights and activations (float32 by default; ``torch.bfloat16``
-            halves the bytes read per token); None keeps the file's dtype.
+            halves the bytes read per token); None keeps the file's dtype. On the CPU,
+            float32 matrices are stored column-major, which decodes faster (see
+            ``_decode_layout``; saved files are row-major as always).
         quantize: None (default) or ``"int8"``: the big matrices (the blocks' projections
             and the head) in int8 with per-output-channel scales, everything else in
             ``dtype`` (see :mod:`rwkvkit.quantize`). For inference; about a quarter of the
@@ -302,7 +305,26 @@ def load_model(
         model.default_state = default_state.to(device)
     if quantize is not None:
         quantize_model(model, quantize)
+    else:
+        _decode_layout(model)
     return model
+
+
+def _decode_layout(model: nn.Module) -> None:
+    """On the CPU, float32 ``nn.Linear`` weights are stored transposed (column-major: the same
+    [out, in] tensor, strides (1, out)), as the reference package stores its matrices. At
+    batch 1 decoding reads every weight once from memory, and MKL streams that layout faster:
+    an RWKV-7 L12 D768 V65536 step took 40.6 instead of 50.5 ms on 2 threads of an AMD EPYC
+    (the 65536 x 768 head alone 9.4 instead of 15.1 ms); prefill's matrix products run at the
+    same speed either way. Not for bfloat16, where the same change made decoding slower (40.5
+    instead of 32.5 ms). Saved files stay row-major (``save`` and the exports write contiguous
+    tensors)."""
+    if model.device.type != "cpu":
+        return
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and w is not None and w.dtype == torch.float32 and w.is_contiguous():
+            module.weight.data = w.data.t().contiguous().t()
 
 
 def _newest_checkpoint(path: Path) -> Path:

@@ -241,7 +241,7 @@ def official_state_dict(model: LanguageModel, dtype: torch.dtype | None = torch.
     cfg = model.config
     for key, t in model.state_dict().items():
         t = t.detach().cpu()
-        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()
+        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone()).contiguous()
         if cfg.arch == "rwkv7" and key == "blocks.0.att.a2" and "blocks.0.att.v0" not in out:
             C, Dv = cfg.n_embd, cfg.lora["v"]
             zdt = dtype or t.dtype
