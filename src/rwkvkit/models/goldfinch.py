@@ -61,7 +61,16 @@ from ..state import GoldFinchState
 from .attention import chunked_causal_attention, rope
 from .recurrent import BlockStackModel, RWKVModel, layer_count, official_matrix_init, shape_of, token_shift
 from .registry import register
-from .rwkv6 import RWKV56_MATRIX_GAINS, ChannelMix, data_decay, ddlerp, ffn_default, init_decay_and_bonus, mix_init
+from .rwkv6 import (
+    RWKV56_MATRIX_GAINS,
+    ChannelMix,
+    add_data_dependent_params,
+    data_decay,
+    ddlerp,
+    ffn_default,
+    init_decay_and_bonus,
+    mix_init,
+)
 
 COMPRESSION = 16  # c has C / 16 channels
 CACHE_CHUNK = 4096  # cache positions rebuilt into keys and values at a time
@@ -99,13 +108,7 @@ class FinchC2TimeMix(nn.Module):
         C, H, N = config.n_embd, config.n_head, config.head_size
         Dm, Dd = config.lora["maa"], config.lora["decay"]
         self.n_head, self.head_size = H, N
-        for name in ("x", *self.MIX_NAMES):
-            setattr(self, f"time_maa_{name}", nn.Parameter(torch.empty(1, 1, C)))
-        self.time_maa_w1 = nn.Parameter(torch.empty(C, 5 * Dm))
-        self.time_maa_w2 = nn.Parameter(torch.empty(5, Dm, C))
-        self.time_decay = nn.Parameter(torch.empty(1, 1, C))
-        self.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
-        self.time_decay_w2 = nn.Parameter(torch.empty(Dd, C))
+        add_data_dependent_params(self, C, Dm, Dd, self.MIX_NAMES)
         self.time_value2_w1 = nn.Parameter(torch.empty(C, Dd))
         self.time_value2_w2 = nn.Parameter(torch.empty(Dd, C))
         for name in ("receptance", "key", "value", "output"):

@@ -70,6 +70,19 @@ def data_decay(module: nn.Module, xw: torch.Tensor) -> torch.Tensor:
     return -torch.exp(z.to(torch.promote_types(z.dtype, torch.float32)))
 
 
+def add_data_dependent_params(module: nn.Module, C: int, Dm: int, Dd: int, mix_names: tuple[str, ...]) -> None:
+    """The parameters of :func:`ddlerp` (time_maa_x, one time_maa_* per name, the LoRA
+    time_maa_w1/w2 with one output per name) and of :func:`data_decay` (time_decay and its
+    LoRA), in the official order."""
+    for name in ("x", *mix_names):
+        setattr(module, f"time_maa_{name}", nn.Parameter(torch.empty(1, 1, C)))
+    module.time_maa_w1 = nn.Parameter(torch.empty(C, len(mix_names) * Dm))
+    module.time_maa_w2 = nn.Parameter(torch.empty(len(mix_names), Dm, C))
+    module.time_decay = nn.Parameter(torch.empty(1, 1, C))
+    module.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
+    module.time_decay_w2 = nn.Parameter(torch.empty(Dd, C))
+
+
 def add_projections(module: nn.Module, C: int, H: int) -> None:
     """The RWKV-5/6 time-mix matrices (receptance, key, value, gate, output) and ln_x."""
     for name in ("receptance", "key", "value", "gate", "output"):
@@ -85,13 +98,7 @@ class TimeMix(nn.Module):
         C, H, N = config.n_embd, config.n_head, config.head_size
         Dm, Dd = config.lora["maa"], config.lora["decay"]
         self.n_head, self.head_size = H, N
-        for name in ("x", *MIX_NAMES):
-            setattr(self, f"time_maa_{name}", nn.Parameter(torch.empty(1, 1, C)))
-        self.time_maa_w1 = nn.Parameter(torch.empty(C, 5 * Dm))
-        self.time_maa_w2 = nn.Parameter(torch.empty(5, Dm, C))
-        self.time_decay = nn.Parameter(torch.empty(1, 1, C))
-        self.time_decay_w1 = nn.Parameter(torch.empty(C, Dd))
-        self.time_decay_w2 = nn.Parameter(torch.empty(Dd, C))
+        add_data_dependent_params(self, C, Dm, Dd, MIX_NAMES)
         self.time_faaaa = nn.Parameter(torch.empty(H, N))
         add_projections(self, C, H)
 
