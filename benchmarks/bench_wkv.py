@@ -209,10 +209,11 @@ def wkv6_sweep_configs(quick: bool) -> list[dict]:
     per-kernel times)."""
     configs = []
     for C in (32, 64, 128):
-        for bt in (16, 32):
-            for bv, w in ((64, 8), (64, 4), (32, 8), (32, 4)):
-                if quick and (C, bt, bv, w) not in {(64, 16, 64, 8), (64, 16, 32, 8), (64, 16, 64, 4), (32, 16, 64, 8),
-                                                    (128, 16, 64, 8), (64, 32, 64, 8), (128, 32, 64, 8)}:
+        for bt in (16, 32, 64):
+            for bv, w in ((64, 8), (64, 4), (32, 8), (32, 4), (16, 8)):
+                if bt > C or quick and (C, bt, bv, w) not in {
+                        (64, 16, 64, 8), (64, 16, 32, 8), (64, 16, 64, 4), (32, 16, 64, 8), (128, 16, 64, 8),
+                        (64, 32, 64, 8), (128, 32, 64, 8), (64, 64, 32, 8), (64, 64, 16, 8)}:
                     continue
                 configs.append(dict(chunk_size=C, block_t=bt, block_v=bv, num_warps=w, bwd_block_v=bv,
                                     bwd_num_warps=w))

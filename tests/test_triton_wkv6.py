@@ -38,6 +38,7 @@ NAMES = ["r", "log_w", "k", "v", "u", "state"]
 # the few non-default configurations the tests compile (GPU compile time)
 SMALL_CHUNK = dict(chunk_size=16)  # many chunks at small T: the sequential scans
 WIDE_BLOCK = dict(chunk_size=32, block_t=32)  # 32-row blocks: five levels
+WHOLE_CHUNK = dict(chunk_size=64, block_t=64)  # one 64-row block per chunk: six levels, nothing carried
 
 
 def make_inputs(B, T, H, N, *, decay="realistic"):
@@ -85,6 +86,12 @@ def test_small_many_chunks_no_state(seed):
 def test_small_wide_blocks_value_blocks(seed):
     """Blocks of 32 rows (five levels) and two value blocks in every kernel."""
     run_and_compare(make_inputs(1, 45, 1, NVB, decay="mixed"), dtype=torch.float32, **VB, **WIDE_BLOCK)
+
+
+def test_small_whole_chunk_blocks(seed):
+    """Blocks as long as the chunk (64 rows, six levels): the state is never carried inside a
+    chunk; T=150 ends in a partial chunk."""
+    run_and_compare(make_inputs(1, 150, 1, NS, decay="mixed"), dtype=torch.float32, **WHOLE_CHUNK)
 
 
 def test_small_mixed_dtypes(seed):
@@ -227,7 +234,8 @@ def test_decay_extremes(seed, decay, dtype):
 
 
 @gpu_only
-@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, dict(chunk_size=128)], ids=["c16", "c32b32", "c128"])
+@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, WHOLE_CHUNK, dict(chunk_size=128)],
+                         ids=["c16", "c32b32", "c64b64", "c128"])
 @pytest.mark.parametrize("decay", ["realistic", "mixed"])
 def test_other_chunk_sizes(seed, cfg, decay):
     run_and_compare(make_inputs(2, 300, 2, 64, decay=decay), dtype=torch.float32, **cfg)

@@ -55,7 +55,8 @@ Each formula was checked against float64 autograd through the step reference.
 Kernels. The formula is used at two granularities: chunks of ``chunk_size`` C steps (64),
 whose entering states are stored, and blocks of ``block_t`` steps (16) inside a chunk, where
 the levels are computed (log2(16) = 4 levels of [16, N] x [N, 16] products: cheap, and few live
-registers). Four kernels, two per direction:
+registers; ``block_t`` 32 or 64 trades more levels and wider tiles for fewer blocks in series,
+64 with chunk 64 carrying nothing inside a chunk). Four kernels, two per direction:
   * a lean sequential scan over the chunks for the state (forward: S <- S diag(e^{Lam})
     + V^T (k e^{Q}); backward: dS <- dS diag(e^{Lam}) + dY^T (r e^{P})). The update is
     diagonal in the key index, so a program owns a [b, b] tile of one head's state: grid
@@ -95,7 +96,7 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64, 128)
-SUPPORTED_BLOCK_T = (16, 32)
+SUPPORTED_BLOCK_T = (16, 32, 64)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_T = 16
@@ -677,7 +678,8 @@ def wkv6_triton(
     and T); ``u`` the bonus [H, N]; ``state`` [B, H, N(value), N(key)] or None for zeros.
     N in 16/32/64/128. Any T (the last chunk is masked).
     Tuning (None = automatic): ``chunk_size`` (16/32/64/128: the stored chunk states) and
-    ``block_t`` (16/32: the rows a chunk kernel handles at once; see the module docstring),
+    ``block_t`` (16/32/64, at most ``chunk_size``: the rows a chunk kernel handles at once,
+    64 = the whole chunk with nothing carried inside it; see the module docstring),
     ``block_v`` / ``num_warps`` of the forward output kernel, the same two of the backward
     chunk kernel, ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
     ``scan_num_warps``, and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
