@@ -27,6 +27,7 @@ storage like the released files) and is written to a temporary directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -64,13 +65,28 @@ def make_checkpoint(directory: Path, layers: int, width: int, vocab: int) -> Pat
 
 
 # -- the systems under test -------------------------------------------------------------------
+@contextlib.contextmanager
+def fused_step(on: bool):
+    """RWKVKIT_FUSED_STEP (the one-kernel RWKV-7 time-mix step on CUDA) set for the block."""
+    old = os.environ.get("RWKVKIT_FUSED_STEP")
+    os.environ["RWKVKIT_FUSED_STEP"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RWKVKIT_FUSED_STEP"]
+        else:
+            os.environ["RWKVKIT_FUSED_STEP"] = old
+
+
 class Ours:
     """One of our set-ups: a loaded model, decoding eagerly or through a CUDA graph
-    (``graphs``); ``prefill`` says whether its prefill is timed (the graph and eager twins of
-    one model prefill alike, so only one of them is)."""
+    (``graphs``), with or without the fused time-mix step (``fused``); ``prefill`` says
+    whether its prefill is timed (twins of one model prefill alike, so only one of them is)."""
 
-    def __init__(self, label: str, model: torch.nn.Module, *, graphs: bool = False, prefill: bool = True) -> None:
-        self.label, self.model, self.graphs, self.prefill = label, model, graphs, prefill
+    def __init__(self, label: str, model: torch.nn.Module, *, graphs: bool = False, prefill: bool = True,
+                 fused: bool = False) -> None:
+        self.label, self.model, self.graphs, self.prefill, self.fused = label, model, graphs, prefill, fused
         self.device = model.device
 
     def prefill_seconds(self, tokens: torch.Tensor) -> float:
@@ -78,11 +94,13 @@ class Ours:
 
     def decode_setup(self, batch_size: int = 1):
         state = start_decoding(self.model, batch_size)
-        return state, (GraphedStep(self.model, state) if self.graphs else None)
+        with fused_step(self.fused):  # a graph keeps the kernels it was captured with
+            return state, (GraphedStep(self.model, state) if self.graphs else None)
 
     def decode_seconds(self, setup, tokens: torch.Tensor) -> float:
         state, graph = setup
-        return time_decode(self.model, state, tokens[:, None] if tokens.dim() == 1 else tokens, graph=graph)
+        with fused_step(self.fused):
+            return time_decode(self.model, state, tokens[:, None] if tokens.dim() == 1 else tokens, graph=graph)
 
 
 class Reference:
@@ -375,6 +393,9 @@ def main() -> None:
                     model = load_model(path, device="cuda", dtype=dtype)
                     ours += [Ours(f"ours {name}, CUDA graph", model, graphs=True),
                              Ours(f"ours {name}, eager", model, prefill=False)]
+                    if dtype == torch.bfloat16 and model.arch == "rwkv7":  # RWKVKIT_FUSED_STEP=1, off by default
+                        ours.append(Ours("ours bf16, CUDA graph, fused step", model, graphs=True, prefill=False,
+                                         fused=True))
                 default_batches = ",".join(str(2**i) for i in range(9))
             else:
                 ours = [Ours("ours fp32", load_model(path)), Ours("ours bf16", load_model(path, dtype=torch.bfloat16)),
