@@ -100,13 +100,13 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         if isinstance(module, Int8Linear):
             total += module.in_features * module.out_features + 4 * module.out_features
             continue
-        products = getattr(module, "int8_products", None)
-        int8_low_rank = callable(products) and products() is not None
+        products = module.int8_products() if hasattr(module, "int8_products") else None
+        int8_copies = products.replaces if products is not None else ()
         for pname, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t is None:
                 continue
-            if int8_low_rank and len(pname) == 2 and pname[0] in "vwag" and pname[1] in "12":
-                total += t.numel()  # one byte each (their per-row scales are negligible)
+            if pname in int8_copies:
+                total += t.numel()  # read as its int8 copy: one byte each (per-row scales negligible)
             elif name == "emb" and pname == "weight":
                 total += t.shape[1] * t.element_size()
             else:

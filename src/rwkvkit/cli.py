@@ -277,7 +277,8 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def _positive(text: str) -> int:
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the train commands use it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -291,12 +292,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="official .pth, a saved model directory, or a .safetensors (default: the bundled model)")
     _add_weight_options(p)
-    p.add_argument("--prefill", type=_positive, default=512, metavar="T", help="prompt length (default: %(default)s)")
+    p.add_argument("--prefill", type=_positive_int, default=512, metavar="T", help="prompt length (default: %(default)s)")
     p.add_argument("--batch", type=_batch_sizes, default=[1, 8], metavar="B,B,...",
                    help="decode batch sizes (default: 1,8)")
-    p.add_argument("--steps", type=_positive, default=32, help="decoded tokens per run (default: %(default)s)")
-    p.add_argument("--repeats", type=_positive, default=3, help="runs per figure, median (default: %(default)s)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--steps", type=_positive_int, default=32, help="decoded tokens per run (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="runs per figure, median (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
 
 
 def _run_bench(args: argparse.Namespace) -> int:

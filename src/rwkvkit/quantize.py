@@ -209,10 +209,11 @@ class Int8Rows:
 
         rows [n, B, in] -> y [n, B, sum(out_i)];  block(y, i) = rows[i] W_i^T  [B, out_i]
 
-    One kernel call multiplies all n B rows by the stacked matrix; :meth:`blocks` keeps the
-    diagonal blocks. Decoding is bound by reading the weights, which this does once, as n
-    separate products would; the n-fold arithmetic is what such a product leaves idle, and
-    one call instead of n saves n - 1 calls' fixed cost (~15-30 us each on a CPU). For one
+    One kernel call multiplies all n B rows by the stacked matrix; the caller keeps the
+    diagonal blocks (``rwkv7.Int8Products`` masks the rest). Decoding is bound by reading the
+    weights, which this does once, as n separate products would; the n-fold arithmetic is
+    what such a product leaves idle, and one call instead of n saves n - 1 calls' fixed cost
+    (~15-30 us each on a CPU). For one
     token (B == 1) the kernel quantizes the n rows over their common range (the mixes of one
     token span similar ranges); for several, each row is scaled on its own as in
     :class:`Int8Linear`, so rows of a batch do not affect each other. A plain object, not a
@@ -225,7 +226,6 @@ class Int8Rows:
         if levels is None:
             raise ConfigError("Int8Rows: this PyTorch has no fbgemm int8 kernels (x86 CPU builds have them)")
         self.levels = levels
-        self.sizes = [w.shape[0] for w in weights]
         self.packed = _prepack(*quantize_int8_per_channel(torch.cat([w.detach().float().cpu() for w in weights])))
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
@@ -239,15 +239,6 @@ class Int8Rows:
         else:
             y = _fbgemm_linear(x, self.packed, self.levels)
         return y.to(rows.dtype).view(n, B, -1)
-
-    def blocks(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """rows [n, B, in] -> [rows[0] W_0^T, ..., rows[n-1] W_(n-1)^T], each [B, out_i]."""
-        y = self(rows)
-        out, start = [], 0
-        for i, size in enumerate(self.sizes):
-            out.append(y[i, :, start : start + size])
-            start += size
-        return out
 
 
 def int8_rows_supported() -> bool:

@@ -19,6 +19,17 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
+
+def check_rope_base(base: object, head_size: int) -> None:
+    """The ``rope_base`` option of a config: a number >= 0 (0: no RoPE), with an even head
+    size when RoPE is on; a :class:`ConfigError` otherwise."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or base < 0:
+        raise ConfigError(f"config: rope_base must be a number >= 0 (0: no RoPE), got {base!r}")
+    if base and head_size % 2:
+        raise ConfigError(f"config: RoPE needs an even head_size, got {head_size}")
+
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """Rotary position embedding of ``x`` [B, H, T, D] at integer ``positions`` [T].

@@ -58,7 +58,7 @@ from .. import ops
 from ..config import ModelConfig
 from ..errors import ConfigError, StateDictError, StateError
 from ..state import GoldFinchState
-from .attention import chunked_causal_attention, rope
+from .attention import check_rope_base, chunked_causal_attention, rope
 from .recurrent import BlockStackModel, RWKVModel, layer_count, official_matrix_init, shape_of, token_shift
 from .registry import register
 from .rwkv6 import (
@@ -516,8 +516,4 @@ def _check_options(config: ModelConfig) -> None:
     r = ex["compression"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 1 or config.n_embd // r < 1:
         raise ConfigError(f"config: compression must be an integer in [1, n_embd], got {r!r}")
-    base = ex["rope_base"]
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or base < 0:
-        raise ConfigError(f"config: rope_base must be a number >= 0 (0: no RoPE), got {base!r}")
-    if base and config.head_size % 2:
-        raise ConfigError(f"config: RoPE needs an even head_size, got {config.head_size}")
+    check_rope_base(ex["rope_base"], config.head_size)

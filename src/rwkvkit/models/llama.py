@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import ConfigError, StateError
 from ..state import KVCacheState
-from .attention import causal_attention, rope
+from .attention import causal_attention, check_rope_base, rope
 from .recurrent import BlockStackModel, layer_count, official_matrix_init, shape_of
 from .registry import register
 
@@ -171,8 +171,4 @@ def _check_options(config: ModelConfig) -> None:
         raise ConfigError(f"config: unknown Llama option(s) {', '.join(unknown)} (known: {', '.join(LLAMA_OPTIONS)})")
     if ex["norm"] not in NORMS:
         raise ConfigError(f"config: norm must be one of {', '.join(NORMS)}, got {ex['norm']!r}")
-    base = ex["rope_base"]
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or base < 0:
-        raise ConfigError(f"config: rope_base must be a number >= 0 (0: no RoPE), got {base!r}")
-    if base and config.head_size % 2:
-        raise ConfigError(f"config: RoPE needs an even head_size, got {config.head_size}")
+    check_rope_base(ex["rope_base"], config.head_size)

@@ -174,6 +174,7 @@ class Int8Products:
 
     def __init__(self, att: TimeMix, maps: tuple[str, ...], versions: tuple) -> None:
         self.versions = versions
+        self.replaces = tuple(m + i for m in maps for i in "12")  # the float matrices decoding no longer reads
         self.down = Int8Rows([getattr(att, m + "1").t() for m in maps])
         ups = [getattr(att, m + "2") for m in maps]  # [D_i, C]
         up = torch.cat(ups).t().float()  # [C, sum D_i]

@@ -22,17 +22,7 @@ import argparse
 import json
 import sys
 
-from ..cli import Command, _add_model_options, _load, register
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from ..cli import Command, _add_model_options, _load, _positive_int, register
 
 
 def _fraction(text: str) -> float:
