@@ -85,7 +85,7 @@ class Ours:
     whether its prefill is timed (twins of one model prefill alike, so only one of them is)."""
 
     def __init__(self, label: str, model: torch.nn.Module, *, graphs: bool = False, prefill: bool = True,
-                 fused: bool = False) -> None:
+                 fused: bool = True) -> None:
         self.label, self.model, self.graphs, self.prefill, self.fused = label, model, graphs, prefill, fused
         self.device = model.device
 
@@ -393,9 +393,9 @@ def main() -> None:
                     model = load_model(path, device="cuda", dtype=dtype)
                     ours += [Ours(f"ours {name}, CUDA graph", model, graphs=True),
                              Ours(f"ours {name}, eager", model, prefill=False)]
-                    if dtype == torch.bfloat16 and model.arch == "rwkv7":  # RWKVKIT_FUSED_STEP=1, off by default
-                        ours.append(Ours("ours bf16, CUDA graph, fused step", model, graphs=True, prefill=False,
-                                         fused=True))
+                    if dtype == torch.bfloat16 and model.arch == "rwkv7":  # RWKVKIT_FUSED_STEP=0: without it
+                        ours.append(Ours("ours bf16, CUDA graph, unfused step", model, graphs=True, prefill=False,
+                                         fused=False))
                 default_batches = ",".join(str(2**i) for i in range(9))
             else:
                 ours = [Ours("ours fp32", load_model(path)), Ours("ours bf16", load_model(path, dtype=torch.bfloat16)),

@@ -7,10 +7,10 @@
 # 1. tests/test_cuda_graphs.py: replayed steps equal eager model.step_ (logits and state,
 #    bitwise; RWKV-5/6/7, batch 1 and 3, bf16), generation gives the same tokens with and
 #    without graphs (batch 1, a batch that shrinks from 5 rows to 1), stale graphs recaptured.
-#    The fused RWKV-7 time-mix step (RWKVKIT_FUSED_STEP=1) against the PyTorch ops and inside
+#    The fused RWKV-7 time-mix step (the default on CUDA) against the PyTorch ops and inside
 #    a model's step_.
 # 2. benchmarks/bench_inference.py --device cuda: decode at batch 1 through the CUDA graph (also
-#    with the fused step, bf16) and eagerly against the rwkv package (cuda fp16, RWKV_CUDA_ON=1:
+#    without the fused step, bf16: RWKVKIT_FUSED_STEP=0) and eagerly against the rwkv package (cuda fp16, RWKV_CUDA_ON=1:
 #    its kernel builds at import),
 #    decode at batch 1..256 against the bandwidth bound, prefill against the matmul ceiling.
 #

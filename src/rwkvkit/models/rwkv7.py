@@ -112,7 +112,7 @@ class TimeMix(nn.Module):
         token mixes in one op and fewer, fused small ops; in int8 models on the CPU, the four
         low-rank maps are two int8 products (:class:`Int8Products`); everything from the
         projections to the output matrix is ``ops.wkv7_timemix_step_`` (one kernel on CUDA
-        with ``RWKVKIT_FUSED_STEP=1``)."""
+        unless ``RWKVKIT_FUSED_STEP=0``)."""
         B, C = x.shape
         first = self.layer_id == 0  # layer 0 has no value residual (no v0, v1, v2)
         xx = shift.to(x.dtype) - x

@@ -4,7 +4,7 @@
 on CUDA when triton is installed (``RWKVKIT_WKV_BACKEND=torch`` turns them off), else the
 recurrent step for T == 1 and the PyTorch chunked form otherwise. ``wkv7_`` is the in-place
 decoding step (no gradients); ``wkv7_timemix_step_`` is the whole RWKV-7 time-mix step around
-it (one kernel on CUDA with ``RWKVKIT_FUSED_STEP=1``).
+it (one kernel on CUDA; ``RWKVKIT_FUSED_STEP=0`` turns that off).
 ``reference`` holds the step-by-step spec.
 """
 
@@ -89,7 +89,7 @@ def wkv7_(
 
 
 def _fused_step_enabled(x: torch.Tensor) -> bool:
-    return _triton_enabled(x) and os.environ.get("RWKVKIT_FUSED_STEP", "0") == "1"
+    return _triton_enabled(x) and os.environ.get("RWKVKIT_FUSED_STEP", "1") != "0"
 
 
 def wkv7_timemix_step_(
@@ -118,8 +118,8 @@ def wkv7_timemix_step_(
         out = (GroupNorm_H(y; ln_weight, ln_bias, eps) + (sum(r * r_k * k) per head) v) * g
 
     ``r, log_w, k, v, a, g, gate, v_first`` [B, C] (C = H N); ``k_k, k_a, ln_weight,
-    ln_bias`` [C]; ``r_k`` [H, N]. Returns ``out`` [B, C] in r's dtype. On CUDA with
-    ``RWKVKIT_FUSED_STEP=1``: one Triton kernel instead of ~20 small ops (the CUDA-graph step
+    ln_bias`` [C]; ``r_k`` [H, N]. Returns ``out`` [B, C] in r's dtype. On CUDA
+    (unless ``RWKVKIT_FUSED_STEP=0``): one Triton kernel instead of ~20 small ops (the CUDA-graph step
     is bound by its kernel count); else PyTorch ops around ``wkv7_``. The kernel computes in
     float32 throughout; the ops round to r's dtype between steps as the model always did.
     """

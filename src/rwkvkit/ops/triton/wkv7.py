@@ -527,14 +527,18 @@ _DENSE_TABLES: dict[tuple, ChunkTable] = {}
 
 
 def dense_table(B: int, T: int, L: int, device: torch.device) -> ChunkTable:
-    """The table of a dense batch: B sequences of T tokens (cached)."""
+    """The table of a dense batch: B sequences of T tokens (cached; built anew inside a CUDA
+    graph capture, so that the graph owns its table: a cached one may be dropped later)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     key = (B, T, L, str(device))
-    table = _DENSE_TABLES.get(key)
+    table = None if capturing else _DENSE_TABLES.get(key)
     if table is None:
         nc = triton.cdiv(T, L)
         ar = torch.arange(B + 1, dtype=torch.int32, device=device)
         chunk_seq = torch.arange(B * nc, dtype=torch.int32, device=device) // nc
         table = ChunkTable(ar * T, ar * nc, chunk_seq, B, B * nc)
+        if capturing:
+            return table
         if len(_DENSE_TABLES) > 64:
             _DENSE_TABLES.clear()
         _DENSE_TABLES[key] = table
