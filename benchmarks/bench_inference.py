@@ -90,7 +90,7 @@ class Ours:
         self.device = model.device
 
     def prefill_seconds(self, tokens: torch.Tensor) -> float:
-        return time_prefill(self.model, tokens if tokens.dim() == 2 else tokens[None])
+        return time_prefill(self.model, tokens if tokens.dim() == 2 else tokens[None], cuda_graphs=self.graphs)
 
     def decode_setup(self, batch_size: int = 1):
         state = start_decoding(self.model, batch_size)
@@ -159,6 +159,7 @@ def in_turns(systems, make_run, repeats: int) -> dict[str, float]:
     runs = {s.label: make_run(s) for s in systems}
     for run in runs.values():
         run()  # warm-up (JIT, allocator, caches)
+        run()  # prefill graphs are captured on a length's second use
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
@@ -202,17 +203,18 @@ def batched(ours: list[Ours], batch_sizes: list[int], args) -> dict:
 
 
 def prefill_shapes(ours: list[Ours], shapes: list[tuple[int, int]], args) -> dict:
-    """Prefill tokens/s at each (batch, length), through ``generation.prefill`` (chunks of
-    512 tokens, last logits only)."""
+    """Prefill tokens/s at each (batch, length), through ``generation.prefill`` (its default
+    chunks, last logits only), with CUDA graphs or eagerly as the system says."""
     out = {}
     for system in ours:
         row = {}
         for B, T in shapes:
             tokens = torch.randint(1, args.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
-            system.prefill_seconds(tokens)
+            for _ in range(2):  # the second call captures the prefill graphs
+                system.prefill_seconds(tokens)
             t = statistics.median(system.prefill_seconds(tokens) for _ in range(args.repeats))
             row[f"{B}x{T}"] = B * T / t
-        out[system.label.split(",")[0]] = row  # prefill does not use the CUDA graph: "ours bf16"
+        out[system.label] = row
     return out
 
 
@@ -336,7 +338,7 @@ def print_prefill(res: dict, flops_per_token: int, ceiling: dict) -> None:
     print("\n| ours: prefill tokens/s (share of the matrix-product ceiling) at batch x length | " + " | ".join(shapes) + " |")
     print("|---" * (len(shapes) + 1) + "|")
     for label, row in res.items():
-        peak = ceiling[label]
+        peak = ceiling[label.split(",")[0]]
         print(f"| {label} | " + " | ".join(f"{row[s]:,.0f} ({row[s] * flops_per_token / peak:.0%})" for s in shapes) + " |")
     print(f"({flops_per_token / 1e6:,.0f} MFLOP per token in the block matrices; ceilings: "
           + ", ".join(f"{k} {v / 1e12:,.0f} TFLOP/s" for k, v in ceiling.items()) + ")")
@@ -355,7 +357,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="runs per figure, median (default: 5 on CPU, 3 on CUDA)")
     p.add_argument("--batch", default=None, help="batch sizes for our batched decoding "
                    "(default: 1,2,4,8,16,32,64 on CPU; 1,2,4,...,256 on CUDA)")
-    p.add_argument("--prefill-shapes", default="1x512,1x4096,8x4096",
+    p.add_argument("--prefill-shapes", default="1x512,1x1000,1x4096,8x4096",
                    help="CUDA: prefill throughput at these batch x length shapes (default: %(default)s)")
     p.add_argument("--no-reference", action="store_true", help="skip the rwkv package")
     p.add_argument("--floor", action="store_true", help="only measure GEMM/GEMV/bandwidth (CPU)")
@@ -392,7 +394,7 @@ def main() -> None:
                 for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
                     model = load_model(path, device="cuda", dtype=dtype)
                     ours += [Ours(f"ours {name}, CUDA graph", model, graphs=True),
-                             Ours(f"ours {name}, eager", model, prefill=False)]
+                             Ours(f"ours {name}, eager", model, prefill=dtype == torch.bfloat16)]
                     if dtype == torch.bfloat16 and model.arch == "rwkv7":  # RWKVKIT_FUSED_STEP=0: without it
                         ours.append(Ours("ours bf16, CUDA graph, unfused step", model, graphs=True, prefill=False,
                                          fused=False))

@@ -9,7 +9,7 @@ from conftest import rel_err
 from official_files import make_rwkv5_state_dict, make_rwkv6_state_dict, make_rwkv7_state_dict
 from rwkvkit import ChatSession, ModelConfig, generate_batch, load_model
 from rwkvkit import cuda_graphs
-from rwkvkit.cuda_graphs import GraphDecoder, GraphedStep, graph_unsupported_reason
+from rwkvkit.cuda_graphs import GraphDecoder, GraphedStep, graph_unsupported_reason, prefill_pieces
 from rwkvkit.errors import CUDAGraphError, GenerationError, InputError, StateError
 from rwkvkit.generation import complete, prefill
 from rwkvkit.models import model_class
@@ -67,6 +67,25 @@ def test_generation_switch_on_cpu(tmp_path, seed):
     chat_model = small_model(tmp_path, seed=seed)
     with pytest.raises(GenerationError, match="tokenizer"):  # the keyword is accepted before this check
         ChatSession(chat_model, cuda_graphs=False)
+
+
+def test_prefill_pieces():
+    """Whole chunks first, then the rest as powers of two (largest first) or, past
+    MAX_REMAINDER_PIECES of them, as one piece; the pieces always add up to the prompt."""
+    most = cuda_graphs.MAX_REMAINDER_PIECES
+    assert prefill_pieces(1000, 4096) == [512, 256, 128, 64, 32, 8]
+    assert prefill_pieces(8192 + 3, 4096) == [4096, 4096, 2, 1]
+    assert prefill_pieces(127, 4096) == ([127] if most < 7 else [64, 32, 16, 8, 4, 2, 1])
+    assert prefill_pieces(4096, 4096) == [4096] and prefill_pieces(1, 4096) == [1]
+    for length in range(1, 300):
+        for chunk in (1, 7, 16, 100):
+            pieces = prefill_pieces(length, chunk)
+            assert sum(pieces) == length and all(0 < n <= chunk for n in pieces)
+            whole = length // chunk
+            assert pieces[:whole] == [chunk] * whole
+            rest = pieces[whole:]
+            assert len(rest) == 1 or all(n & (n - 1) == 0 for n in rest) and rest == sorted(rest, reverse=True)
+            assert len(rest) <= most
 
 
 # -- GPU -----------------------------------------------------------------------------------------
@@ -166,3 +185,65 @@ def test_decoder_moves_between_graph_sizes(tmp_path, seed):
             expected = model.step_(tokens.cuda(), eager)
             assert rel_err(logits, expected) < 1e-6, f"step {step}, {rows} rows, seed {seed}"
     assert set(cuda_graphs._cache[model]) <= {1, 2, 4, 8}
+
+
+def forward_over(model, tokens, state, pieces):
+    """model.forward chained over ``pieces`` (what graphed prefill replays)."""
+    start = 0
+    with torch.no_grad():
+        for n in pieces:
+            logits, state = model(tokens[:, start : start + n], state, last_only=True)
+            start += n
+    return logits[:, -1], state
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["rwkv7", "rwkv6", "rwkv5"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prefill_graphs_equal_forward_over_the_same_pieces(tmp_path, seed, arch, batch):
+    """Prefill through graphs (captured on a length's second use) gives bitwise the numbers
+    of the eager forward calls over the same pieces, from the initial state and from a
+    given one, which is left as it was."""
+    model = small_model(tmp_path, arch, seed, device="cuda")
+    cuda_graphs.clear_cache(model)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (batch, 23), generator=g)
+    pieces = prefill_pieces(23, 8)
+    assert pieces == [8, 8, 4, 2, 1]
+    expected = forward_over(model, tokens.cuda(), None, pieces)
+    for call in range(3):  # eager, then capture, then replay
+        logits, state = prefill(model, tokens, chunk_len=8)
+        assert torch.equal(logits, expected[0]), f"call {call}, seed {seed}: {rel_err(logits, expected[0]):.2e}"
+        for name, t in expected[1].tensor_fields().items():
+            assert torch.equal(getattr(state, name), t), f"{name}, call {call}, seed {seed}"
+    assert set(cuda_graphs._prefill_cache[model].graphs) == {(batch, n) for n in (8, 4, 2, 1)}
+    before = state.clone()
+    more = torch.randint(0, V, (batch, 13), generator=g)
+    expected = forward_over(model, more.cuda(), state, prefill_pieces(13, 8))
+    for _ in range(2):
+        logits, after = prefill(model, more, state, chunk_len=8)
+        assert torch.equal(logits, expected[0]) and torch.equal(after.wkv, expected[1].wkv)
+    assert torch.equal(state.wkv, before.wkv) and torch.equal(state.att_shift, before.att_shift)
+    # The logits and state handed back are the caller's: later prefills do not change them.
+    kept = logits.clone()
+    prefill(model, more, chunk_len=8)
+    assert torch.equal(logits, kept)
+
+
+@cuda
+def test_prefill_graphs_in_bfloat16_and_after_new_weights(tmp_path, seed):
+    model = small_model(tmp_path, "rwkv7", seed, device="cuda", dtype=torch.bfloat16)
+    cuda_graphs.clear_cache(model)
+    tokens = torch.randint(0, V, (2, 100))
+    whole = model(tokens.cuda(), None, last_only=True)
+    eager = prefill(model, tokens, cuda_graphs=False)
+    for _ in range(3):
+        logits, state = prefill(model, tokens, chunk_len=32)
+    assert rel_err(logits, whole[0][:, -1]) < 2e-2 and rel_err(state.wkv, eager[1].wkv) < 2e-2
+    # A parameter replaced by a new tensor: the kept graphs would read the old one.
+    model.head.weight = torch.nn.Parameter(model.head.weight.detach() * 2)
+    again = prefill(model, tokens, chunk_len=32)[0]
+    assert torch.equal(again, forward_over(model, tokens.cuda(), None, prefill_pieces(100, 32))[0])
+    # Out-of-range ids are refused before anything is replayed.
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        prefill(model, torch.full((2, 100), V), chunk_len=32)

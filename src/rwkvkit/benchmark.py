@@ -65,9 +65,12 @@ def random_tokens(model: torch.nn.Module, shape: Sequence[int], seed: int = 0) -
     return torch.randint(1, model.config.vocab_size, tuple(shape), generator=g)
 
 
-def time_prefill(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int | None = None) -> float:
-    """Seconds to prefill ``tokens`` [B, T] from the initial state (only the last logits)."""
-    return seconds(lambda: prefill(model, tokens, chunk_len=chunk_len), model.device)
+def time_prefill(model: torch.nn.Module, tokens: torch.Tensor, chunk_len: int | None = None, *,
+                 cuda_graphs: bool = True) -> float:
+    """Seconds to prefill ``tokens`` [B, T] from the initial state (only the last logits)
+    through :func:`~rwkvkit.generation.prefill` (on a GPU through its CUDA graphs, which are
+    captured on a length's second use: warm up twice)."""
+    return seconds(lambda: prefill(model, tokens, chunk_len=chunk_len, cuda_graphs=cuda_graphs), model.device)
 
 
 def start_decoding(model: torch.nn.Module, batch_size: int, prompt_len: int = 16, seed: int = 0):
@@ -184,12 +187,14 @@ def measure(
     cuda_graphs: bool = True,
 ) -> BenchResult:
     """Prefill tokens/s at ``prefill_len`` (batch 1) and decode tokens/s at each batch size,
-    each the median of ``repeats`` runs after a warm-up run. Where the model can decode
-    through a CUDA graph (and ``cuda_graphs``), decoding is timed through it and eagerly."""
+    each the median of ``repeats`` runs after warm-up runs. Where the model can run through
+    CUDA graphs (and ``cuda_graphs``), prefill is timed through them, and decoding through
+    them and eagerly."""
     device = model.device
     tokens = random_tokens(model, (1, prefill_len))
-    time_prefill(model, tokens)
-    t_prefill = statistics.median(time_prefill(model, tokens) for _ in range(repeats))
+    for _ in range(2):  # the second call captures the prefill graphs
+        time_prefill(model, tokens, cuda_graphs=cuda_graphs)
+    t_prefill = statistics.median(time_prefill(model, tokens, cuda_graphs=cuda_graphs) for _ in range(repeats))
     result = BenchResult(
         label=label, prefill_len=prefill_len, prefill_tokens_per_s=prefill_len / t_prefill,
         weight_bytes=weight_bytes_per_token(model), state_bytes=model.state_nbytes(1),

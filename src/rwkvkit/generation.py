@@ -47,9 +47,10 @@ are ordinary tensors that may later be used where autograd is on (e.g. state tun
 Decoding uses the model's in-place ``step_`` (one token per row, no new state per token) on
 a state that belongs to the loop alone; the states handed back are copies. On a GPU the step
 is replayed as a CUDA graph (:mod:`rwkvkit.cuda_graphs`: the same numbers, one launch instead
-of hundreds of small ones); every function here takes ``cuda_graphs=False`` to run it
-eagerly instead. On the CPU, and for models that cannot be graphed (GoldFinch and Llama,
-whose caches grow; int8 layers), decoding is always eager.
+of hundreds of small ones), and so are the prompt's forward calls at batches up to 8 (see
+:func:`prefill`); every function here takes ``cuda_graphs=False`` to run both eagerly
+instead. On the CPU, and for models that cannot be graphed (GoldFinch and Llama, whose
+caches grow; int8 layers), everything is eager.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from typing import Any, Callable, Generator, Iterator, Literal, Sequence
 
 import torch
 
-from .cuda_graphs import GraphDecoder
+from .cuda_graphs import GraphDecoder, graphed_prefill
 from .errors import GenerationError, RwkvkitError
 from .state import ModelState, RecurrentState
 
@@ -402,6 +403,7 @@ def prefill(
     state: RecurrentState | None = None,
     *,
     chunk_len: int | None = None,
+    cuda_graphs: bool = True,
 ) -> tuple[torch.Tensor, RecurrentState]:
     """Feed ``tokens`` ([B, T], [T] or a list of ids) after ``state`` (None: the model's
     initial state), ``chunk_len`` tokens per forward call (None: :func:`default_chunk_len`
@@ -409,12 +411,21 @@ def prefill(
 
     Returns ``(logits [B, V] float32 after the last token, new state)``; ``state`` itself is
     not changed. Memory is bounded by ``chunk_len``, whatever the prompt length.
+
+    On a GPU, RWKV models at batches up to 8 replay the forward calls as CUDA graphs
+    (:func:`rwkvkit.cuda_graphs.graphed_prefill`: whole chunks, and the rest in power-of-two
+    pieces, each length captured on its second use); ``cuda_graphs=False`` feeds every chunk
+    eagerly. The two agree to float rounding (the pieces differ).
     """
     if chunk_len is None:
         chunk_len = default_chunk_len(model.device)
     if isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1:
         raise GenerationError(f"chunk_len={chunk_len!r}: must be a positive integer")
     batch = _as_batch(tokens)
+    if cuda_graphs and getattr(model, "device", torch.device("cpu")).type == "cuda":
+        out = graphed_prefill(model, batch, state, chunk_len)
+        if out is not None:
+            return out
     logits = None
     with torch.no_grad():
         for start in range(0, batch.shape[1], chunk_len):
@@ -598,7 +609,7 @@ def _run(
     n = len(prompts)
     logits_rows, row_states = [], []
     for ids, st in zip(prompts, states):
-        lg, st = prefill(model, ids, st, chunk_len=chunk_len)
+        lg, st = prefill(model, ids, st, chunk_len=chunk_len, cuda_graphs=cuda_graphs)
         logits_rows.append(lg)
         row_states.append(st)
     logits = torch.cat(logits_rows) if n > 1 else logits_rows[0]
@@ -938,7 +949,8 @@ class ChatSession:
         self.initial_state = state
         if system:
             text = system.rstrip("\n") + "\n\n"
-            _, self.initial_state = prefill(model, self.tokenizer.encode(text), state, chunk_len=chunk_len)
+            _, self.initial_state = prefill(model, self.tokenizer.encode(text), state, chunk_len=chunk_len,
+                                            cuda_graphs=cuda_graphs)
         self.state = self.initial_state
         self.history: list[tuple[str, str]] = []
 
@@ -990,10 +1002,11 @@ class ChatSession:
             rest = target[len(decoded):]
             if not rest:
                 return result.state
-            return prefill(self.model, tok.encode(rest), result.state, chunk_len=self.chunk_len)[1]
+            return prefill(self.model, tok.encode(rest), result.state, chunk_len=self.chunk_len,
+                           cuda_graphs=self.cuda_graphs)[1]
         k = len(drawn) - 1
         while k > 0 and not target.startswith(_decode_lenient(tok, drawn[:k])):
             k -= 1
         head = _decode_lenient(tok, drawn[:k])
         ids = prompt_ids + drawn[:k] + list(tok.encode(target[len(head):]))
-        return prefill(self.model, ids, before, chunk_len=self.chunk_len)[1]
+        return prefill(self.model, ids, before, chunk_len=self.chunk_len, cuda_graphs=self.cuda_graphs)[1]

@@ -96,6 +96,10 @@ class LanguageModel(nn.Module):
             raise InputError(f"tokens must have shape [B, T] with B, T >= 1, got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if tokens.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Inside a CUDA-graph capture ids cannot be read back; the graph's caller checks
+            # the ids it copies in (rwkvkit.cuda_graphs.GraphedForward).
+            return tokens.to(self.device, torch.long)
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi

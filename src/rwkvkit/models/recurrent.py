@@ -102,6 +102,25 @@ class BlockStackModel(LanguageModel):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
+    def check_state(self, state: RecurrentState, batch_size: int) -> RecurrentState:
+        """``state`` checked against this model (class, shapes, ``batch_size`` rows; a
+        :class:`~rwkvkit.errors.StateError` names what differs) and moved to its device, the
+        WKV state in float32 (float64 for a float64 model). A state from a file or another
+        device is cast into new tensors: the caller's state is untouched and gradients still
+        reach it; one already in place is returned with the same tensors."""
+        ref = self.state_template()  # checks shapes without allocating a state
+        if not isinstance(state, RecurrentState):
+            raise StateError(f"state must be a RecurrentState, got {type(state).__name__}")
+        ref.check_compatible(state)
+        if state.batch_size != batch_size:
+            raise StateError(f"state has batch size {state.batch_size}, tokens have {batch_size} rows")
+        return RecurrentState(
+            arch=state.arch,
+            att_shift=state.att_shift.to(self.device),
+            wkv=state.wkv.to(self.device, ref.wkv.dtype),
+            ffn_shift=state.ffn_shift.to(self.device),
+        )
+
     @torch.no_grad()
     def step_(self, tokens: torch.Tensor, state: ModelState) -> torch.Tensor:
         """Decode one token per row: ``tokens`` [B] -> logits float32 [B, V], with the
@@ -197,24 +216,7 @@ class RWKVModel(BlockStackModel):
     ) -> tuple[torch.Tensor, RecurrentState]:
         tokens = self.check_tokens(tokens)
         B = tokens.shape[0]
-        if state is None:
-            state = self.init_state(B)
-        else:
-            ref = self.state_template()  # checks shapes without allocating a state
-            if not isinstance(state, RecurrentState):
-                raise StateError(f"state must be a RecurrentState, got {type(state).__name__}")
-            ref.check_compatible(state)
-            if state.batch_size != B:
-                raise StateError(f"state has batch size {state.batch_size}, tokens have {B} rows")
-            # The state may come from a file or another device; the WKV state is always
-            # float32 (float64 for a float64 model). Casting makes new tensors: the caller's
-            # state is untouched and gradients still reach it.
-            state = RecurrentState(
-                arch=state.arch,
-                att_shift=state.att_shift.to(self.device),
-                wkv=state.wkv.to(self.device, ref.wkv.dtype),
-                ffn_shift=state.ffn_shift.to(self.device),
-            )
+        state = self.init_state(B) if state is None else self.check_state(state, B)
         x = self.emb(tokens)
         v_first = None
         att_shift, wkv, ffn_shift = [], [], []
