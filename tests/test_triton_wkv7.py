@@ -9,6 +9,7 @@ version's tests are in tests/triton_checks.py.
 
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -102,13 +103,14 @@ def test_state_not_modified_and_out_dtype(seed):
     assert y16.dtype == torch.float32
 
 
-def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
-    """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward."""
+def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kw):
+    """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward
+    (``kw``: more wkv7_triton settings, for both)."""
     xs = [make_inputs(1, n, H, N) for n in lengths]
     packed = [torch.cat([x[i] for x in xs], dim=1).to(DEVICE, dtype).requires_grad_() for i in range(6)]
     s0 = torch.cat([x[6] for x in xs]).to(DEVICE).requires_grad_()
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
-    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    kw = kw if chunk_size is None else {"chunk_size": chunk_size, **kw}
     y, s = wkv7_triton(*packed, s0, cu_seqlens=cu, **kw)
     assert y.shape == packed[0].shape and s.shape == s0.shape
     gy, gs = torch.randn_like(y, dtype=torch.float32), torch.randn_like(s)
@@ -130,6 +132,65 @@ def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
 def test_varlen_matches_one_by_one(seed):
     """Lengths not multiples of the chunk, one of a single token, one empty."""
     varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16)
+
+
+# --- two-level chunks (sub_chunk): N x N matrices per chunk_size tokens, math per sub_chunk rows ---
+
+
+@pytest.mark.parametrize(
+    "T, chunk_size, sub_chunk",
+    [(17, 32, 16), (70, 32, 16), (150, 64, 16), (75, 128, 16), (100, 64, 32)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_two_level_matches_reference(seed, T, chunk_size, sub_chunk, dtype):
+    """Partial last chunks (also with fewer sub-chunks than the chunk holds) and one chunk
+    shorter than T's first; outputs, final state, every gradient incl. the initial state's."""
+    N = 16 if sub_chunk == 16 else 32
+    run_and_compare(make_inputs(1, T, 2, N), dtype=dtype, chunk_size=chunk_size, sub_chunk=sub_chunk)
+
+
+def test_small_two_level_value_blocks(seed):
+    """Two value blocks (N=32, block_v=16) in every kernel: M's rows split over the blocks too;
+    with and without an initial state; float32 log_w with bf16 inputs."""
+    x = make_inputs(2, 45, 1, 32)
+    blocks = dict(block_v=16, bwd_block_v=16, scan_block_v=16)
+    run_and_compare(x, dtype=torch.float32, chunk_size=32, sub_chunk=16, **blocks)
+    run_and_compare(x, dtype=torch.float32, chunk_size=32, sub_chunk=16, with_state=False, **blocks)
+    run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32, sub_chunk=16, **blocks)
+
+
+@pytest.mark.parametrize("decay", ["tiny", "at_clamp"])
+def test_small_two_level_decay_extremes(seed, decay):
+    """At the decay bound over a 128-token chunk (the factorised decays span 16 rows only)."""
+    run_and_compare(make_inputs(1, 140, 1, 16, decay=decay), dtype=torch.float32, chunk_size=128, sub_chunk=16)
+
+
+def test_two_level_every_output_element_written(seed, monkeypatch):
+    poison_buffers(monkeypatch, kernels)
+    run_and_compare(make_inputs(2, 50, 1, 32), dtype=torch.float32, chunk_size=32, sub_chunk=16, block_v=16,
+                    bwd_block_v=16)
+    run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=64, sub_chunk=16)
+
+
+def test_two_level_only_one_output_used(seed):
+    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 40, 1, 16), not_in_state=("r",),
+                            chunk_size=32, sub_chunk=16)
+
+
+def test_two_level_varlen_matches_one_by_one(seed):
+    """Lengths not multiples of the chunk or the sub-chunk, one of a single token, one empty."""
+    varlen_case([5, 0, 45, 1, 32, 17], 1, 16, dtype=torch.float32, chunk_size=32, sub_chunk=16)
+
+
+def test_two_level_forward_without_grad(seed):
+    """Without a gradient the forward stores no sub-chunk states; same y and state."""
+    *inp, s0 = make_inputs(1, 70, 1, 16)
+    inp = [t.to(DEVICE) for t in inp]
+    s0 = s0.to(DEVICE)
+    y_ref, s_ref = wkv7_reference(*[t.double() for t in inp], s0.double())
+    with torch.no_grad():
+        y, s = wkv7_triton(*inp, s0, chunk_size=32, sub_chunk=16)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
 def test_varlen_rejects_bad_offsets():
@@ -223,6 +284,10 @@ def test_rejects_bad_arguments():
     x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(6)]
     with pytest.raises(ValueError, match="chunk_size"):
         wkv7_triton(*x, chunk_size=8)
+    with pytest.raises(ValueError, match="sub_chunk"):
+        wkv7_triton(*x, chunk_size=64, sub_chunk=8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        wkv7_triton(*x, chunk_size=16, sub_chunk=16)
     with pytest.raises(ValueError, match="head size"):
         wkv7_triton(*[torch.zeros(1, 4, 1, 24, device=DEVICE) for _ in range(6)])
     with pytest.raises(ValueError, match="dtype"):
@@ -285,6 +350,57 @@ def test_tensor_core_precisions_fp32(seed, precision, tol):
 @gpu_only
 def test_varlen_gpu(seed):
     varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5)
+
+
+# Two-level chunks on the GPU: one configuration per test group (chunk 64, sub-chunk 16, the
+# automatic blocks), plus the sweep's other shapes once each. Select them all with -k two_level.
+TWO_LEVEL = dict(chunk_size=64, sub_chunk=16)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, **TWO_LEVEL)
+
+
+@gpu_only
+@pytest.mark.parametrize("chunk_size, sub_chunk", [(128, 16), (64, 32), (32, 16)])
+def test_two_level_other_chunks(seed, chunk_size, sub_chunk):
+    run_and_compare(make_inputs(2, 300, 3, 64), dtype=torch.bfloat16, chunk_size=chunk_size, sub_chunk=sub_chunk)
+
+
+@gpu_only
+@pytest.mark.parametrize("decay", ["near_one", "at_clamp"])
+def test_two_level_decay_extremes(seed, decay):
+    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=torch.float32, **TWO_LEVEL)
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [16, 32, 128])
+def test_two_level_head_sizes(seed, N):
+    run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, **TWO_LEVEL)
+
+
+@gpu_only
+def test_two_level_fp16_mixed_and_value_blocks(seed):
+    run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16, **TWO_LEVEL)
+    run_and_compare(
+        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32,
+        block_v=32, bwd_block_v=32, scan_block_v=16, **TWO_LEVEL,
+    )
+
+
+@gpu_only
+def test_two_level_varlen_gpu(seed):
+    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, **TWO_LEVEL)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_large_shape_vs_chunked(seed, dtype):
+    compare_with_chunked(partial(wkv7_triton, **TWO_LEVEL), wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64),
+                         [dtype] * 6)
 
 
 @gpu_only

@@ -75,6 +75,10 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64)
+# Two-level chunks (opt-in, ``sub_chunk``): chunk_size counts the tokens per stored N x N matrix
+# and scan step, sub_chunk the rows of the in-chunk math (where the factorised decays live).
+SUPPORTED_SUB_CHUNKS = (16, 32)
+TWO_LEVEL_CHUNKS = (32, 64, 128)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 # Chosen by the sweep (benchmarks/NOTES.md, H200): chunk 16 when a gradient is needed (the
 # backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
@@ -324,10 +328,11 @@ def _chunk_grads(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
     pk, pv, part, tmask, S, dS, offs_t,
-    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, CARRY: tl.constexpr = False,
 ):
     """Backward of one chunk for one value block: from S = S0 and dS = dS_L ([BV, N] slices),
-    store dv and this block's share of dr, dlog_w, dk, da, db."""
+    store dv and this block's share of dr, dlog_w, dk, da, db. With CARRY, returns dS0 (the
+    gradient of the state entering the chunk: dS_L diag(gL) + dY^T rq + dX^T aq)."""
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
@@ -363,6 +368,11 @@ def _chunk_grads(
     dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
     dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
     dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v), input_precision=PREC), 0.0)
+    if CARRY:
+        dS0 = dS * gL[None, :] + tl.dot(tl.trans(dY), rq, input_precision=PREC)
+        dS0 += tl.dot(tl.trans(dX), aq, input_precision=PREC)
+    else:
+        dS0 = dS
     daq += tl.dot(dA_ab, bi, input_precision=PREC)
     daq += tl.dot(dA_ak, ki, input_precision=PREC)
     drq += tl.dot(dA_rb, bi, input_precision=PREC)
@@ -387,6 +397,7 @@ def _chunk_grads(
     tl.store(dk_ptr + part + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(da_ptr + part + pk, da.to(da_ptr.dtype.element_ty), mask=tmask)
     tl.store(db_ptr + part + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
+    return dS0
 
 
 @triton.jit(do_not_specialize=["H", "part_stride"])
@@ -417,6 +428,239 @@ def _bwd_chunks_kernel(
         row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
         L, LOG2L, PREC,
     )
+
+
+# --- Two-level chunks: every per-chunk N x N matrix at CL tokens, the math in L-row sub-chunks ---
+# A chunk of CL = NSUB * L tokens is walked as NSUB sub-chunks of L rows, each with the one-level
+# formulas above. prep composes the sub-chunks' affine maps S -> S diag(g_j) + S M_j + D_j into the
+# chunk's (G, M, D): D is the state after the chunk from a zero state, and the rows of
+# P = diag(G) + M evolve like state rows from the identity (the diagonal G kept apart, exact):
+#     D <- D diag(g_j) + V_j^T ke_j + (W_j D^T + U_j)^T be_j
+#     M <- M diag(g_j) + (W_j M^T + W_j diag(G))^T be_j,    G <- G g_j      (M_j = W_j^T be_j)
+# bwd_prep composes E in reverse: E <- E diag(g_j) + dY_j^T rq_j + (be_j E^T + A_rb,j^T dY_j)^T W_j.
+# out carries S through the sub-chunks (S <- S diag(g_j) + V_j^T ke_j + SA_j^T be_j) and, for the
+# backward, stores the state entering every sub-chunk but the first; bwd_chunks carries dS in
+# reverse (dS <- dS diag(g_j) + dY_j^T rq_j + dX_j^T aq_j). Sub-chunks past a sequence's end are
+# skipped (with zero inputs and log w = 0 they would be the identity).
+
+
+@triton.jit
+def _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL: tl.constexpr, L: tl.constexpr):
+    """Chunk ``c`` of CL tokens: its first token, its sequence's end and its number of
+    (non-empty) sub-chunks of L rows."""
+    seq = tl.load(chunk_seq_ptr + c)
+    start = tl.load(cu_ptr + seq) + (c - tl.load(chunk_cu_ptr + seq)) * CL
+    end = tl.load(cu_ptr + seq + 1)
+    return start, end, tl.minimum(tl.cdiv(end - start, L), CL // L)
+
+
+@triton.jit
+def _sub_rows(start, end, j, h, offs_t, H, N: tl.constexpr, L: tl.constexpr):
+    """Sub-chunk ``j`` (rows start + j L ...): offsets in the flat [tokens, H, N] layout and the row mask."""
+    t = start + j * L + offs_t
+    return (t.to(tl.int64) * H + h) * N, (t < end)[:, None]
+
+
+@triton.jit(do_not_specialize=["H"])
+def _prep2_kernel(
+    lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables of CL-token chunks (int32)
+    gl_ptr,  # [chunks, H, N] float32 out: G
+    m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
+    H,
+    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Per chunk of CL tokens and value block: rows offs_v of D and of M (key rows), and G."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
+    strict = offs_t[:, None] > offs_t[None, :]
+    D = tl.zeros([BV, N], dtype=tl.float32)
+    Mb = tl.zeros([BV, N], dtype=tl.float32)
+    lg = tl.zeros([N], dtype=tl.float32)  # log G, every key
+    lgv = tl.zeros([BV], dtype=tl.float32)  # log G at the keys offs_v (M's rows)
+    for j in range(nsub):
+        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
+        pk = row[:, None] + offs_k[None, :]
+        pv = row[:, None] + offs_v[None, :]
+        lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+        lam = tl.cumsum(lw, axis=0)
+        lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
+        aq = a * tl.exp(lam - lw)
+        gi = tl.exp(-lam)
+        ge = tl.exp(lam_last[None, :] - lam)
+        A_ab = tl.where(strict, tl.dot(aq, tl.trans(b * gi), input_precision=PREC), 0.0)
+        A_ak = tl.where(strict, tl.dot(aq, tl.trans(k * gi), input_precision=PREC), 0.0)
+        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+        be = b * ge
+        W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
+        if BV == N:
+            Wv = W
+            lam_last_v = lam_last
+        else:  # W's columns offs_v, from the inputs' columns offs_v
+            lw_v = tl.load(lw_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+            lam_v = tl.cumsum(lw_v, axis=0)
+            aq_v = tl.load(a_ptr + pv, mask=tmask, other=0.0).to(tl.float32) * tl.exp(lam_v - lw_v)
+            Wv = tl.dot(Ti, aq_v, input_precision=PREC)  # [L, BV]
+            lam_last_v = tl.sum(tl.where(offs_t[:, None] == L - 1, lam_v, 0.0), axis=0)
+        g = tl.exp(lam_last)
+        # D: the state update from the state D (SA = W D^T + U)
+        SA = tl.dot(W, tl.trans(D), input_precision=PREC) + tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC),
+                                                                   input_precision=PREC)
+        D = D * g[None, :] + tl.dot(tl.trans(v), k * ge, input_precision=PREC)
+        D += tl.dot(tl.trans(SA), be, input_precision=PREC)
+        # M's rows: x <- x diag(g) + x M_j for x = G e_i + M[i, :]
+        Z = tl.dot(W, tl.trans(Mb), input_precision=PREC) + Wv * tl.exp(lgv)[None, :]  # [L, BV]
+        Mb = Mb * g[None, :] + tl.dot(tl.trans(Z), be, input_precision=PREC)
+        lg += lam_last
+        lgv += lam_last_v
+    base = (c.to(tl.int64) * H + h) * N
+    s_offs = base * N + offs_v[:, None] * N + offs_k[None, :]
+    tl.store(d_ptr + s_offs, D)
+    tl.store(m_ptr + s_offs, Mb)
+    if i_v == 0:
+        tl.store(gl_ptr + base + offs_k, tl.exp(lg))
+
+
+@triton.jit(do_not_specialize=["H"])
+def _out2_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr,  # [chunks, H, N, N] float32: the state entering each CL-token chunk
+    sub_ptr,  # [chunks, NSUB - 1, H, N, N] float32 out (if STORE): the state entering sub-chunks 1..
+    y_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr, STORE: tl.constexpr,
+):
+    """Per chunk of CL tokens and value block: y of every sub-chunk, carrying the state."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
+    s_offs = offs_v[:, None] * N + offs_k[None, :]
+    S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + s_offs)
+    for j in range(nsub):
+        if STORE:
+            if j > 0:
+                tl.store(sub_ptr + ((c.to(tl.int64) * (CL // L - 1) + j - 1) * H + h) * N * N + s_offs, S)
+        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
+        pk = row[:, None] + offs_k[None, :]
+        pv = row[:, None] + offs_v[None, :]
+        r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+        g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
+            r, lw, k, a, b, offs_t, L, LOG2L, PREC
+        )
+        X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
+        SA = tl.dot(Ti, X, input_precision=PREC)
+        Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
+        Y += tl.dot(A_rk, v, input_precision=PREC)
+        Y += tl.dot(A_rb, SA, input_precision=PREC)
+        tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
+        S = S * gL[None, :] + tl.dot(tl.trans(v), ke, input_precision=PREC)
+        S += tl.dot(tl.trans(SA), be, input_precision=PREC)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_prep2_kernel(
+    r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    e_ptr,  # [chunks, H, N, N] float32 out
+    H,
+    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Per chunk of CL tokens and value block: E, composed over the sub-chunks in reverse."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
+    strict = offs_t[:, None] > offs_t[None, :]
+    incl = offs_t[:, None] >= offs_t[None, :]
+    E = tl.zeros([BV, N], dtype=tl.float32)
+    for jj in range(nsub):
+        j = nsub - 1 - jj
+        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
+        pk = row[:, None] + offs_k[None, :]
+        r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+        dY = tl.load(dy_ptr + row[:, None] + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+        lam = tl.cumsum(lw, axis=0)
+        lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
+        aq = a * tl.exp(lam - lw)
+        rq = r * tl.exp(lam)
+        bi = b * tl.exp(-lam)
+        be = b * tl.exp(lam_last[None, :] - lam)
+        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
+        A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
+        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+        W = tl.dot(Ti, aq, input_precision=PREC)
+        # dSA of this sub-chunk with dS_L = E (E^T's columns), then dS0 = E g + dY^T rq + dSA^T W
+        Z = tl.dot(be, tl.trans(E), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
+        E = E * tl.exp(lam_last)[None, :] + tl.dot(tl.trans(dY), rq, input_precision=PREC)
+        E += tl.dot(tl.trans(Z), W, input_precision=PREC)
+    tl.store(e_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :], E)
+
+
+@triton.jit(do_not_specialize=["H", "part_stride"])
+def _bwd_chunks2_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    sub_ptr,  # [chunks, NSUB - 1, H, N, N] float32: the state entering sub-chunks 1..
+    dy_ptr,  # [tokens, H, N]
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, tokens, H, N]: partial sums over value blocks
+    dv_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H, part_stride,
+    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Every (chunk of CL tokens, head, value block) in parallel: the sub-chunks in reverse,
+    carrying dS, all input gradients."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    part = i_v.to(tl.int64) * part_stride
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
+    s_offs = offs_v[:, None] * N + offs_k[None, :]
+    dS = tl.load(dstates_ptr + (c.to(tl.int64) * H + h) * N * N + s_offs)
+    for jj in range(nsub):
+        j = nsub - 1 - jj
+        if j == 0:
+            S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + s_offs)
+        else:
+            S = tl.load(sub_ptr + ((c.to(tl.int64) * (CL // L - 1) + j - 1) * H + h) * N * N + s_offs)
+        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
+        dS = _chunk_grads(
+            r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
+            row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
+            L, LOG2L, PREC, True,
+        )
 
 
 @triton.jit(do_not_specialize=["T", "H"])
@@ -588,9 +832,19 @@ def _auto_warps(block_v: int, N: int) -> int:
     return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
 
 
-def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
+def _check_config(
+    N: int, chunk_size: int | None, block_v: int | None, precision: str, sub_chunk: int | None = None
+) -> None:
     """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
-    if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
+    if sub_chunk is not None:
+        if sub_chunk not in SUPPORTED_SUB_CHUNKS:
+            raise ValueError(f"wkv7_triton: sub_chunk must be one of {SUPPORTED_SUB_CHUNKS} or None, got {sub_chunk}")
+        if chunk_size not in TWO_LEVEL_CHUNKS or chunk_size <= sub_chunk:
+            raise ValueError(
+                f"wkv7_triton: with sub_chunk={sub_chunk}, chunk_size must be one of "
+                f"{tuple(c for c in TWO_LEVEL_CHUNKS if c > sub_chunk)}, got {chunk_size}"
+            )
+    elif chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
     if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
@@ -612,50 +866,72 @@ def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, blo
     return out, fin
 
 
+def _chunk_meta(cfg: dict, N: int, bv: int, num_warps) -> dict:
+    """The parallel kernels' constexprs: one level (L = chunk_size) or two (CL = chunk_size
+    tokens per chunk, L = sub_chunk rows per sub-chunk)."""
+    L = cfg.get("sub_chunk") or cfg["chunk_size"]
+    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=cfg["precision"], num_warps=num_warps or _auto_warps(bv, N))
+    if cfg.get("sub_chunk"):
+        meta["CL"] = cfg["chunk_size"]
+    return meta
+
+
 def wkv7_forward(
-    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, keep_sub: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL)``."""
+    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, sub)``;
+    ``sub``: with two-level chunks and ``keep_sub``, the states entering sub-chunks 1.. of every
+    chunk [chunks, NSUB - 1, H, N, N] (for the backward), else None."""
     H, N = r.shape[-2:]
-    L, prec = cfg["chunk_size"], cfg["precision"]
+    two = bool(cfg.get("sub_chunk"))
+    L = cfg.get("sub_chunk") or cfg["chunk_size"]
     nc = table.n_chunks
     bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, L, bv, prec)
-    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
+    _check_config(N, cfg["chunk_size"], bv, cfg["precision"], cfg.get("sub_chunk"))
+    meta = _chunk_meta(cfg, N, bv, cfg["num_warps"])
     gl = _empty((nc, H, N), torch.float32, r.device)
     m = _empty((nc, H, N, N), torch.float32, r.device)
     d = _empty((nc, H, N, N), torch.float32, r.device)
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, N // bv)
-    _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
+    (_prep2_kernel if two else _prep_kernel)[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
     states, sT = _scan(
         state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
     )
     y = _empty(r.shape, out_dtype, r.device)
-    _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
-    return y, sT, states, m, gl
+    sub = None
+    if two:
+        nsub = cfg["chunk_size"] // cfg["sub_chunk"]
+        if keep_sub:
+            sub = _empty((nc, nsub - 1, H, N, N), torch.float32, r.device)
+        _out2_kernel[grid](
+            r, log_w, k, v, a, b, states, sub if keep_sub else states, y, *tabs, H, STORE=keep_sub, **meta
+        )
+    else:
+        _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
+    return y, sT, states, m, gl, sub
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict
+    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict, sub=None
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels. Returns ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the
-    input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
+    """Launch the backward kernels (``sub``: wkv7_forward's, with two-level chunks). Returns
+    ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
+    dstate0 [S, H, N, N] in float32."""
     H, N = r.shape[-2:]
-    L, prec = cfg["chunk_size"], cfg["precision"]
+    two = bool(cfg.get("sub_chunk"))
+    L = cfg.get("sub_chunk") or cfg["chunk_size"]
     nc = table.n_chunks
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, L, bv, prec)
+    _check_config(N, cfg["chunk_size"], bv, cfg["precision"], cfg.get("sub_chunk"))
     nv = N // bv
-    meta = dict(
-        N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N)
-    )
+    meta = _chunk_meta(cfg, N, bv, cfg["bwd_num_warps"])
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, nv)
     e = _empty((nc, H, N, N), torch.float32, r.device)
-    _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
+    (_bwd_prep2_kernel if two else _bwd_prep_kernel)[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
     dstates, ds0 = _scan(
         dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
@@ -666,9 +942,16 @@ def wkv7_backward(
     else:
         parts = [_empty((nv, *r.shape), torch.float32, r.device) for _ in inputs]
     dv = _empty(r.shape, v.dtype, r.device)
-    _bwd_chunks_kernel[grid](
-        r, log_w, k, v, a, b, states, dstates, dy, *parts, dv, *tabs, H, r.numel(), **meta
-    )
+    if two:
+        if sub is None:
+            raise RuntimeError("wkv7_backward: two-level chunks need the forward's sub-chunk states")
+        _bwd_chunks2_kernel[grid](
+            r, log_w, k, v, a, b, states, dstates, sub, dy, *parts, dv, *tabs, H, r.numel(), **meta
+        )
+    else:
+        _bwd_chunks_kernel[grid](
+            r, log_w, k, v, a, b, states, dstates, dy, *parts, dv, *tabs, H, r.numel(), **meta
+        )
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
 
@@ -681,19 +964,20 @@ def wkv7_backward(
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
-        y, sT, states, m, gl = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype)
-        if any(ctx.needs_input_grad[:7]):  # (grad mode is off inside forward)
-            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl)
+        grad = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
+        y, sT, states, m, gl, sub = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, keep_sub=grad)
+        if grad:
+            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, sub)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states, m, gl = ctx.saved_tensors
+        r, log_w, k, v, a, b, states, m, gl, sub = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg
+            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg, sub
         )
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
 
@@ -725,6 +1009,7 @@ def wkv7_triton(
     *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    sub_chunk: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
@@ -744,7 +1029,9 @@ def wkv7_triton(
     ``cu_seqlens``: packed variable-length sequences: B == 1, sequence i is tokens
     ``cu_seqlens[i]:cu_seqlens[i+1]``, ``state`` and the final state are [S, H, N, N].
     Tuning (None = automatic): ``chunk_size`` (16/32/64; 16 when a gradient is needed, else
-    32); ``block_v`` and ``num_warps`` of the
+    32); ``sub_chunk`` (16/32, None: off) turns on two-level chunks: the per-chunk N x N
+    matrices and the scan steps at ``chunk_size`` tokens (32/64/128, default 64), the in-chunk
+    math in sub-chunks of ``sub_chunk`` rows; ``block_v`` and ``num_warps`` of the
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
@@ -758,11 +1045,13 @@ def wkv7_triton(
     B, T, H, N = r.shape
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
+    if chunk_size is None and sub_chunk is not None:
+        chunk_size = 64
     if chunk_size is None:
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
-    _check_config(N, chunk_size, None, precision)
+    _check_config(N, chunk_size, None, precision, sub_chunk)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
     if T == 0 or n_seqs == 0:
@@ -773,7 +1062,7 @@ def wkv7_triton(
     else:
         table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
-        chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
+        chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
         precision=precision, scan_precision=scan_precision,
     )
