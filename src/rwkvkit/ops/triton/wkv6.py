@@ -98,8 +98,14 @@ SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64, 128)
 SUPPORTED_BLOCK_T = (16, 32, 64)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+IMPLS = ("blocks", "chunks")  # the chunk kernels: walking blocks of block_t rows, or whole chunks
+CHUNKS_MAX = 64  # impl "chunks": [C, C] tiles, C <= 64
 DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_T = 16
+DEFAULT_IMPL = "blocks"
+CHUNKS_KEYS_NUM_WARPS = 8  # impl "chunks", backward key-side kernel (its live [C, N] tiles)
+DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
+BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +512,205 @@ def _wkv6_bwd_chunks_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Whole-chunk kernels (impl="chunks"): one program per chunk, nothing carried, no scans
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sum_mask(offs_a, offs_b, LVL: tl.constexpr, A_IS_ROW: tl.constexpr, KIND: tl.constexpr):
+    """A 0/1 float32 matrix of the exponent sums at one level, for t in ``offs_a`` and q in
+    ``offs_b`` ([len(a), len(b)] if A_IS_ROW, else the transpose [len(b), len(a)]): q lies in
+    t's aligned block of 2^LVL rows and KIND 0: q < t (an exclusive prefix sum), 1: q > t (an
+    exclusive suffix sum), 2: q < t if t is in the right half of its 2^(LVL+1)-block, else
+    q > t (E_h of the module docstring: pre_h on right-half rows, suf_h on left-half rows)."""
+    if A_IS_ROW:
+        t = offs_a[:, None]
+        q = offs_b[None, :]
+    else:
+        t = offs_a[None, :]
+        q = offs_b[:, None]
+    same = (t >> LVL) == (q >> LVL)
+    if KIND == 0:
+        m = same & (q < t)
+    elif KIND == 1:
+        m = same & (q > t)
+    else:
+        right = ((t >> LVL) & 1) == 1
+        m = same & tl.where(right, q < t, q > t)
+    return m.to(tl.float32)
+
+
+@triton.jit
+def _mask_dot(m, x, PREC: tl.constexpr):
+    """m @ x for a 0/1 matrix m [L, L] and x [L, N] float32, to float32 accuracy: every output
+    is a sum of exactly the rows of x that m selects (the others add an exact 0, never a value
+    added and subtracted again), so these products are the block-local (exclusive) cumulative
+    sums of the module docstring, on tensor cores. tf32: x split into its tf32 head (the top
+    10 mantissa bits, exact in tf32) and the rest, two products; the 0/1 matrix is exact in
+    tf32, so the relative error per term is ~2^-21 (x must be finite)."""
+    if PREC == "ieee":
+        out = tl.dot(m, x, input_precision="ieee")
+    else:
+        hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        out = tl.dot(m, hi, input_precision="tf32")
+        out = tl.dot(m, x - hi, acc=out, input_precision="tf32")
+    return out
+
+
+@triton.jit
+def _pair_mask_ts(offs_a, offs_b, LVL: tl.constexpr, A_IS_T: tl.constexpr):
+    """_pair_mask with t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T, the
+    transpose ([s, t] with s in offs_a)."""
+    if A_IS_T:
+        t = offs_a[:, None]
+        s = offs_b[None, :]
+    else:
+        s = offs_a[:, None]
+        t = offs_b[None, :]
+    return ((t >> (LVL + 1)) == (s >> (LVL + 1))) & (((t >> LVL) & 1) == 1) & (((s >> LVL) & 1) == 0)
+
+
+@triton.jit
+def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k):
+    """log w of a chunk's rows t [L, N], float32; 0 past T; -inf (and anything below -1e30)
+    as -1e30: the same factor e^x = 0, and finite, as the masked products need."""
+    p = lw_ptr + lw_base + t.to(tl.int64)[:, None] * lw_st + offs_k[None, :]
+    return tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
+
+
+@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+def _wkv6_chunk_out_kernel(
+    a_ptr, lw_ptr, b_ptr,  # forward: r, log w, k; backward: k, log w, r   [B, T, H, N]
+    x_ptr,  # forward: v; backward: dY   [B, T, H, N]
+    u_ptr,  # [H, N]
+    s_ptr,  # [B, H, NC, N, N] float32: forward the state entering each chunk, backward dS leaving it
+    out_ptr,  # forward: y; backward: dv   [B, T, H, N]
+    T, H, lw_sb, lw_st, lw_sh,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One whole chunk per (chunk, batch*head, value block), nothing carried:
+    forward  Y  = (r e^{P}) S0^T + A V,
+    backward dV = (k e^{Q}) dS^T + A^T dY,
+    with A (A^T) built from its LOG2L levels as [L, N] x [N, L] products, their exponents as
+    masked products (_mask_dot) instead of scans."""
+    c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, L)
+    stride_t = H * N
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    t = c * L + offs_t
+    tmask = (t < T)[:, None]
+    row = i_b * T * stride_t + i_h * N + t.to(tl.int64)[:, None] * stride_t
+    a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+    lw = _load_lw_chunk(lw_ptr, i_b * lw_sb + i_h * lw_sh, t, tmask, lw_st, offs_k)
+    u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
+
+    # A [t, s] (forward) or A^T [s, t] (backward: a = k, b = r); rows of `a` index the output
+    A = tl.where(offs_t[:, None] == offs_t[None, :], tl.sum(a * u[None, :] * b, axis=1)[:, None], 0.0)
+    A += tl.where(_pair_mask_ts(offs_t, offs_t, 0, not BWD), tl.dot(a, tl.trans(b), input_precision=PREC), 0.0)
+    for lvl in tl.static_range(1, LOG2L):
+        e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+        A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
+                      tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
+
+    # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
+    g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, PREC))
+    S = tl.load(s_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N + offs_k[None, :])
+    x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+    out = tl.dot(a * g, tl.trans(S), input_precision=PREC)
+    out = tl.dot(A, x, acc=out, input_precision=PREC)
+    tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+def _wkv6_bwd_keys_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
+    u_ptr,  # [H, N]
+    states_ptr, dstates_ptr,  # [B, H, NC, N, N] float32
+    dy_ptr,  # [B, T, H, N]
+    dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
+    du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
+    T, H, lw_sb, lw_st, lw_sh,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
+):
+    """Key-side gradients of one whole chunk (dr, dk, dlog w, du), from the state entering it
+    and the gradient of the state leaving it; dA = dY V^T recomputed (one product), the
+    exponents and the exclusive sums of their gradients as masked products (_mask_dot)."""
+    c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, L)
+    stride_t = H * N
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    t = c * L + offs_t
+    tmask = (t < T)[:, None]
+    row = i_b * T * stride_t + i_h * N + t.to(tl.int64)[:, None] * stride_t
+    p = row + offs_k[None, :]
+    r = tl.load(r_ptr + p, mask=tmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + p, mask=tmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + p, mask=tmask, other=0.0).to(tl.float32)
+    dY = tl.load(dy_ptr + p, mask=tmask, other=0.0).to(tl.float32)
+    lw = _load_lw_chunk(lw_ptr, i_b * lw_sb + i_h * lw_sh, t, tmask, lw_st, offs_k)
+    u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
+    s_offs = (i_bh * NC + c) * N * N + offs_k[:, None] * N + offs_k[None, :]
+
+    # state side: P, Q over the chunk, Lam (a column sum of same-sign terms)
+    gP = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0), lw, PREC))
+    gQ = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1), lw, PREC))
+    gLam = tl.exp(tl.sum(lw, axis=0))
+    S0 = tl.load(states_ptr + s_offs)
+    drq = tl.dot(dY, S0, input_precision=PREC)  # [L, N]
+    dS = tl.load(dstates_ptr + s_offs)
+    dke = tl.dot(v, dS, input_precision=PREC)  # [L, N]
+    dlam = tl.sum(dS * S0, axis=0) * gLam
+    dr = drq * gP
+    dk = dke * gQ
+    # d log w: the reverse exclusive sums of dP, the forward ones of dQ, dLam on every row
+    dlw = _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 0), dr * r, PREC)
+    dlw += _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 1), dk * k, PREC)
+    dlw += dlam[None, :]
+
+    # bonus (the diagonal of dA)
+    bd = tl.sum(dY * v, axis=1)
+    ruk = bd[:, None] * u[None, :]
+    dr += ruk * k
+    dk += ruk * r
+    du = tl.sum(bd[:, None] * r * k, axis=0)
+
+    # the levels; level 0 has no decay between its pairs
+    dA = tl.dot(dY, tl.trans(v), input_precision=PREC)  # [L, L], only the pairs below are used
+    dAm = tl.where(_pair_mask_ts(offs_t, offs_t, 0, True), dA, 0.0)
+    dr += tl.dot(dAm, k, input_precision=PREC)
+    dk += tl.dot(tl.trans(dAm), r, input_precision=PREC)
+    for lvl in tl.static_range(1, LOG2L):
+        e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+        Rh = r * e
+        Kh = k * e
+        dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
+        dRh = tl.dot(dAm, Kh, input_precision=PREC)  # zero outside right-half rows
+        dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)  # zero outside left-half rows
+        dr += dRh * e
+        dk += dKh * e
+        # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
+        dlw += _mask_dot(_sum_mask(offs_t, offs_t, lvl, False, 2), dRh * Rh + dKh * Kh, PREC)
+
+    tl.store(dr_ptr + p, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dk_ptr + p, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dlw_ptr + p, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
+    tl.store(du_ptr + (c * n_bh + i_bh) * N + offs_k, du)
+
+
+# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
@@ -528,17 +733,23 @@ def _auto_block_v(N: int, bt: int, budget: int) -> int:
 
 def _auto_scan_block(n_heads: int, N: int, device: torch.device) -> int:
     """The state tile of the scan kernels ([b, b] of an [N, N] state): the widest (up to 64) that
-    still gives about four programs per SM."""
+    still gives one program per SM. (H200, B*H = 256, N = 64: tile 64 (256 programs) took 0.61 /
+    0.51 ms forward / backward, tile 32 (1024 programs) 0.84 / 0.64 ms, 16: 1.9 / 1.5 ms.)"""
     b = min(N, 64)
     if device.type != "cuda":
         return b
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    while b > 16 and n_heads * (N // b) ** 2 < 4 * sms:
+    while b > 16 and n_heads * (N // b) ** 2 < sms:
         b //= 2
     return b
 
 
-def _check_config(N: int, chunk_size: int, block_t: int, precision: str, **blocks: int) -> None:
+def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: str = DEFAULT_IMPL,
+                  **blocks: int) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"wkv6_triton: impl / bwd_impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "chunks" and chunk_size > CHUNKS_MAX:
+        raise ValueError(f"wkv6_triton: impl 'chunks' needs chunk_size <= {CHUNKS_MAX}, got {chunk_size}")
     if N not in SUPPORTED_HEAD_SIZES:
         raise ValueError(f"wkv6_triton: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
     if chunk_size not in SUPPORTED_CHUNKS:
@@ -563,15 +774,16 @@ def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
 def wkv6_forward(
     r, log_w, k, v, u, state, *, chunk_size: int, block_t: int, block_v: int | None, num_warps: int | None,
     scan_block: int | None, scan_num_warps: int | None, precision: str, out_dtype: torch.dtype,
+    impl: str = DEFAULT_IMPL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride).
     Returns ``(y, final state, states)``, ``states`` [B, H, T/L, N, N] float32 the state
     entering each chunk (the backward's input)."""
     B, T, H, N = r.shape
     L = chunk_size
-    bv = block_v or _auto_block_v(N, block_t, 1 << 16)
+    bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))
     sb = scan_block or _auto_scan_block(B * H, N, r.device)
-    _check_config(N, L, block_t, precision, block_v=bv, scan_block=sb)
+    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb)
     nc = triton.cdiv(T, L)
     y = _empty((B, T, H, N), out_dtype, r.device)
     sT = _empty((B, H, N, N), torch.float32, r.device)
@@ -581,28 +793,60 @@ def wkv6_forward(
         N=N, L=L, BV=sb, BK=sb, HAS_S0=state is not None, PREC=precision,
         num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
     )
-    _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
-        r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
-        N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
-        num_warps=num_warps or 8,
-    )
+    if impl == "chunks":
+        _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
+            r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
+            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BWD=False, PREC=precision,
+            num_warps=num_warps or DEFAULT_NUM_WARPS,
+        )
+    else:
+        _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
+            r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
+            N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
+            num_warps=num_warps or DEFAULT_NUM_WARPS,
+        )
     return y, sT, states
 
 
 def wkv6_backward(
     r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
     num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
+    impl: str = DEFAULT_IMPL,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
-    all chunks in parallel. Returns ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
+    all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
+    gradients in another). Returns ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
     in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32."""
     B, T, H, N = r.shape
     L = chunk_size
-    bv = block_v or _auto_block_v(N, block_t, 1 << 16)  # N=64: one value block (no partial sums)
+    block_t = min(block_t, BWD_BLOCK_T_MAX)
+    bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))  # N=64: one value block
     sb = scan_block or _auto_scan_block(B * H, N, r.device)
-    _check_config(N, L, block_t, precision, block_v=bv, scan_block=sb)
+    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb)
     nv = N // bv
     nc = triton.cdiv(T, L)
+    if impl == "chunks":
+        dr, dlw, dk = (_empty((B, T, H, N), x.dtype, r.device) for x in (r, log_w, k))
+        du_part = _empty((nc, B * H, N), torch.float32, r.device)
+        dv = _empty((B, T, H, N), v.dtype, r.device)
+        ds0 = _empty((B, H, N, N), torch.float32, r.device)
+        dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
+        _wkv6_bwd_state_kernel[(B * H, N // sb, N // sb)](
+            r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, T, H, *_lw_strides(log_w),
+            N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
+            num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
+        )
+        lws = _lw_strides(log_w)
+        _wkv6_chunk_out_kernel[(nc, B * H, nv)](
+            k, log_w, r, dy, u, dstates, dv, T, H, *lws,
+            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BWD=True, PREC=precision,
+            num_warps=num_warps or DEFAULT_NUM_WARPS,
+        )
+        _wkv6_bwd_keys_kernel[(nc, B * H)](
+            r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, T, H, *lws,
+            N=N, L=L, LOG2L=int(math.log2(L)), PREC=precision, num_warps=num_warps or CHUNKS_KEYS_NUM_WARPS,
+        )
+        return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
     inputs = (r, log_w, k)
     if nv == 1:
         parts = [_empty((1, B, T, H, N), x.dtype, r.device) for x in inputs]
@@ -620,7 +864,7 @@ def wkv6_backward(
     _wkv6_bwd_chunks_kernel[(nc, B * H, nv)](
         r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, T, H, *_lw_strides(log_w),
         B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
-        num_warps=num_warps or 8,
+        num_warps=num_warps or DEFAULT_NUM_WARPS,
     )
     dr, dlw, dk = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     du = du_part.view(nv * nc, B, H, N).sum((0, 1)).to(u.dtype)
@@ -669,6 +913,8 @@ def wkv6_triton(
     scan_num_warps: int | None = None,
     precision: str | None = None,
     out_dtype: torch.dtype | None = None,
+    impl: str = DEFAULT_IMPL,
+    bwd_impl: str = DEFAULT_IMPL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-5.2 / RWKV-6 WKV with Triton kernels (forward and backward).
 
@@ -681,9 +927,13 @@ def wkv6_triton(
     ``block_t`` (16/32/64, at most ``chunk_size``: the rows a chunk kernel handles at once,
     64 = the whole chunk with nothing carried inside it; see the module docstring),
     ``block_v`` / ``num_warps`` of the forward output kernel, the same two of the backward
-    chunk kernel, ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
+    chunk kernel(s), ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
     ``scan_num_warps``, and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
-    None: ieee for float32 inputs, else tf32).
+    None: ieee for float32 inputs, else tf32). The backward walks blocks of at most 32 rows.
+    ``impl`` / ``bwd_impl`` (forward / backward chunk kernels): "blocks" (default) walks a
+    chunk in blocks of ``block_t`` rows; "chunks" takes a whole chunk (``chunk_size`` <= 64) at
+    once with [C, C] tiles and no scans (block_t unused), the backward split in two kernels
+    (see "Whole-chunk kernels" in the module docstring).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     if not (r.shape == log_w.shape == k.shape == v.shape) or r.dim() != 4:
@@ -709,8 +959,8 @@ def wkv6_triton(
         chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
         precision=precision,
     )
-    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps)
-    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps)
+    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl)
+    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl)
     r, k, v, u = (x.contiguous() for x in (r, k, v, u))
     if log_w.stride(-1) != 1:
         log_w = log_w.contiguous()
