@@ -284,11 +284,13 @@ class GraphDecoder:
 
 
 # -- prefill ------------------------------------------------------------------------------------
-MAX_REMAINDER_PIECES = 6
-"""A prompt's tail shorter than a chunk is fed through graphs of power-of-two lengths (1000
-tokens: 512 + 256 + 128 + 64 + 32 + 8) when that takes at most this many pieces, else in one
-eager call: a replay costs the GPU time of ~900 kernels (~2 ms at L12), an eager call of any
-length up to a chunk ~20 ms of host time on the machines measured."""
+MAX_REMAINDER_PIECES = 4
+"""A prompt's tail shorter than a chunk is fed through graphs of power-of-two lengths (100
+tokens: 64 + 32 + 4) when that takes at most this many pieces, else in one eager call.
+Measured on an H200 (RWKV-7 bf16, batch 1): a replay costs a fixed ~2.2 ms at L12 D768 (the
+GPU time of its ~900 kernels; 4.8 ms at L24 D2048) plus ~1.8 us a token (11 us at L24), an
+eager call up to a chunk ~20 ms (~50 ms at L24) of host time: six pieces came out even with
+one eager call at L24, four win at both sizes."""
 
 
 class GraphedForward:
