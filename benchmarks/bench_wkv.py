@@ -144,9 +144,12 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
     for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
         configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
     # two-level chunks: N x N matrices and scan steps per chunk_size tokens, math per sub_chunk rows
-    for L, sub, bv, w in ((64, 16, 64, 4), (64, 16, 64, 8), (64, 16, 32, 4), (128, 16, 64, 4), (32, 16, 64, 4),
-                          (64, 32, 64, 4), (64, 32, 32, 4)):
-        configs.append(dict(chunk_size=L, sub_chunk=sub, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
+    # (maxnreg: register cap of the parallel kernels, for 3 or 4 CTAs per SM at 4 warps)
+    for L, sub, bv, w, reg in ((64, 16, 64, 4, None), (64, 16, 64, 8, None), (64, 16, 32, 4, None),
+                               (128, 16, 64, 4, None), (32, 16, 64, 4, None), (64, 32, 64, 4, None),
+                               (64, 32, 32, 4, None), (64, 16, 64, 4, 168), (64, 16, 64, 4, 128)):
+        configs.append(dict(chunk_size=L, sub_chunk=sub, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w,
+                            **({} if reg is None else {"maxnreg": reg})))
     return configs
 
 
@@ -162,7 +165,7 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, sub_chunk=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS),
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS, maxnreg=int),
     sweep_configs=wkv7_sweep_configs,
 )
 

@@ -469,9 +469,10 @@ def _prep2_kernel(
     m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
     H,
     N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, PART: tl.constexpr,
 ):
-    """Per chunk of CL tokens and value block: rows offs_v of D and of M (key rows), and G."""
+    """Per chunk of CL tokens and value block: rows offs_v of D and of M (key rows), and G.
+    PART: 0 both, 1 D only, 2 M and G only (two launches; see _prep2_parts)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -513,22 +514,24 @@ def _prep2_kernel(
             Wv = tl.dot(Ti, aq_v, input_precision=PREC)  # [L, BV]
             lam_last_v = tl.sum(tl.where(offs_t[:, None] == L - 1, lam_v, 0.0), axis=0)
         g = tl.exp(lam_last)
-        # D: the state update from the state D (SA = W D^T + U)
-        SA = tl.dot(W, tl.trans(D), input_precision=PREC) + tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC),
-                                                                   input_precision=PREC)
-        D = D * g[None, :] + tl.dot(tl.trans(v), k * ge, input_precision=PREC)
-        D += tl.dot(tl.trans(SA), be, input_precision=PREC)
-        # M's rows: x <- x diag(g) + x M_j for x = G e_i + M[i, :]
-        Z = tl.dot(W, tl.trans(Mb), input_precision=PREC) + Wv * tl.exp(lgv)[None, :]  # [L, BV]
-        Mb = Mb * g[None, :] + tl.dot(tl.trans(Z), be, input_precision=PREC)
-        lg += lam_last
-        lgv += lam_last_v
+        if PART != 2:  # D: the state update from the state D (SA = W D^T + U)
+            SA = tl.dot(W, tl.trans(D), input_precision=PREC)
+            SA += tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)
+            D = D * g[None, :] + tl.dot(tl.trans(v), k * ge, input_precision=PREC)
+            D += tl.dot(tl.trans(SA), be, input_precision=PREC)
+        if PART != 1:  # M's rows: x <- x diag(g) + x M_j for x = G e_i + M[i, :]
+            Z = tl.dot(W, tl.trans(Mb), input_precision=PREC) + Wv * tl.exp(lgv)[None, :]  # [L, BV]
+            Mb = Mb * g[None, :] + tl.dot(tl.trans(Z), be, input_precision=PREC)
+            lg += lam_last
+            lgv += lam_last_v
     base = (c.to(tl.int64) * H + h) * N
     s_offs = base * N + offs_v[:, None] * N + offs_k[None, :]
-    tl.store(d_ptr + s_offs, D)
-    tl.store(m_ptr + s_offs, Mb)
-    if i_v == 0:
-        tl.store(gl_ptr + base + offs_k, tl.exp(lg))
+    if PART != 2:
+        tl.store(d_ptr + s_offs, D)
+    if PART != 1:
+        tl.store(m_ptr + s_offs, Mb)
+        if i_v == 0:
+            tl.store(gl_ptr + base + offs_k, tl.exp(lg))
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -873,7 +876,16 @@ def _chunk_meta(cfg: dict, N: int, bv: int, num_warps) -> dict:
     meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=cfg["precision"], num_warps=num_warps or _auto_warps(bv, N))
     if cfg.get("sub_chunk"):
         meta["CL"] = cfg["chunk_size"]
+    if cfg.get("maxnreg"):
+        meta["maxnreg"] = cfg["maxnreg"]  # Triton's per-thread register cap (more CTAs per SM, may spill)
     return meta
+
+
+def _prep2_parts(precision: str) -> tuple[int, ...]:
+    """_prep2_kernel's launches: D and M in one (tensor-core precisions), or apart for "ieee":
+    the combined kernel with ieee products trips an assertion in LLVM's SLP vectorizer
+    (Triton 3.9, sm_90, at several head sizes and blocks); each half alone compiles."""
+    return (1, 2) if precision == "ieee" else (0,)
 
 
 def wkv7_forward(
@@ -895,7 +907,10 @@ def wkv7_forward(
     d = _empty((nc, H, N, N), torch.float32, r.device)
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, N // bv)
-    (_prep2_kernel if two else _prep_kernel)[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
+    if not two:
+        _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
+    for part in _prep2_parts(cfg["precision"]) if two else ():
+        _prep2_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, PART=part, **meta)
     states, sT = _scan(
         state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
@@ -1018,6 +1033,7 @@ def wkv7_triton(
     scan_num_warps: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
+    maxnreg: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -1034,7 +1050,8 @@ def wkv7_triton(
     math in sub-chunks of ``sub_chunk`` rows; ``block_v`` and ``num_warps`` of the
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
-    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
+    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``maxnreg``
+    caps the registers per thread of the parallel (per-chunk) kernels (None: no cap).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -1064,7 +1081,7 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision,
+        precision=precision, scan_precision=scan_precision, maxnreg=maxnreg,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
