@@ -10,6 +10,8 @@ compiles for 5-30 s, so almost every test uses the default configuration (chunk 
 automatic blocks).
 """
 
+import functools
+
 import pytest
 import torch
 from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
@@ -39,6 +41,7 @@ NAMES = ["r", "log_w", "k", "v", "u", "state"]
 SMALL_CHUNK = dict(chunk_size=16)  # many chunks at small T: the sequential scans
 WIDE_BLOCK = dict(chunk_size=32, block_t=32)  # 32-row blocks: five levels
 WHOLE_CHUNK = dict(chunk_size=64, block_t=64)  # one 64-row block per chunk: six levels, nothing carried
+CHUNKS = dict(impl="chunks", bwd_impl="chunks")  # whole-chunk kernels, masked products for the sums
 
 
 def make_inputs(B, T, H, N, *, decay="realistic"):
@@ -94,19 +97,45 @@ def test_small_whole_chunk_blocks(seed):
     run_and_compare(make_inputs(1, 150, 1, NS, decay="mixed"), dtype=torch.float32, **WHOLE_CHUNK)
 
 
+@pytest.mark.parametrize("decay", ["realistic", "near_zero", "huge"])
+def test_small_chunks_impl(seed, decay):
+    """impl / bwd_impl "chunks" (whole-chunk kernels, chunk 64, two key blocks): T=150 ends in a
+    partial chunk; decays down to -1e30 and -inf."""
+    run_and_compare(make_inputs(1, 150, 2, NVB, decay=decay), dtype=torch.float32, **CHUNKS,
+                    block_k=NVB // 2, bwd_block_k=NVB // 2)
+
+
+def test_small_chunks_impl_small_chunks(seed):
+    """impl "chunks" at chunk 16 (four levels) and 32, bf16 inputs with a float32 log_w, two
+    value blocks in the dv kernel; and without an initial state."""
+    x = make_inputs(1, 45, 1, NVB, decay="mixed")
+    run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=16, block_t=16, **CHUNKS,
+                    bwd_block_v=NVB // 2)
+    run_and_compare(x, dtype=torch.float32, with_state=False, chunk_size=32, **CHUNKS)
+
+
+def test_small_chunks_forward_only_mixed_with_blocks(seed):
+    """The two implementations mixed: "chunks" forward with the "blocks" backward and the
+    reverse (they share the stored states)."""
+    x = make_inputs(1, 70, 1, NS, decay="mixed")
+    run_and_compare(x, dtype=torch.float32, impl="chunks")
+    run_and_compare(x, dtype=torch.float32, bwd_impl="chunks")
+
+
 def test_small_mixed_dtypes(seed):
     """As the RWKV-6 layer calls it: bf16 r/k/v, float32 log_w, float32 u and state."""
     run_and_compare(make_inputs(2, 20, 1, NS), dtype=torch.bfloat16, logw_dtype=torch.float32)
 
 
-def test_rwkv5_constant_decay(seed):
+@pytest.mark.parametrize("impl", ["blocks", "chunks"])
+def test_rwkv5_constant_decay(seed, impl):
     """RWKV-5.2: one decay per (head, channel), passed as a stride-0 expand over B and T; its
     gradient reaches the [H, N] leaf through the expand."""
     B, T, H, N = 2, 40, 2, NS
     r, _, k, v, u, s0 = make_inputs(B, T, H, N)
     decay = (-torch.exp(-6 + 5 * torch.rand(H, N))).to(DEVICE).requires_grad_()
     xs = [t.to(DEVICE).requires_grad_() for t in (r, k, v, u, s0)]
-    y, s = wkv6_triton(xs[0], decay.expand(B, T, H, N), *xs[1:])
+    y, s = wkv6_triton(xs[0], decay.expand(B, T, H, N), *xs[1:], impl=impl, bwd_impl=impl)
     gy, gs = torch.randn(y.shape), torch.randn(s.shape)
     got = torch.autograd.grad((y * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), [decay] + xs)
 
@@ -124,6 +153,8 @@ def test_every_output_element_written(seed, monkeypatch):
     run_and_compare(make_inputs(2, 19, 1, NS), dtype=torch.float32)
     run_and_compare(make_inputs(1, 35, 2, NS), dtype=torch.float32, **SMALL_CHUNK)
     run_and_compare(make_inputs(1, 45, 1, NVB), dtype=torch.float32, **VB, **WIDE_BLOCK)
+    run_and_compare(make_inputs(2, 70, 1, NVB), dtype=torch.float32, **CHUNKS, block_v=NVB // 2,
+                    bwd_block_v=NVB // 2, block_k=NVB // 2, bwd_block_k=NVB // 2)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="watches the interpreter's memory accesses")
@@ -172,6 +203,7 @@ def test_memory_accesses_in_bounds(seed, monkeypatch):
     run_and_compare(make_inputs(1, 37, 1, NVB), dtype=torch.bfloat16, logw_dtype=torch.float32, **VB)
     r, lw, k, v, u, s0 = make_inputs(2, 37, 2, NS)
     run_and_compare([r, lw[:1, :1].expand_as(lw), k, v, u, s0], dtype=torch.float32)
+    run_and_compare([r, lw[:1, :1].expand_as(lw), k, v, u, s0], dtype=torch.float32, **CHUNKS, chunk_size=32)
 
 
 def test_only_one_output_used(seed):
@@ -197,6 +229,10 @@ def test_rejects_bad_arguments():
         wkv6_triton(*x, u, chunk_size=8)
     with pytest.raises(ValueError, match="block_t"):
         wkv6_triton(*x, u, chunk_size=16, block_t=32)
+    with pytest.raises(ValueError, match="impl"):
+        wkv6_triton(*x, u, impl="fused")
+    with pytest.raises(ValueError, match="chunks"):
+        wkv6_triton(*x, u, chunk_size=128, bwd_impl="chunks")
     with pytest.raises(ValueError, match="head size"):
         wkv6_triton(*[torch.zeros(1, 4, 1, 24, device=DEVICE) for _ in range(4)], torch.zeros(1, 24, device=DEVICE))
     with pytest.raises(ValueError, match="dtype"):
@@ -234,11 +270,41 @@ def test_decay_extremes(seed, decay, dtype):
 
 
 @gpu_only
-@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, WHOLE_CHUNK, dict(chunk_size=128)],
-                         ids=["c16", "c32b32", "c64b64", "c128"])
+@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, WHOLE_CHUNK, dict(chunk_size=128), CHUNKS,
+                                 dict(CHUNKS, chunk_size=32), dict(CHUNKS, num_warps=8, bwd_num_warps=4)],
+                         ids=["c16", "c32b32", "c64b64", "c128", "chunks", "chunks_c32", "chunks_w8_4"])
 @pytest.mark.parametrize("decay", ["realistic", "mixed"])
 def test_other_chunk_sizes(seed, cfg, decay):
     run_and_compare(make_inputs(2, 300, 2, 64, decay=decay), dtype=torch.float32, **cfg)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [15, 64, 300])
+@pytest.mark.parametrize("decay", ["realistic", "near_zero", "huge"])
+def test_chunks_impl_bf16(seed, T, decay):
+    """impl "chunks" as the RWKV-6 layer calls it (bf16 r/k/v, float32 log_w): tf32 products,
+    the exponent sums split into two tf32 products."""
+    run_and_compare(make_inputs(2, T, 3, 64, decay=decay), dtype=torch.bfloat16, logw_dtype=torch.float32, **CHUNKS)
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [16, 32, 128])
+def test_chunks_impl_head_sizes(seed, N):
+    run_and_compare(make_inputs(2, 77, 2, N, decay="mixed"), dtype=torch.float32, **CHUNKS)
+
+
+@gpu_only
+@pytest.mark.parametrize("precision, tol", [("tf32", 3e-3), ("tf32x3", 1e-4)])
+def test_chunks_impl_precisions_fp32(seed, precision, tol):
+    run_and_compare(make_inputs(2, 200, 2, 64, decay="mixed"), dtype=torch.float32, precision=precision, tol=tol,
+                    **CHUNKS)
+
+
+@gpu_only
+def test_chunks_impl_large_shape_vs_chunked(seed):
+    x = make_inputs(2, 4096, 4, 64, decay="mixed")
+    compare_with_chunked(functools.partial(wkv6_triton, **CHUNKS), wkv6_chunked, NAMES, x,
+                         [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32])
 
 
 @gpu_only

@@ -103,6 +103,7 @@ CHUNKS_MAX = 64  # impl "chunks": [C, C] tiles, C <= 64
 DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_T = 16
 DEFAULT_IMPL = "blocks"
+CHUNKS_BLOCK_K = 32  # impl "chunks": key channels per block (at most N)
 CHUNKS_KEYS_NUM_WARPS = 8  # impl "chunks", backward key-side kernel (its live [C, N] tiles)
 DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
 BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
@@ -517,7 +518,7 @@ def _wkv6_bwd_chunks_kernel(
 
 
 @triton.jit
-def _sum_mask(offs_a, offs_b, LVL: tl.constexpr, A_IS_ROW: tl.constexpr, KIND: tl.constexpr):
+def _sum_mask(offs_a, offs_b, LVL, A_IS_ROW: tl.constexpr, KIND: tl.constexpr):
     """A 0/1 float32 matrix of the exponent sums at one level, for t in ``offs_a`` and q in
     ``offs_b`` ([len(a), len(b)] if A_IS_ROW, else the transpose [len(b), len(a)]): q lies in
     t's aligned block of 2^LVL rows and KIND 0: q < t (an exclusive prefix sum), 1: q > t (an
@@ -558,7 +559,7 @@ def _mask_dot(m, x, PREC: tl.constexpr):
 
 
 @triton.jit
-def _pair_mask_ts(offs_a, offs_b, LVL: tl.constexpr, A_IS_T: tl.constexpr):
+def _pair_mask_ts(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
     """_pair_mask with t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T, the
     transpose ([s, t] with s in offs_a)."""
     if A_IS_T:
@@ -586,14 +587,14 @@ def _wkv6_chunk_out_kernel(
     s_ptr,  # [B, H, NC, N, N] float32: forward the state entering each chunk, backward dS leaving it
     out_ptr,  # forward: y; backward: dv   [B, T, H, N]
     T, H, lw_sb, lw_st, lw_sh,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
-    PREC: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+    BWD: tl.constexpr, PREC: tl.constexpr,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
     backward dV = (k e^{Q}) dS^T + A^T dY,
-    with A (A^T) built from its LOG2L levels as [L, N] x [N, L] products, their exponents as
-    masked products (_mask_dot) instead of scans."""
+    A (A^T) summed over key blocks of BK channels, each block's part from its LOG2L levels as
+    [L, BK] x [BK, L] products, their exponents as masked products (_mask_dot), no scans."""
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
@@ -601,30 +602,33 @@ def _wkv6_chunk_out_kernel(
     i_h = i_bh % H
     NC = tl.cdiv(T, L)
     stride_t = H * N
+    lw_base = i_b * lw_sb + i_h * lw_sh
     offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
     t = c * L + offs_t
     tmask = (t < T)[:, None]
     row = i_b * T * stride_t + i_h * N + t.to(tl.int64)[:, None] * stride_t
-    a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
-    lw = _load_lw_chunk(lw_ptr, i_b * lw_sb + i_h * lw_sh, t, tmask, lw_st, offs_k)
-    u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
+    s_base = s_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N
 
-    # A [t, s] (forward) or A^T [s, t] (backward: a = k, b = r); rows of `a` index the output
-    A = tl.where(offs_t[:, None] == offs_t[None, :], tl.sum(a * u[None, :] * b, axis=1)[:, None], 0.0)
-    A += tl.where(_pair_mask_ts(offs_t, offs_t, 0, not BWD), tl.dot(a, tl.trans(b), input_precision=PREC), 0.0)
-    for lvl in tl.static_range(1, LOG2L):
-        e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
-        A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
-                      tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
-
-    # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
-    g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, PREC))
-    S = tl.load(s_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N + offs_k[None, :])
+    A = tl.zeros([L, L], dtype=tl.float32)  # A [t, s] (forward) or A^T [s, t] (backward: a = k, b = r)
+    out = tl.zeros([L, BV], dtype=tl.float32)
+    for i_k in range(N // BK):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+        lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
+        u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
+        A += tl.where(offs_t[:, None] == offs_t[None, :], tl.sum(a * u[None, :] * b, axis=1)[:, None], 0.0)
+        A += tl.where(_pair_mask_ts(offs_t, offs_t, 0, not BWD), tl.dot(a, tl.trans(b), input_precision=PREC), 0.0)
+        for lvl in range(1, LOG2L):  # a loop, not unrolled: fewer live registers
+            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+            A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
+                          tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
+        # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
+        g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, PREC))
+        S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
+        out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-    out = tl.dot(a * g, tl.trans(S), input_precision=PREC)
     out = tl.dot(A, x, acc=out, input_precision=PREC)
     tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
 
@@ -638,44 +642,46 @@ def _wkv6_bwd_keys_kernel(
     dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
     du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
     T, H, lw_sb, lw_st, lw_sh,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Key-side gradients of one whole chunk (dr, dk, dlog w, du), from the state entering it
-    and the gradient of the state leaving it; dA = dY V^T recomputed (one product), the
+    """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
+    are separable in the key index), from the state entering the chunk and the gradient of the
+    state leaving it; dA = dY V^T recomputed (one [L, N] x [N, L] product per program), the
     exponents and the exclusive sums of their gradients as masked products (_mask_dot)."""
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_k = tl.program_id(2)
     n_bh = tl.num_programs(1)
     i_b = i_bh // H
     i_h = i_bh % H
     NC = tl.cdiv(T, L)
     stride_t = H * N
     offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
+    offs_n = tl.arange(0, N)
+    offs_k = i_k * BK + tl.arange(0, BK)
     t = c * L + offs_t
     tmask = (t < T)[:, None]
     row = i_b * T * stride_t + i_h * N + t.to(tl.int64)[:, None] * stride_t
-    p = row + offs_k[None, :]
-    r = tl.load(r_ptr + p, mask=tmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + p, mask=tmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + p, mask=tmask, other=0.0).to(tl.float32)
-    dY = tl.load(dy_ptr + p, mask=tmask, other=0.0).to(tl.float32)
+    pk = row + offs_k[None, :]
+    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, i_b * lw_sb + i_h * lw_sh, t, tmask, lw_st, offs_k)
+    v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)  # [L, N] (all values)
+    dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
-    s_offs = (i_bh * NC + c) * N * N + offs_k[:, None] * N + offs_k[None, :]
+    s_offs = (i_bh * NC + c) * N * N + offs_n[:, None] * N + offs_k[None, :]  # [N (value), BK]
 
     # state side: P, Q over the chunk, Lam (a column sum of same-sign terms)
     gP = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0), lw, PREC))
     gQ = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1), lw, PREC))
     gLam = tl.exp(tl.sum(lw, axis=0))
     S0 = tl.load(states_ptr + s_offs)
-    drq = tl.dot(dY, S0, input_precision=PREC)  # [L, N]
     dS = tl.load(dstates_ptr + s_offs)
-    dke = tl.dot(v, dS, input_precision=PREC)  # [L, N]
     dlam = tl.sum(dS * S0, axis=0) * gLam
-    dr = drq * gP
-    dk = dke * gQ
-    # d log w: the reverse exclusive sums of dP, the forward ones of dQ, dLam on every row
+    dr = tl.dot(dY, S0, input_precision=PREC) * gP  # drq e^{P}
+    dk = tl.dot(v, dS, input_precision=PREC) * gQ  # dke e^{Q}
+    # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
+    # dLam on every row
     dlw = _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 0), dr * r, PREC)
     dlw += _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 1), dk * k, PREC)
     dlw += dlam[None, :]
@@ -692,7 +698,7 @@ def _wkv6_bwd_keys_kernel(
     dAm = tl.where(_pair_mask_ts(offs_t, offs_t, 0, True), dA, 0.0)
     dr += tl.dot(dAm, k, input_precision=PREC)
     dk += tl.dot(tl.trans(dAm), r, input_precision=PREC)
-    for lvl in tl.static_range(1, LOG2L):
+    for lvl in range(1, LOG2L):  # a loop, not unrolled: fewer live registers
         e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
         Rh = r * e
         Kh = k * e
@@ -704,9 +710,9 @@ def _wkv6_bwd_keys_kernel(
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
         dlw += _mask_dot(_sum_mask(offs_t, offs_t, lvl, False, 2), dRh * Rh + dKh * Kh, PREC)
 
-    tl.store(dr_ptr + p, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
-    tl.store(dk_ptr + p, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
-    tl.store(dlw_ptr + p, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dlw_ptr + pk, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
     tl.store(du_ptr + (c * n_bh + i_bh) * N + offs_k, du)
 
 
@@ -774,7 +780,7 @@ def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
 def wkv6_forward(
     r, log_w, k, v, u, state, *, chunk_size: int, block_t: int, block_v: int | None, num_warps: int | None,
     scan_block: int | None, scan_num_warps: int | None, precision: str, out_dtype: torch.dtype,
-    impl: str = DEFAULT_IMPL,
+    impl: str = DEFAULT_IMPL, block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride).
     Returns ``(y, final state, states)``, ``states`` [B, H, T/L, N, N] float32 the state
@@ -783,7 +789,8 @@ def wkv6_forward(
     L = chunk_size
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))
     sb = scan_block or _auto_scan_block(B * H, N, r.device)
-    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb)
+    bk = block_k or min(N, CHUNKS_BLOCK_K)
+    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
     nc = triton.cdiv(T, L)
     y = _empty((B, T, H, N), out_dtype, r.device)
     sT = _empty((B, H, N, N), torch.float32, r.device)
@@ -796,7 +803,7 @@ def wkv6_forward(
     if impl == "chunks":
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
             r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
-            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BWD=False, PREC=precision,
+            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=False, PREC=precision,
             num_warps=num_warps or DEFAULT_NUM_WARPS,
         )
     else:
@@ -811,7 +818,7 @@ def wkv6_forward(
 def wkv6_backward(
     r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
     num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
-    impl: str = DEFAULT_IMPL,
+    impl: str = DEFAULT_IMPL, block_k: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
     all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
@@ -822,7 +829,8 @@ def wkv6_backward(
     block_t = min(block_t, BWD_BLOCK_T_MAX)
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))  # N=64: one value block
     sb = scan_block or _auto_scan_block(B * H, N, r.device)
-    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb)
+    bk = block_k or min(N, CHUNKS_BLOCK_K)
+    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
     nv = N // bv
     nc = triton.cdiv(T, L)
     if impl == "chunks":
@@ -839,12 +847,13 @@ def wkv6_backward(
         lws = _lw_strides(log_w)
         _wkv6_chunk_out_kernel[(nc, B * H, nv)](
             k, log_w, r, dy, u, dstates, dv, T, H, *lws,
-            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BWD=True, PREC=precision,
+            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=True, PREC=precision,
             num_warps=num_warps or DEFAULT_NUM_WARPS,
         )
-        _wkv6_bwd_keys_kernel[(nc, B * H)](
+        _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
             r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, T, H, *lws,
-            N=N, L=L, LOG2L=int(math.log2(L)), PREC=precision, num_warps=num_warps or CHUNKS_KEYS_NUM_WARPS,
+            N=N, L=L, LOG2L=int(math.log2(L)), BK=bk, PREC=precision,
+            num_warps=num_warps or CHUNKS_KEYS_NUM_WARPS,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
     inputs = (r, log_w, k)
@@ -915,6 +924,8 @@ def wkv6_triton(
     out_dtype: torch.dtype | None = None,
     impl: str = DEFAULT_IMPL,
     bwd_impl: str = DEFAULT_IMPL,
+    block_k: int | None = None,
+    bwd_block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-5.2 / RWKV-6 WKV with Triton kernels (forward and backward).
 
@@ -933,7 +944,8 @@ def wkv6_triton(
     ``impl`` / ``bwd_impl`` (forward / backward chunk kernels): "blocks" (default) walks a
     chunk in blocks of ``block_t`` rows; "chunks" takes a whole chunk (``chunk_size`` <= 64) at
     once with [C, C] tiles and no scans (block_t unused), the backward split in two kernels
-    (see "Whole-chunk kernels" in the module docstring).
+    (see "Whole-chunk kernels" in the module docstring), in blocks of ``block_k`` /
+    ``bwd_block_k`` key channels (default 32 or N).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     if not (r.shape == log_w.shape == k.shape == v.shape) or r.dim() != 4:
@@ -952,6 +964,8 @@ def wkv6_triton(
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
     out_dtype = out_dtype or r.dtype
+    for i in (impl, bwd_impl):  # (the backward's settings checked before a forward without it)
+        _check_config(N, chunk_size, block_t, precision, i)
     if T == 0:
         s = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
         return r.new_zeros(B, 0, H, N, dtype=out_dtype), s
@@ -959,8 +973,8 @@ def wkv6_triton(
         chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
         precision=precision,
     )
-    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl)
-    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl)
+    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl, block_k=block_k)
+    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl, block_k=bwd_block_k)
     r, k, v, u = (x.contiguous() for x in (r, k, v, u))
     if log_w.stride(-1) != 1:
         log_w = log_w.contiguous()
