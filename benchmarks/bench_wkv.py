@@ -211,20 +211,31 @@ def wkv6_fla():
 
 
 def wkv6_sweep_configs(quick: bool) -> list[dict]:
-    """Chunk size (the stored states) and block_t with the chunk kernels' blocks and warps; then
-    the scans' tile and warps at the default chunk (the knobs are largely independent: read the
-    per-kernel times)."""
+    """impl "blocks": chunk size (the stored states) and block_t with the chunk kernels' blocks
+    and warps (the backward walks at most 32-row blocks); impl "chunks" (whole-chunk kernels,
+    forward and backward; then each with the other's "blocks" defaults) with its key block and
+    warps; then the scans' tile and warps at the default chunk (the knobs are largely
+    independent: read the per-kernel times)."""
     configs = []
     for C in (32, 64, 128):
         for bt in (16, 32, 64):
             for bv, w in ((64, 8), (64, 4), (32, 8), (32, 4), (16, 8)):
                 if bt > C or quick and (C, bt, bv, w) not in {
-                        (64, 16, 64, 8), (64, 16, 32, 8), (64, 16, 64, 4), (32, 16, 64, 8), (128, 16, 64, 8),
-                        (64, 32, 64, 8), (128, 32, 64, 8), (64, 64, 32, 8), (64, 64, 16, 8)}:
+                        (64, 16, 64, 8), (64, 16, 64, 4), (64, 16, 32, 4), (32, 16, 64, 4), (128, 16, 64, 4),
+                        (64, 32, 64, 4), (64, 64, 32, 4)}:
                     continue
                 configs.append(dict(chunk_size=C, block_t=bt, block_v=bv, num_warps=w, bwd_block_v=bv,
                                     bwd_num_warps=w))
-    for sb, sw in ((16, 4), (32, 8), (64, 8)):
+    for C in (32, 64):
+        for bk in (16, 32, 64):
+            for w in (4, 8):
+                if quick and (C, bk) not in {(64, 32), (64, 16), (64, 64), (32, 32)}:
+                    continue
+                configs.append(dict(chunk_size=C, impl="chunks", bwd_impl="chunks", block_k=bk, bwd_block_k=bk,
+                                    num_warps=w, bwd_num_warps=w))
+    configs.append(dict(impl="chunks", num_warps=4))  # forward only "chunks", the backward "blocks"
+    configs.append(dict(bwd_impl="chunks", bwd_num_warps=8))  # the reverse
+    for sb, sw in ((16, 4), (32, 8), (64, 8), (64, 4)):
         configs.append(dict(scan_block=sb, scan_num_warps=sw))
     return configs
 
@@ -241,7 +252,8 @@ WKV6 = WkvOp(
     make_inputs=wkv6_inputs,
     fla=wkv6_fla,
     settings=dict(chunk_size=int, block_t=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block=int, scan_num_warps=int, precision=PRECISIONS),
+                  scan_block=int, scan_num_warps=int, precision=PRECISIONS, impl=("blocks", "chunks"),
+                  bwd_impl=("blocks", "chunks"), block_k=int, bwd_block_k=int),
     sweep_configs=wkv6_sweep_configs,
     accuracy_decays=("realistic", "mixed"),
 )

@@ -80,6 +80,20 @@ scans use 206-247 registers without spills, the forward output kernel 255 regist
 of stack, the backward chunk kernel (one value block, 8 warps) 255 registers and 304 B of
 stack (88 B with block_v 32, but then the partial sums over value blocks cost more).
 
+Whole-chunk kernels (impl / bwd_impl "chunks", opt-in; chunk_size <= 64). One program per
+chunk (and key or value block), with the chunk's own LOG2(C) levels on [C, C] tiles: nothing
+carried, no state replay, no scans. Every exponent (P, Q, pre_h / suf_h) and every exclusive
+sum of an exponent's gradient is a product with a 0/1 matrix (pre_h and suf_h in one matrix
+per level, chosen by the row's half), so each output is still a sum of exactly the terms it
+spans (a masked-out term adds an exact 0: log w is clamped at -1e30 to stay finite); with
+tensor cores the other operand is split into its tf32 head and the rest (two products, ~2^-21
+per term). Everything key-side is separable in the key index, so the kernels work in blocks of
+``block_k`` key channels: forward, Y = (r e^{P}) S0^T + A V with A summed over the key blocks;
+backward, the same kernel gives dV = (k e^{Q}) dS^T + A^T dY, and a second kernel, one
+program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T
+(one product) rather than passing it through memory. Offline sm_90 builds (Triton 3.9, N=64,
+C=64, key block 32, bf16, tf32) still spill: see benchmarks/NOTES.md.
+
 Matmul precision: "ieee" (exact float32), "tf32" (tensor cores; ~4e-4 relative error) or
 "tf32x3". Default: ieee for float32 inputs, tf32 for bf16/fp16 inputs. The exponents, the
 cumulative sums, the states and all accumulation are float32 everywhere.
@@ -103,8 +117,10 @@ CHUNKS_MAX = 64  # impl "chunks": [C, C] tiles, C <= 64
 DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_T = 16
 DEFAULT_IMPL = "blocks"
-CHUNKS_BLOCK_K = 32  # impl "chunks": key channels per block (at most N)
-CHUNKS_KEYS_NUM_WARPS = 8  # impl "chunks", backward key-side kernel (its live [C, N] tiles)
+CHUNKS_BLOCK_K = 32  # impl "chunks": key channels per block (at most N) of the forward and dv kernels
+CHUNKS_KEYS_BLOCK_K = 16  # and of the backward key-side kernel (offline sm_90, 8 warps: stack 520 B at 16,
+# 1080 B at 32, 2744 B at 64)
+CHUNKS_NUM_WARPS = 8  # impl "chunks" (offline sm_90 builds spill less at 8 warps than at 4)
 DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
 BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
 
@@ -804,7 +820,7 @@ def wkv6_forward(
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
             r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
             N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=False, PREC=precision,
-            num_warps=num_warps or DEFAULT_NUM_WARPS,
+            num_warps=num_warps or CHUNKS_NUM_WARPS,
         )
     else:
         _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
@@ -848,12 +864,14 @@ def wkv6_backward(
         _wkv6_chunk_out_kernel[(nc, B * H, nv)](
             k, log_w, r, dy, u, dstates, dv, T, H, *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=True, PREC=precision,
-            num_warps=num_warps or DEFAULT_NUM_WARPS,
+            num_warps=num_warps or CHUNKS_NUM_WARPS,
         )
+        bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
+        _check_config(N, L, block_t, precision, impl, block_k=bk)
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
             r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, T, H, *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), BK=bk, PREC=precision,
-            num_warps=num_warps or CHUNKS_KEYS_NUM_WARPS,
+            num_warps=num_warps or CHUNKS_NUM_WARPS,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
     inputs = (r, log_w, k)
