@@ -39,9 +39,11 @@ VB = dict(block_v=NVB // 2, bwd_block_v=NVB // 2, scan_block=NVB // 2)
 NAMES = ["r", "log_w", "k", "v", "u", "state"]
 # the few non-default configurations the tests compile (GPU compile time)
 SMALL_CHUNK = dict(chunk_size=16)  # many chunks at small T: the sequential scans
-WIDE_BLOCK = dict(chunk_size=32, block_t=32)  # 32-row blocks: five levels
-WHOLE_CHUNK = dict(chunk_size=64, block_t=64)  # one 64-row block per chunk: six levels, nothing carried
-CHUNKS = dict(impl="chunks", bwd_impl="chunks")  # whole-chunk kernels, masked products for the sums
+BLOCKS = dict(impl="blocks", bwd_impl="blocks")  # chunks walked in blocks of block_t rows
+WIDE_BLOCK = dict(chunk_size=32, block_t=32, **BLOCKS)  # 32-row blocks: five levels
+WHOLE_CHUNK = dict(chunk_size=64, block_t=64, **BLOCKS)  # one 64-row block per chunk: six levels, nothing carried
+CHUNKS = dict(impl="chunks", bwd_impl="chunks")  # whole-chunk kernels, masked products for the sums (the
+# default at chunks up to 64)
 
 
 def make_inputs(B, T, H, N, *, decay="realistic"):
@@ -71,9 +73,10 @@ def run_and_compare(x, *, dtype, logw_dtype=None, **kw):
 @pytest.mark.parametrize("T", [1, 23, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_matches_reference(seed, T, dtype):
-    """Default configuration: T = 70 is two chunks of 64 (the second partial), walked in
-    blocks of 16."""
+    """Default configuration (whole-chunk kernels), and chunks walked in blocks of 16: T = 70
+    is two chunks of 64, the second partial."""
     run_and_compare(make_inputs(1, T, 2, NS), dtype=dtype)
+    run_and_compare(make_inputs(1, T, 2, NS), dtype=dtype, **BLOCKS)
 
 
 @pytest.mark.parametrize("decay", ["near_zero", "near_one", "mixed", "huge"])
@@ -118,8 +121,8 @@ def test_small_chunks_forward_only_mixed_with_blocks(seed):
     """The two implementations mixed: "chunks" forward with the "blocks" backward and the
     reverse (they share the stored states)."""
     x = make_inputs(1, 70, 1, NS, decay="mixed")
-    run_and_compare(x, dtype=torch.float32, impl="chunks")
-    run_and_compare(x, dtype=torch.float32, bwd_impl="chunks")
+    run_and_compare(x, dtype=torch.float32, impl="chunks", bwd_impl="blocks")
+    run_and_compare(x, dtype=torch.float32, impl="blocks", bwd_impl="chunks")
 
 
 def test_small_mixed_dtypes(seed):
@@ -270,9 +273,11 @@ def test_decay_extremes(seed, decay, dtype):
 
 
 @gpu_only
-@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, WHOLE_CHUNK, dict(chunk_size=128), CHUNKS,
-                                 dict(CHUNKS, chunk_size=32), dict(CHUNKS, num_warps=8, bwd_num_warps=4)],
-                         ids=["c16", "c32b32", "c64b64", "c128", "chunks", "chunks_c32", "chunks_w8_4"])
+@pytest.mark.parametrize("cfg", [SMALL_CHUNK, WIDE_BLOCK, WHOLE_CHUNK, dict(chunk_size=128), BLOCKS, CHUNKS,
+                                 dict(CHUNKS, chunk_size=32), dict(CHUNKS, num_warps=8, bwd_num_warps=4),
+                                 dict(CHUNKS, block_k=32, bwd_block_k=16)],
+                         ids=["c16", "c32b32", "c64b64", "c128", "blocks", "chunks", "chunks_c32", "chunks_w8_4",
+                              "chunks_k32_16"])
 @pytest.mark.parametrize("decay", ["realistic", "mixed"])
 def test_other_chunk_sizes(seed, cfg, decay):
     run_and_compare(make_inputs(2, 300, 2, 64, decay=decay), dtype=torch.float32, **cfg)
@@ -321,7 +326,7 @@ def test_float16(seed, T):
 @gpu_only
 @pytest.mark.parametrize("N", [32, 128])
 def test_head_sizes(seed, N):
-    run_and_compare(make_inputs(2, 77, 2, N, decay="mixed"), dtype=torch.float32)
+    run_and_compare(make_inputs(2, 77, 2, N, decay="mixed"), dtype=torch.float32, **BLOCKS)
 
 
 @gpu_only

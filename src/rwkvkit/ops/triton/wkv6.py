@@ -116,11 +116,13 @@ IMPLS = ("blocks", "chunks")  # the chunk kernels: walking blocks of block_t row
 CHUNKS_MAX = 64  # impl "chunks": [C, C] tiles, C <= 64
 DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_T = 16
-DEFAULT_IMPL = "blocks"
-CHUNKS_BLOCK_K = 32  # impl "chunks": key channels per block (at most N) of the forward and dv kernels
-CHUNKS_KEYS_BLOCK_K = 16  # and of the backward key-side kernel (offline sm_90, 8 warps: stack 520 B at 16,
-# 1080 B at 32, 2744 B at 64)
-CHUNKS_NUM_WARPS = 8  # impl "chunks" (offline sm_90 builds spill less at 8 warps than at 4)
+DEFAULT_IMPL = "blocks"  # the kernels' own default where a chunk is too long for "chunks"
+# impl "chunks", from the H200 sweep (B8 T4096 H32 N64, bf16; benchmarks/NOTES.md): key channels per
+# block of the output kernels (forward y, backward dv: 64 -> 1.4 ms each, 32 -> 2.0, 16 -> 2.9) and of
+# the backward key-side kernel (32 -> 5.0 ms, 16 -> 7.2, 64 -> 12.8); 4 warps (8: 1.9-2.4x slower)
+CHUNKS_BLOCK_K = 64
+CHUNKS_KEYS_BLOCK_K = 32
+CHUNKS_NUM_WARPS = 4
 DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
 BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
 
@@ -834,18 +836,19 @@ def wkv6_forward(
 def wkv6_backward(
     r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
     num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
-    impl: str = DEFAULT_IMPL, block_k: int | None = None,
+    impl: str = DEFAULT_IMPL, block_k: int | None = None, out_block_k: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
     all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
-    gradients in another). Returns ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
+    gradients in another, in blocks of ``out_block_k`` and ``block_k`` key channels). Returns
+    ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
     in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32."""
     B, T, H, N = r.shape
     L = chunk_size
     block_t = min(block_t, BWD_BLOCK_T_MAX)
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))  # N=64: one value block
     sb = scan_block or _auto_scan_block(B * H, N, r.device)
-    bk = block_k or min(N, CHUNKS_BLOCK_K)
+    bk = out_block_k or min(N, CHUNKS_BLOCK_K)
     _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
     nv = N // bv
     nc = triton.cdiv(T, L)
@@ -940,8 +943,8 @@ def wkv6_triton(
     scan_num_warps: int | None = None,
     precision: str | None = None,
     out_dtype: torch.dtype | None = None,
-    impl: str = DEFAULT_IMPL,
-    bwd_impl: str = DEFAULT_IMPL,
+    impl: str | None = None,
+    bwd_impl: str | None = None,
     block_k: int | None = None,
     bwd_block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -959,11 +962,14 @@ def wkv6_triton(
     chunk kernel(s), ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
     ``scan_num_warps``, and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
     None: ieee for float32 inputs, else tf32). The backward walks blocks of at most 32 rows.
-    ``impl`` / ``bwd_impl`` (forward / backward chunk kernels): "blocks" (default) walks a
-    chunk in blocks of ``block_t`` rows; "chunks" takes a whole chunk (``chunk_size`` <= 64) at
-    once with [C, C] tiles and no scans (block_t unused), the backward split in two kernels
-    (see "Whole-chunk kernels" in the module docstring), in blocks of ``block_k`` /
-    ``bwd_block_k`` key channels (default 32 or N).
+    ``impl`` / ``bwd_impl`` (forward / backward chunk kernels): "blocks" walks a chunk in
+    blocks of ``block_t`` rows; "chunks" takes a whole chunk (``chunk_size`` <= 64) at once with
+    [C, C] tiles and no scans (block_t unused), the backward split in two kernels (see
+    "Whole-chunk kernels" in the module docstring); None: "chunks" where the chunk allows it
+    (faster on an H200: 2.0 / 9.3 ms against 2.8 / 11.4 at B8 T4096 H32), else "blocks".
+    "chunks" works on blocks of key channels: ``block_k`` in the output kernels (forward y,
+    backward dv; default min(N, 64)), ``bwd_block_k`` in the backward key-side kernel
+    (default min(N, 32)).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     if not (r.shape == log_w.shape == k.shape == v.shape) or r.dim() != 4:
@@ -982,6 +988,8 @@ def wkv6_triton(
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
     out_dtype = out_dtype or r.dtype
+    auto_impl = "chunks" if chunk_size <= CHUNKS_MAX else DEFAULT_IMPL
+    impl, bwd_impl = impl or auto_impl, bwd_impl or auto_impl
     for i in (impl, bwd_impl):  # (the backward's settings checked before a forward without it)
         _check_config(N, chunk_size, block_t, precision, i)
     if T == 0:
@@ -992,7 +1000,8 @@ def wkv6_triton(
         precision=precision,
     )
     fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl, block_k=block_k)
-    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl, block_k=bwd_block_k)
+    bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl, block_k=bwd_block_k,
+                   out_block_k=block_k)
     r, k, v, u = (x.contiguous() for x in (r, k, v, u))
     if log_w.stride(-1) != 1:
         log_w = log_w.contiguous()
