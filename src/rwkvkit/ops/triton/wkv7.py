@@ -107,8 +107,11 @@ def _unit_lower_inverse(A, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr):
-    """Everything in a chunk that does not depend on the state or on v."""
+def _chunk_keyside(
+    r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr = True
+):
+    """Everything in a chunk that does not depend on the state or on v. Without INVERSE the
+    returned Ti is a placeholder (the caller loads the inverse prep stored)."""
     lam = tl.cumsum(lw, axis=0)  # Lam_t, inclusive
     lamp = lam - lw  # Lam'_t = Lam_{t-1}
     lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)  # Lam_L  [N]
@@ -125,11 +128,14 @@ def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr,
     be = b * ge
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
-    A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
     A_ak = tl.where(strict, tl.dot(aq, tl.trans(ki), input_precision=PREC), 0.0)
     A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
     A_rk = tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)
-    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+    if INVERSE:
+        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
+        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+    else:
+        Ti = A_rk  # placeholder
     return g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti
 
 
@@ -143,16 +149,25 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
     return (t.to(tl.int64) * H + h) * N, (t < tl.load(cu_ptr + seq + 1))[:, None]
 
 
+@triton.jit
+def _ti_offsets(c, h, offs_t, H, L: tl.constexpr):
+    """Offsets of chunk ``c``'s stored inverse (I - A_ab)^{-1} in a [chunks, H, L, L] float32 buffer."""
+    return (c.to(tl.int64) * H + h) * L * L + offs_t[:, None] * L + offs_t[None, :]
+
+
 @triton.jit(do_not_specialize=["H"])
 def _prep_kernel(
     lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
     gl_ptr,  # [chunks, H, N] float32 out
     m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
+    ti_ptr,  # [chunks, H, L, L] float32 out (if STORE_TI): (I - A_ab)^{-1}
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    STORE_TI: tl.constexpr = False,
 ):
-    """Per chunk: gL, M = W^T be and this value block's rows of D = V^T ke + U^T be."""
+    """Per chunk: gL, M = W^T be and this value block's rows of D = V^T ke + U^T be (and, with
+    STORE_TI, the inverse for the kernels after the scan)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -186,6 +201,8 @@ def _prep_kernel(
         M = tl.dot(tl.trans(W), be, input_precision=PREC)  # [N, N]
         tl.store(m_ptr + base * N + offs_k[:, None] * N + offs_k[None, :], M)
         tl.store(gl_ptr + base + offs_k, tl.exp(lam_last))
+        if STORE_TI:
+            tl.store(ti_ptr + _ti_offsets(c, h, offs_t, H, L), Ti)
 
 
 @triton.jit(do_not_specialize=["H", "n_chunks"])
@@ -255,8 +272,10 @@ def _out_kernel(
     states_ptr,  # [chunks, H, N, N] float32: the state entering each chunk
     y_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    LOAD_TI: tl.constexpr = False,
 ):
     """Per chunk and value block: Y = rq S0^T + A_rk V + A_rb SA, SA = (I - A_ab)^{-1}(aq S0^T + A_ak V)."""
     c = tl.program_id(0)
@@ -276,8 +295,10 @@ def _out_kernel(
     b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
     g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-        r, lw, k, a, b, offs_t, L, LOG2L, PREC
+        r, lw, k, a, b, offs_t, L, LOG2L, PREC, not LOAD_TI
     )
+    if LOAD_TI:
+        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
     X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
     SA = tl.dot(Ti, X, input_precision=PREC)
     Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
@@ -291,8 +312,10 @@ def _bwd_prep_kernel(
     r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     e_ptr,  # [chunks, H, N, N] float32 out
+    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    LOAD_TI: tl.constexpr = False,
 ):
     """Per chunk and value block: E = dY^T Q with Q = rq + A_rb (I - A_ab)^{-1} aq."""
     c = tl.program_id(0)
@@ -314,9 +337,12 @@ def _bwd_prep_kernel(
     bi = b * tl.exp(-lam)
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
-    A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
     A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+    if LOAD_TI:
+        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
+    else:
+        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
+        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
     W = tl.dot(Ti, aq, input_precision=PREC)
     Q = rq + tl.dot(A_rb, W, input_precision=PREC)
     E = tl.dot(tl.trans(dY), Q, input_precision=PREC)  # [BV, N]
@@ -428,6 +454,155 @@ def _bwd_chunks_kernel(
         row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
         L, LOG2L, PREC,
     )
+
+
+# --- Split backward (opt-in, ``bwd_split``): the per-chunk backward as two smaller kernels ---
+# _bwd_value_kernel, per (chunk, head, value block): SA and dX (stored in float32 for the key
+# side) and dv; it needs the A matrices and the inverse (loaded when prep stored it) but none of
+# the key-side gradient products. _bwd_keys_kernel, per (chunk, head): walks the value index in
+# blocks of KBV, accumulating every contraction over it (dY S, dX S, V dS, SA dS, colsum(dS * S)
+# and the four A-matrix gradients), then the key-side gradients in full (no partial sums over
+# value blocks); it needs neither the A matrices nor the inverse.
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_value_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
+    dy_ptr,  # [tokens, H, N]
+    dv_ptr,  # [tokens, H, N]
+    sa_ptr, dx_ptr,  # [tokens, H, N] float32 out: SA and dX
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    LOAD_TI: tl.constexpr,
+):
+    """Per chunk and value block: SA = (I - A_ab)^{-1}(aq S0^T + A_ak V), dX = (I - A_ab)^{-T}
+    (be dS_L^T + A_rb^T dY) (both stored, float32) and dV = ke dS_L^T + A_rk^T dY + A_ak^T dX."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
+    pk = row[:, None] + offs_k[None, :]
+    pv = row[:, None] + offs_v[None, :]
+    s_offs = (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :]
+    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
+        r, lw, k, a, b, offs_t, L, LOG2L, PREC, not LOAD_TI
+    )
+    if LOAD_TI:
+        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
+    S = tl.load(states_ptr + s_offs)
+    X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
+    SA = tl.dot(Ti, X, input_precision=PREC)
+    tl.store(sa_ptr + pv, SA, mask=tmask)
+    dS = tl.load(dstates_ptr + s_offs)
+    dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+    dSA = tl.dot(be, tl.trans(dS), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
+    dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
+    tl.store(dx_ptr + pv, dX, mask=tmask)
+    dv = tl.dot(ke, tl.trans(dS), input_precision=PREC)
+    dv += tl.dot(tl.trans(A_rk), dY, input_precision=PREC)
+    dv += tl.dot(tl.trans(A_ak), dX, input_precision=PREC)
+    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_keys_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    dy_ptr,  # [tokens, H, N]
+    sa_ptr, dx_ptr,  # [tokens, H, N] float32: _bwd_value_kernel's SA and dX
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk: dr, dlog_w, dk, da, db, summing over the whole value index in blocks of KBV."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
+    pk = row[:, None] + offs_k[None, :]
+    base = (c.to(tl.int64) * H + h) * N * N
+    drq = tl.zeros([L, N], dtype=tl.float32)  # dY S0 (+ the A terms below)
+    daq = tl.zeros([L, N], dtype=tl.float32)  # dX S0
+    dke = tl.zeros([L, N], dtype=tl.float32)  # V dS_L
+    dbe = tl.zeros([L, N], dtype=tl.float32)  # SA dS_L
+    dgL = tl.zeros([N], dtype=tl.float32)
+    dA_rk = tl.zeros([L, L], dtype=tl.float32)
+    dA_rb = tl.zeros([L, L], dtype=tl.float32)
+    dA_ab = tl.zeros([L, L], dtype=tl.float32)
+    dA_ak = tl.zeros([L, L], dtype=tl.float32)
+    for i in range(N // KBV):
+        offs_v = i * KBV + tl.arange(0, KBV)
+        pv = row[:, None] + offs_v[None, :]
+        s_offs = base + offs_v[:, None] * N + offs_k[None, :]
+        S = tl.load(states_ptr + s_offs)
+        dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+        dX = tl.load(dx_ptr + pv, mask=tmask, other=0.0)
+        drq = tl.dot(dY, S, drq, input_precision=PREC)
+        daq = tl.dot(dX, S, daq, input_precision=PREC)
+        dS = tl.load(dstates_ptr + s_offs)
+        dgL += tl.sum(dS * S, axis=0)
+        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+        SA = tl.load(sa_ptr + pv, mask=tmask, other=0.0)
+        dke = tl.dot(v, dS, dke, input_precision=PREC)
+        dbe = tl.dot(SA, dS, dbe, input_precision=PREC)
+        dA_rk = tl.dot(dY, tl.trans(v), dA_rk, input_precision=PREC)
+        dA_rb = tl.dot(dY, tl.trans(SA), dA_rb, input_precision=PREC)
+        dA_ab = tl.dot(dX, tl.trans(SA), dA_ab, input_precision=PREC)
+        dA_ak = tl.dot(dX, tl.trans(v), dA_ak, input_precision=PREC)
+    strict = offs_t[:, None] > offs_t[None, :]
+    incl = offs_t[:, None] >= offs_t[None, :]
+    dA_rk = tl.where(incl, dA_rk, 0.0)
+    dA_rb = tl.where(incl, dA_rb, 0.0)
+    dA_ab = tl.where(strict, dA_ab, 0.0)
+    dA_ak = tl.where(strict, dA_ak, 0.0)
+
+    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
+    lam = tl.cumsum(lw, axis=0)
+    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
+    g = tl.exp(lam)
+    gp = tl.exp(lam - lw)
+    gi = tl.exp(-lam)
+    ge = tl.exp(lam_last[None, :] - lam)
+    aq = a * gp
+    rq = r * g
+    ki = k * gi
+    bi = b * gi
+    daq += tl.dot(dA_ab, bi, input_precision=PREC)
+    daq += tl.dot(dA_ak, ki, input_precision=PREC)
+    drq += tl.dot(dA_rb, bi, input_precision=PREC)
+    drq += tl.dot(dA_rk, ki, input_precision=PREC)
+    dbi = tl.dot(tl.trans(dA_ab), aq, input_precision=PREC) + tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
+    dki = tl.dot(tl.trans(dA_ak), aq, input_precision=PREC) + tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
+    dlam_last = tl.sum((dke * k + dbe * b) * ge, axis=0) + dgL * tl.exp(lam_last)
+    dr = drq * g
+    da = daq * gp
+    dk = dki * gi + dke * ge
+    db = dbi * gi + dbe * ge
+    dlamp = da * a
+    dlw = tl.cumsum(dr * r - dk * k - db * b + dlamp, axis=0, reverse=True) - dlamp + dlam_last[None, :]
+    tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dlw_ptr + pk, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
+    tl.store(da_ptr + pk, da.to(da_ptr.dtype.element_ty), mask=tmask)
+    tl.store(db_ptr + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
 
 
 # --- Two-level chunks: every per-chunk N x N matrix at CL tokens, the math in L-row sub-chunks ---
@@ -890,11 +1065,12 @@ def _prep2_parts(precision: str) -> tuple[int, ...]:
 
 def wkv7_forward(
     r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, keep_sub: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, sub)``;
+    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, sub, ti)``;
     ``sub``: with two-level chunks and ``keep_sub``, the states entering sub-chunks 1.. of every
-    chunk [chunks, NSUB - 1, H, N, N] (for the backward), else None."""
+    chunk [chunks, NSUB - 1, H, N, N] (for the backward), else None; ``ti``: with
+    ``cfg["store_inverse"]``, every chunk's (I - A_ab)^{-1} [chunks, H, L, L] float32, else None."""
     H, N = r.shape[-2:]
     two = bool(cfg.get("sub_chunk"))
     L = cfg.get("sub_chunk") or cfg["chunk_size"]
@@ -907,8 +1083,10 @@ def wkv7_forward(
     d = _empty((nc, H, N, N), torch.float32, r.device)
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, N // bv)
+    store_ti = bool(cfg.get("store_inverse")) and not two
+    ti = _empty((nc, H, L, L), torch.float32, r.device) if store_ti else None
     if not two:
-        _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
+        _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, ti if store_ti else gl, H, STORE_TI=store_ti, **meta)
     for part in _prep2_parts(cfg["precision"]) if two else ():
         _prep2_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, PART=part, **meta)
     states, sT = _scan(
@@ -925,14 +1103,15 @@ def wkv7_forward(
             r, log_w, k, v, a, b, states, sub if keep_sub else states, y, *tabs, H, STORE=keep_sub, **meta
         )
     else:
-        _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
-    return y, sT, states, m, gl, sub
+        _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, ti if store_ti else states, H, LOAD_TI=store_ti, **meta)
+    return y, sT, states, m, gl, sub, ti
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict, sub=None
+    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict, sub=None, ti=None
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels (``sub``: wkv7_forward's, with two-level chunks). Returns
+    """Launch the backward kernels (``sub``: wkv7_forward's, with two-level chunks; ``ti``:
+    its stored inverses, which bwd_prep and the split backward then load). Returns
     ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
     dstate0 [S, H, N, N] in float32."""
     H, N = r.shape[-2:]
@@ -946,12 +1125,32 @@ def wkv7_backward(
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, nv)
     e = _empty((nc, H, N, N), torch.float32, r.device)
-    (_bwd_prep2_kernel if two else _bwd_prep_kernel)[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
+    if two:
+        _bwd_prep2_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
+    else:
+        _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, e if ti is None else ti, H, LOAD_TI=ti is not None, **meta)
     dstates, ds0 = _scan(
         dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
     )
     inputs = (r, log_w, k, a, b)
+    if cfg.get("bwd_split") and not two:
+        dv = _empty(r.shape, v.dtype, r.device)
+        sa = _empty(r.shape, torch.float32, r.device)
+        dx = _empty(r.shape, torch.float32, r.device)
+        _bwd_value_kernel[grid](
+            r, log_w, k, v, a, b, states, dstates, states if ti is None else ti, dy, dv, sa, dx, *tabs, H,
+            LOAD_TI=ti is not None, **meta,
+        )
+        grads = [_empty(r.shape, x.dtype, r.device) for x in inputs]
+        kbv = cfg.get("bwd_key_block_v") or min(N, 64 if N <= 64 else 32)
+        _check_config(N, None, kbv, cfg["precision"])
+        kmeta = dict(N=N, L=L, KBV=kbv, PREC=cfg["precision"], num_warps=cfg.get("bwd_key_num_warps") or 4)
+        if cfg.get("maxnreg"):
+            kmeta["maxnreg"] = cfg["maxnreg"]
+        _bwd_keys_kernel[(nc, H)](r, log_w, k, v, a, b, states, dstates, dy, sa, dx, *grads, *tabs, H, **kmeta)
+        dr, dlw, dk, da, db = grads
+        return dr, dlw, dk, dv, da, db, ds0
     if nv == 1:
         parts = [_empty((1, *r.shape), x.dtype, r.device) for x in inputs]
     else:
@@ -980,19 +1179,19 @@ class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
         grad = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
-        y, sT, states, m, gl, sub = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, keep_sub=grad)
+        y, sT, states, m, gl, sub, ti = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, keep_sub=grad)
         if grad:
-            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, sub)
+            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, sub, ti)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states, m, gl, sub = ctx.saved_tensors
+        r, log_w, k, v, a, b, states, m, gl, sub, ti = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg, sub
+            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg, sub, ti
         )
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
 
@@ -1034,6 +1233,10 @@ def wkv7_triton(
     precision: str | None = None,
     scan_precision: str | None = None,
     maxnreg: int | None = None,
+    bwd_split: bool = False,
+    store_inverse: bool | None = None,
+    bwd_key_block_v: int | None = None,
+    bwd_key_num_warps: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -1052,6 +1255,12 @@ def wkv7_triton(
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``maxnreg``
     caps the registers per thread of the parallel (per-chunk) kernels (None: no cap).
+    ``bwd_split`` (one-level chunks only, opt-in) runs the per-chunk backward as two kernels: a
+    value side (SA, dX, dv; SA and dX stored in float32) and a key side (dr, dlog_w, dk, da, db,
+    walking the value index in blocks of ``bwd_key_block_v`` (None: 64, 32 for N=128) at
+    ``bwd_key_num_warps`` (None: 4)); ``store_inverse`` (None: as ``bwd_split``) lets the
+    forward's prep kernel store every chunk's (I - A_ab)^{-1} (L*4 bytes per token-head, float32)
+    for the output, bwd_prep and value-side kernels instead of rebuilding it.
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -1068,6 +1277,10 @@ def wkv7_triton(
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
+    if store_inverse is None:
+        store_inverse = bwd_split
+    if sub_chunk is not None and (bwd_split or store_inverse):
+        raise ValueError("wkv7_triton: bwd_split and store_inverse need one-level chunks (sub_chunk=None)")
     _check_config(N, chunk_size, None, precision, sub_chunk)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
@@ -1081,7 +1294,8 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision, maxnreg=maxnreg,
+        precision=precision, scan_precision=scan_precision, maxnreg=maxnreg, bwd_split=bool(bwd_split),
+        store_inverse=bool(store_inverse), bwd_key_block_v=bwd_key_block_v, bwd_key_num_warps=bwd_key_num_warps,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
