@@ -193,6 +193,76 @@ def test_two_level_forward_without_grad(seed):
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
+# --- split backward (bwd_split): value-side and key-side kernels, prep's stored inverse ---
+SPLIT = dict(bwd_split=True)
+
+
+@pytest.mark.parametrize("T", [17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_small_split_matches_reference(seed, T, dtype):
+    """Partial last chunk; outputs, final state, every gradient incl. the initial state's."""
+    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16, **SPLIT)
+
+
+@pytest.mark.parametrize("store_inverse", [True, False])
+def test_small_split_value_and_key_blocks(seed, store_inverse):
+    """Two value blocks in every kernel and two key blocks / two value steps in the key-side
+    kernel (N=32, blocks of 16), with and without an initial state, with and without the stored
+    inverse; chunk 16 and 32."""
+    x = make_inputs(2, 45, 1, 32)
+    blocks = dict(block_v=16, bwd_block_v=16, scan_block_v=16, bwd_key_block_v=16, bwd_key_block_k=16)
+    kw = dict(bwd_split=True, store_inverse=store_inverse, **blocks)
+    run_and_compare(x, dtype=torch.float32, chunk_size=16, **kw)
+    run_and_compare(x, dtype=torch.float32, chunk_size=16, with_state=False, **kw)
+    run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32, **kw)
+
+
+def test_small_split_decay_extremes(seed):
+    for decay in ("tiny", "at_clamp"):
+        run_and_compare(make_inputs(1, 33, 1, 16, decay=decay), dtype=torch.float32, chunk_size=16, **SPLIT)
+
+
+def test_small_store_inverse_fused_backward(seed):
+    """The stored inverse with the fused backward (out and bwd_prep load it, bwd_chunks rebuilds it)."""
+    run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.float32, chunk_size=16, store_inverse=True)
+
+
+def test_split_every_output_element_written(seed, monkeypatch):
+    poison_buffers(monkeypatch, kernels)
+    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16,
+                    bwd_key_block_k=16, **SPLIT)
+    run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16, **SPLIT)
+
+
+def test_split_only_one_output_used(seed):
+    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
+                            chunk_size=16, **SPLIT)
+
+
+def test_split_varlen_matches_one_by_one(seed):
+    """Lengths not multiples of the chunk, one of a single token, one empty."""
+    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16, **SPLIT)
+
+
+def test_split_forward_without_grad(seed):
+    """Without a gradient (prep still stores the inverse, out loads it): same y and state."""
+    *inp, s0 = make_inputs(1, 40, 1, 16)
+    inp = [t.to(DEVICE) for t in inp]
+    s0 = s0.to(DEVICE)
+    y_ref, s_ref = wkv7_reference(*[t.double() for t in inp], s0.double())
+    with torch.no_grad():
+        y, s = wkv7_triton(*inp, s0, chunk_size=16, **SPLIT)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_split_rejects_two_level():
+    x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(6)]
+    with pytest.raises(ValueError, match="bwd_split"):
+        wkv7_triton(*x, chunk_size=32, sub_chunk=16, bwd_split=True)
+    with pytest.raises(ValueError, match="store_inverse"):
+        wkv7_triton(*x, chunk_size=32, sub_chunk=16, store_inverse=True)
+
+
 def test_varlen_rejects_bad_offsets():
     x = [torch.zeros(1, 10, 1, 16, device=DEVICE) for _ in range(6)]
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -401,6 +471,64 @@ def test_two_level_varlen_gpu(seed):
 def test_two_level_large_shape_vs_chunked(seed, dtype):
     compare_with_chunked(partial(wkv7_triton, **TWO_LEVEL), wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64),
                          [dtype] * 6)
+
+
+# Split backward on the GPU (bwd_split=True, prep's stored inverse): the default chunk (16) and
+# blocks, plus the other chunk sizes, head sizes and blocks once each. Select them with -k split.
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, **SPLIT)
+
+
+@gpu_only
+@pytest.mark.parametrize("chunk_size", [32, 64])
+def test_split_other_chunk_sizes(seed, chunk_size):
+    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, chunk_size=chunk_size, **SPLIT)
+
+
+@gpu_only
+@pytest.mark.parametrize("decay", ["near_one", "at_clamp"])
+def test_split_decay_extremes(seed, decay):
+    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=torch.float32, **SPLIT)
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [16, 32, 128])
+def test_split_head_sizes(seed, N):
+    run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, **SPLIT)
+
+
+@gpu_only
+def test_split_fp16_mixed_and_blocks(seed):
+    """float16; bf16 with float32 log_w in value blocks of 32, key blocks of 32, no stored
+    inverse; 8-warp key side."""
+    run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16, **SPLIT)
+    run_and_compare(
+        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, block_v=32, bwd_block_v=32,
+        scan_block_v=16, bwd_key_block_k=32, store_inverse=False, **SPLIT,
+    )
+    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, bwd_key_num_warps=8, **SPLIT)
+
+
+@gpu_only
+@pytest.mark.parametrize("precision, tol", [("tf32", 6e-3), ("tf32x3", 1e-4)])
+def test_split_tensor_core_precisions_fp32(seed, precision, tol):
+    run_and_compare(make_inputs(2, 200, 2, 64), dtype=torch.float32, precision=precision, tol=tol, **SPLIT)
+
+
+@gpu_only
+def test_split_varlen_gpu(seed):
+    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, **SPLIT)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_large_shape_vs_chunked(seed, dtype):
+    compare_with_chunked(partial(wkv7_triton, **SPLIT), wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64), [dtype] * 6)
 
 
 @gpu_only

@@ -459,10 +459,13 @@ def _bwd_chunks_kernel(
 # --- Split backward (opt-in, ``bwd_split``): the per-chunk backward as two smaller kernels ---
 # _bwd_value_kernel, per (chunk, head, value block): SA and dX (stored in float32 for the key
 # side) and dv; it needs the A matrices and the inverse (loaded when prep stored it) but none of
-# the key-side gradient products. _bwd_keys_kernel, per (chunk, head): walks the value index in
-# blocks of KBV, accumulating every contraction over it (dY S, dX S, V dS, SA dS, colsum(dS * S)
-# and the four A-matrix gradients), then the key-side gradients in full (no partial sums over
-# value blocks); it needs neither the A matrices nor the inverse.
+# the key-side gradient products. _bwd_keys_kernel, per (chunk, head, block of BK keys): walks
+# the value index in blocks of KBV, accumulating every contraction over it (dY S, dX S, V dS,
+# SA dS, colsum(dS * S) on its key columns and the four [L, L] A-matrix gradients, which every
+# key block recomputes), then its columns of the key-side gradients in full (no partial sums
+# over value blocks); it needs neither the A matrices nor the inverse. Extra traffic against
+# the fused kernel (per token-head, N=64, L=16): SA and dX written and read in float32 (1 KB),
+# the key side's second read of the inputs (~0.9 KB in bf16) and of S, dS (2 KB).
 
 
 @triton.jit(do_not_specialize=["H"])
@@ -525,21 +528,23 @@ def _bwd_keys_kernel(
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     H,
-    N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, PREC: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk: dr, dlog_w, dk, da, db, summing over the whole value index in blocks of KBV."""
+    """Per chunk and block of BK keys: dr, dlog_w, dk, da, db, summing over the whole value
+    index in blocks of KBV (the A-matrix gradients are recomputed by every key block)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
+    i_k = tl.program_id(2)
     offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
+    offs_k = i_k * BK + tl.arange(0, BK)
     row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     pk = row[:, None] + offs_k[None, :]
     base = (c.to(tl.int64) * H + h) * N * N
-    drq = tl.zeros([L, N], dtype=tl.float32)  # dY S0 (+ the A terms below)
-    daq = tl.zeros([L, N], dtype=tl.float32)  # dX S0
-    dke = tl.zeros([L, N], dtype=tl.float32)  # V dS_L
-    dbe = tl.zeros([L, N], dtype=tl.float32)  # SA dS_L
-    dgL = tl.zeros([N], dtype=tl.float32)
+    drq = tl.zeros([L, BK], dtype=tl.float32)  # dY S0 (+ the A terms below)
+    daq = tl.zeros([L, BK], dtype=tl.float32)  # dX S0
+    dke = tl.zeros([L, BK], dtype=tl.float32)  # V dS_L
+    dbe = tl.zeros([L, BK], dtype=tl.float32)  # SA dS_L
+    dgL = tl.zeros([BK], dtype=tl.float32)
     dA_rk = tl.zeros([L, L], dtype=tl.float32)
     dA_rb = tl.zeros([L, L], dtype=tl.float32)
     dA_ab = tl.zeros([L, L], dtype=tl.float32)
@@ -1143,12 +1148,16 @@ def wkv7_backward(
             LOAD_TI=ti is not None, **meta,
         )
         grads = [_empty(r.shape, x.dtype, r.device) for x in inputs]
-        kbv = cfg.get("bwd_key_block_v") or min(N, 64 if N <= 64 else 32)
+        # offline sm_90 builds at 4 warps: N=64 with 64 / 64 takes 255 registers and no stack;
+        # N=128 spills least with 32 / 32 (24 B)
+        kbv = cfg.get("bwd_key_block_v") or (N if N <= 64 else 32)
+        bk = cfg.get("bwd_key_block_k") or (N if N <= 64 else 32)
         _check_config(N, None, kbv, cfg["precision"])
-        kmeta = dict(N=N, L=L, KBV=kbv, PREC=cfg["precision"], num_warps=cfg.get("bwd_key_num_warps") or 4)
+        _check_config(N, None, bk, cfg["precision"])
+        kmeta = dict(N=N, L=L, KBV=kbv, BK=bk, PREC=cfg["precision"], num_warps=cfg.get("bwd_key_num_warps") or 4)
         if cfg.get("maxnreg"):
             kmeta["maxnreg"] = cfg["maxnreg"]
-        _bwd_keys_kernel[(nc, H)](r, log_w, k, v, a, b, states, dstates, dy, sa, dx, *grads, *tabs, H, **kmeta)
+        _bwd_keys_kernel[(nc, H, N // bk)](r, log_w, k, v, a, b, states, dstates, dy, sa, dx, *grads, *tabs, H, **kmeta)
         dr, dlw, dk, da, db = grads
         return dr, dlw, dk, dv, da, db, ds0
     if nv == 1:
@@ -1236,6 +1245,7 @@ def wkv7_triton(
     bwd_split: bool = False,
     store_inverse: bool | None = None,
     bwd_key_block_v: int | None = None,
+    bwd_key_block_k: int | None = None,
     bwd_key_num_warps: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1257,8 +1267,9 @@ def wkv7_triton(
     caps the registers per thread of the parallel (per-chunk) kernels (None: no cap).
     ``bwd_split`` (one-level chunks only, opt-in) runs the per-chunk backward as two kernels: a
     value side (SA, dX, dv; SA and dX stored in float32) and a key side (dr, dlog_w, dk, da, db,
-    walking the value index in blocks of ``bwd_key_block_v`` (None: 64, 32 for N=128) at
-    ``bwd_key_num_warps`` (None: 4)); ``store_inverse`` (None: as ``bwd_split``) lets the
+    one program per chunk and block of ``bwd_key_block_k`` keys (None: N, 32 for N=128), walking the
+    value index in blocks of ``bwd_key_block_v`` (None: N, 32 for N=128), at ``bwd_key_num_warps``
+    (None: 4)); ``store_inverse`` (None: as ``bwd_split``) lets the
     forward's prep kernel store every chunk's (I - A_ab)^{-1} (L*4 bytes per token-head, float32)
     for the output, bwd_prep and value-side kernels instead of rebuilding it.
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
@@ -1295,7 +1306,8 @@ def wkv7_triton(
         chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
         precision=precision, scan_precision=scan_precision, maxnreg=maxnreg, bwd_split=bool(bwd_split),
-        store_inverse=bool(store_inverse), bwd_key_block_v=bwd_key_block_v, bwd_key_num_warps=bwd_key_num_warps,
+        store_inverse=bool(store_inverse), bwd_key_block_v=bwd_key_block_v,
+        bwd_key_block_k=bwd_key_block_k, bwd_key_num_warps=bwd_key_num_warps,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
