@@ -80,7 +80,8 @@ scans use 206-247 registers without spills, the forward output kernel 255 regist
 of stack, the backward chunk kernel (one value block, 8 warps) 255 registers and 304 B of
 stack (88 B with block_v 32, but then the partial sums over value blocks cost more).
 
-Whole-chunk kernels (impl / bwd_impl "chunks", opt-in; chunk_size <= 64). One program per
+Whole-chunk kernels (impl / bwd_impl "chunks", the default where chunk_size <= 64: faster than
+the block kernels at every setting of the H200 sweep, benchmarks/NOTES.md). One program per
 chunk (and key or value block), with the chunk's own LOG2(C) levels on [C, C] tiles: nothing
 carried, no state replay, no scans. Every exponent (P, Q, pre_h / suf_h) and every exclusive
 sum of an exponent's gradient is a product with a 0/1 matrix (pre_h and suf_h in one matrix
@@ -92,7 +93,8 @@ per term). Everything key-side is separable in the key index, so the kernels wor
 backward, the same kernel gives dV = (k e^{Q}) dS^T + A^T dY, and a second kernel, one
 program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T
 (one product) rather than passing it through memory. Offline sm_90 builds (Triton 3.9, N=64,
-C=64, key block 32, bf16, tf32) still spill: see benchmarks/NOTES.md.
+C=64, key block 32, bf16, tf32) still spill: see benchmarks/NOTES.md. The block kernels above
+remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Matmul precision: "ieee" (exact float32), "tf32" (tensor cores; ~4e-4 relative error) or
 "tf32x3". Default: ieee for float32 inputs, tf32 for bf16/fp16 inputs. The exponents, the
