@@ -12,6 +12,8 @@ and writes everything as JSON to --out.
 
     python benchmarks/bench_wkv.py --out runs/bench_wkv.json
     python benchmarks/bench_wkv.py --sweep --out runs/sweep.json    # tune the kernel settings, per kernel
+    python benchmarks/bench_wkv.py --sweep --sweep-only bwd_split    # only the WKV-7 split-backward rows
+    python benchmarks/bench_wkv.py --bwd-split --profile --no-fla    # WKV-7 with the split backward
     python benchmarks/bench_wkv.py --op wkv6 [...]    # WKV-6 (also: --wkv6, or bench_wkv6.py)
     python benchmarks/bench_wkv.py --op wkv6 --help   # the WKV-6 kernel settings
 
@@ -150,6 +152,16 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                                (64, 32, 32, 4, None), (64, 16, 64, 4, 168), (64, 16, 64, 4, 128)):
         configs.append(dict(chunk_size=L, sub_chunk=sub, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w,
                             **({} if reg is None else {"maxnreg": reg})))
+    # split backward (bwd_split: value-side + key-side kernels) and prep's stored inverse
+    # (store_inverse, on by default with bwd_split), against the fused default in the same run;
+    # every row names bwd_split, so `--sweep-only bwd_split` times just these
+    base = dict(chunk_size=16, block_v=64, num_warps=4, bwd_block_v=64, bwd_num_warps=4)
+    for extra in (dict(bwd_split=False), dict(bwd_split=False, store_inverse=True), dict(bwd_split=True),
+                  dict(bwd_split=True, store_inverse=False), dict(bwd_split=True, bwd_key_block_k=32),
+                  dict(bwd_split=True, bwd_key_num_warps=8), dict(bwd_split=True, bwd_block_v=32),
+                  dict(bwd_split=True, bwd_num_warps=8),
+                  dict(bwd_split=True, chunk_size=32, bwd_num_warps=8, bwd_key_num_warps=8)):
+        configs.append({**base, **extra})
     return configs
 
 
@@ -165,7 +177,8 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, sub_chunk=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS, maxnreg=int),
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS, maxnreg=int,
+                  bwd_split=bool, store_inverse=bool, bwd_key_block_v=int, bwd_key_block_k=int, bwd_key_num_warps=int),
     sweep_configs=wkv7_sweep_configs,
 )
 
@@ -549,6 +562,8 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
         flag = "--" + name.replace("_", "-")
         if isinstance(kind, tuple):
             settings.add_argument(flag, default=None, choices=kind)
+        elif kind is bool:  # --flag / --no-flag; unset: the kernel's default
+            settings.add_argument(flag, default=None, action=argparse.BooleanOptionalAction)
         else:
             settings.add_argument(flag, type=kind, default=None)
     p.add_argument("--profile", action="store_true", help="print the time of every kernel (ours, fla) at each shape")
@@ -556,6 +571,9 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape, then exit")
     p.add_argument("--sweep-full", action="store_true", help="with --sweep: every config, not a short list")
+    p.add_argument("--sweep-only", metavar="TEXT[,TEXT]",
+                   help="with --sweep: only the configs whose JSON contains one of these strings "
+                        "(e.g. bwd_split: the split-backward rows and their fused baseline)")
     p.add_argument("--warm-config", help=argparse.SUPPRESS)
     return op, p.parse_args(argv)
 
@@ -592,6 +610,9 @@ def main(argv=None) -> int:
         return 0
     if args.sweep:
         configs = op.sweep_configs(not args.sweep_full)
+        if args.sweep_only:
+            keep = [t for t in args.sweep_only.split(",") if t]
+            configs = [c for c in configs if any(t in json.dumps(c) for t in keep)]
         t0 = time.perf_counter()
         warm(op, configs, ["--dtype", args.dtype, "--shapes", ",".join(map(str, shapes[0]))]
              + (["--logw-fp32"] if args.logw_fp32 else []))

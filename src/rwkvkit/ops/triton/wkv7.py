@@ -1108,7 +1108,9 @@ def wkv7_forward(
             r, log_w, k, v, a, b, states, sub if keep_sub else states, y, *tabs, H, STORE=keep_sub, **meta
         )
     else:
-        _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, ti if store_ti else states, H, LOAD_TI=store_ti, **meta)
+        _out_kernel[grid](
+            r, log_w, k, v, a, b, states, y, *tabs, ti if store_ti else states, H, LOAD_TI=store_ti, **meta
+        )
     return y, sT, states, m, gl, sub, ti
 
 
@@ -1157,7 +1159,9 @@ def wkv7_backward(
         kmeta = dict(N=N, L=L, KBV=kbv, BK=bk, PREC=cfg["precision"], num_warps=cfg.get("bwd_key_num_warps") or 4)
         if cfg.get("maxnreg"):
             kmeta["maxnreg"] = cfg["maxnreg"]
-        _bwd_keys_kernel[(nc, H, N // bk)](r, log_w, k, v, a, b, states, dstates, dy, sa, dx, *grads, *tabs, H, **kmeta)
+        _bwd_keys_kernel[(nc, H, N // bk)](
+            r, log_w, k, v, a, b, states, dstates, dy, sa, dx, *grads, *tabs, H, **kmeta
+        )
         dr, dlw, dk, da, db = grads
         return dr, dlw, dk, dv, da, db, ds0
     if nv == 1:
