@@ -152,12 +152,14 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                                (64, 32, 32, 4, None), (64, 16, 64, 4, 168), (64, 16, 64, 4, 128)):
         configs.append(dict(chunk_size=L, sub_chunk=sub, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w,
                             **({} if reg is None else {"maxnreg": reg})))
-    # split backward (bwd_split: value-side + key-side kernels) and prep's stored inverse
-    # (store_inverse, on by default with bwd_split), against the fused default in the same run;
+    # split backward (bwd_split: value-side + key-side kernels), prep's stored inverse and the
+    # forward's stored SA (store_inverse, keep_sa: on by default with bwd_split), against the fused
+    # default in the same run;
     # every row names bwd_split, so `--sweep-only bwd_split` times just these
     base = dict(chunk_size=16, block_v=64, num_warps=4, bwd_block_v=64, bwd_num_warps=4)
     for extra in (dict(bwd_split=False), dict(bwd_split=False, store_inverse=True), dict(bwd_split=True),
-                  dict(bwd_split=True, store_inverse=False), dict(bwd_split=True, bwd_key_block_k=32),
+                  dict(bwd_split=True, keep_sa=False), dict(bwd_split=True, store_inverse=False, keep_sa=False),
+                  dict(bwd_split=True, bwd_key_block_k=32),
                   dict(bwd_split=True, bwd_key_num_warps=8), dict(bwd_split=True, bwd_block_v=32),
                   dict(bwd_split=True, bwd_num_warps=8),
                   dict(bwd_split=True, chunk_size=32, bwd_num_warps=8, bwd_key_num_warps=8)):
@@ -178,7 +180,8 @@ WKV7 = WkvOp(
     fla=wkv7_fla,
     settings=dict(chunk_size=int, sub_chunk=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
                   scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS, maxnreg=int,
-                  bwd_split=bool, store_inverse=bool, bwd_key_block_v=int, bwd_key_block_k=int, bwd_key_num_warps=int),
+                  bwd_split=bool, store_inverse=bool, keep_sa=bool, bwd_key_block_v=int, bwd_key_block_k=int,
+                  bwd_key_num_warps=int),
     sweep_configs=wkv7_sweep_configs,
 )
 

@@ -204,14 +204,14 @@ def test_small_split_matches_reference(seed, T, dtype):
     run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16, **SPLIT)
 
 
-@pytest.mark.parametrize("store_inverse", [True, False])
-def test_small_split_value_and_key_blocks(seed, store_inverse):
+@pytest.mark.parametrize("store_inverse, keep_sa", [(True, True), (False, False), (True, False), (False, True)])
+def test_small_split_value_and_key_blocks(seed, store_inverse, keep_sa):
     """Two value blocks in every kernel and two key blocks / two value steps in the key-side
     kernel (N=32, blocks of 16), with and without an initial state, with and without the stored
-    inverse; chunk 16 and 32."""
+    inverse and the forward's SA; chunk 16 and 32."""
     x = make_inputs(2, 45, 1, 32)
     blocks = dict(block_v=16, bwd_block_v=16, scan_block_v=16, bwd_key_block_v=16, bwd_key_block_k=16)
-    kw = dict(bwd_split=True, store_inverse=store_inverse, **blocks)
+    kw = dict(bwd_split=True, store_inverse=store_inverse, keep_sa=keep_sa, **blocks)
     run_and_compare(x, dtype=torch.float32, chunk_size=16, **kw)
     run_and_compare(x, dtype=torch.float32, chunk_size=16, with_state=False, **kw)
     run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32, **kw)
@@ -505,11 +505,11 @@ def test_split_head_sizes(seed, N):
 @gpu_only
 def test_split_fp16_mixed_and_blocks(seed):
     """float16; bf16 with float32 log_w in value blocks of 32, key blocks of 32, no stored
-    inverse; 8-warp key side."""
+    inverse or SA; 8-warp key side."""
     run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16, **SPLIT)
     run_and_compare(
         make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, block_v=32, bwd_block_v=32,
-        scan_block_v=16, bwd_key_block_k=32, store_inverse=False, **SPLIT,
+        scan_block_v=16, bwd_key_block_k=32, store_inverse=False, keep_sa=False, **SPLIT,
     )
     run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, bwd_key_num_warps=8, **SPLIT)
 

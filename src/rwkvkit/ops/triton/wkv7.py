@@ -273,9 +273,10 @@ def _out_kernel(
     y_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
+    sa_ptr,  # [tokens, H, N] float32 out (if STORE_SA): SA, for the split backward
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr = False,
+    LOAD_TI: tl.constexpr = False, STORE_SA: tl.constexpr = False,
 ):
     """Per chunk and value block: Y = rq S0^T + A_rk V + A_rb SA, SA = (I - A_ab)^{-1}(aq S0^T + A_ak V)."""
     c = tl.program_id(0)
@@ -301,6 +302,8 @@ def _out_kernel(
         Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
     X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
     SA = tl.dot(Ti, X, input_precision=PREC)
+    if STORE_SA:
+        tl.store(sa_ptr + pv, SA, mask=tmask)
     Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
     Y += tl.dot(A_rk, v, input_precision=PREC)
     Y += tl.dot(A_rb, SA, input_precision=PREC)
@@ -475,14 +478,16 @@ def _bwd_value_kernel(
     ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
     dy_ptr,  # [tokens, H, N]
     dv_ptr,  # [tokens, H, N]
-    sa_ptr, dx_ptr,  # [tokens, H, N] float32 out: SA and dX
+    sa_ptr,  # [tokens, H, N] float32: SA, stored here, or read (LOAD_SA: the forward stored it)
+    dx_ptr,  # [tokens, H, N] float32 out: dX
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr,
+    LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
 ):
-    """Per chunk and value block: SA = (I - A_ab)^{-1}(aq S0^T + A_ak V), dX = (I - A_ab)^{-T}
-    (be dS_L^T + A_rb^T dY) (both stored, float32) and dV = ke dS_L^T + A_rk^T dY + A_ak^T dX."""
+    """Per chunk and value block: SA = (I - A_ab)^{-1}(aq S0^T + A_ak V) (unless the forward
+    stored it), dX = (I - A_ab)^{-T}(be dS_L^T + A_rb^T dY) (both stored, float32) and
+    dV = ke dS_L^T + A_rk^T dY + A_ak^T dX."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -504,10 +509,10 @@ def _bwd_value_kernel(
     )
     if LOAD_TI:
         Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
-    S = tl.load(states_ptr + s_offs)
-    X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
-    SA = tl.dot(Ti, X, input_precision=PREC)
-    tl.store(sa_ptr + pv, SA, mask=tmask)
+    if not LOAD_SA:
+        S = tl.load(states_ptr + s_offs)
+        X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
+        tl.store(sa_ptr + pv, tl.dot(Ti, X, input_precision=PREC), mask=tmask)
     dS = tl.load(dstates_ptr + s_offs)
     dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
     dSA = tl.dot(be, tl.trans(dS), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
@@ -1072,10 +1077,12 @@ def wkv7_forward(
     r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, keep_sub: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, sub, ti)``;
+    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, sub, ti, sa)``;
     ``sub``: with two-level chunks and ``keep_sub``, the states entering sub-chunks 1.. of every
     chunk [chunks, NSUB - 1, H, N, N] (for the backward), else None; ``ti``: with
-    ``cfg["store_inverse"]``, every chunk's (I - A_ab)^{-1} [chunks, H, L, L] float32, else None."""
+    ``cfg["store_inverse"]``, every chunk's (I - A_ab)^{-1} [chunks, H, L, L] float32, else None;
+    ``sa``: with one-level chunks, ``cfg["keep_sa"]`` and ``keep_sub`` (a gradient will be
+    needed), SA (row t: S_{t-1} a_t) [B, T, H, N] float32 for the split backward, else None."""
     H, N = r.shape[-2:]
     two = bool(cfg.get("sub_chunk"))
     L = cfg.get("sub_chunk") or cfg["chunk_size"]
@@ -1099,7 +1106,7 @@ def wkv7_forward(
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
     )
     y = _empty(r.shape, out_dtype, r.device)
-    sub = None
+    sub = sa = None
     if two:
         nsub = cfg["chunk_size"] // cfg["sub_chunk"]
         if keep_sub:
@@ -1108,17 +1115,22 @@ def wkv7_forward(
             r, log_w, k, v, a, b, states, sub if keep_sub else states, y, *tabs, H, STORE=keep_sub, **meta
         )
     else:
+        keep_sa = bool(cfg.get("keep_sa")) and keep_sub
+        if keep_sa:
+            sa = _empty(r.shape, torch.float32, r.device)
         _out_kernel[grid](
-            r, log_w, k, v, a, b, states, y, *tabs, ti if store_ti else states, H, LOAD_TI=store_ti, **meta
+            r, log_w, k, v, a, b, states, y, *tabs, ti if store_ti else states, sa if keep_sa else states, H,
+            LOAD_TI=store_ti, STORE_SA=keep_sa, **meta,
         )
-    return y, sT, states, m, gl, sub, ti
+    return y, sT, states, m, gl, sub, ti, sa
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict, sub=None, ti=None
+    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict, sub=None, ti=None, sa=None
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels (``sub``: wkv7_forward's, with two-level chunks; ``ti``:
-    its stored inverses, which bwd_prep and the split backward then load). Returns
+    its stored inverses, which bwd_prep and the split backward then load; ``sa``: its SA, which
+    the split backward then reads instead of recomputing). Returns
     ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
     dstate0 [S, H, N, N] in float32."""
     H, N = r.shape[-2:]
@@ -1143,11 +1155,13 @@ def wkv7_backward(
     inputs = (r, log_w, k, a, b)
     if cfg.get("bwd_split") and not two:
         dv = _empty(r.shape, v.dtype, r.device)
-        sa = _empty(r.shape, torch.float32, r.device)
+        load_sa = sa is not None
+        if not load_sa:
+            sa = _empty(r.shape, torch.float32, r.device)
         dx = _empty(r.shape, torch.float32, r.device)
         _bwd_value_kernel[grid](
             r, log_w, k, v, a, b, states, dstates, states if ti is None else ti, dy, dv, sa, dx, *tabs, H,
-            LOAD_TI=ti is not None, **meta,
+            LOAD_TI=ti is not None, LOAD_SA=load_sa, **meta,
         )
         grads = [_empty(r.shape, x.dtype, r.device) for x in inputs]
         # offline sm_90 builds at 4 warps: N=64 with 64 / 64 takes 255 registers and no stack;
@@ -1192,19 +1206,21 @@ class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
         grad = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
-        y, sT, states, m, gl, sub, ti = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, keep_sub=grad)
+        y, sT, states, m, gl, sub, ti, sa = wkv7_forward(
+            r, log_w, k, v, a, b, state, table, cfg, out_dtype, keep_sub=grad
+        )
         if grad:
-            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, sub, ti)
+            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, sub, ti, sa)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states, m, gl, sub, ti = ctx.saved_tensors
+        r, log_w, k, v, a, b, states, m, gl, sub, ti, sa = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg, sub, ti
+            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg, sub, ti, sa
         )
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
 
@@ -1248,6 +1264,7 @@ def wkv7_triton(
     maxnreg: int | None = None,
     bwd_split: bool = False,
     store_inverse: bool | None = None,
+    keep_sa: bool | None = None,
     bwd_key_block_v: int | None = None,
     bwd_key_block_k: int | None = None,
     bwd_key_num_warps: int | None = None,
@@ -1275,7 +1292,10 @@ def wkv7_triton(
     value index in blocks of ``bwd_key_block_v`` (None: N, 32 for N=128), at ``bwd_key_num_warps``
     (None: 4)); ``store_inverse`` (None: as ``bwd_split``) lets the
     forward's prep kernel store every chunk's (I - A_ab)^{-1} (L*4 bytes per token-head, float32)
-    for the output, bwd_prep and value-side kernels instead of rebuilding it.
+    for the output, bwd_prep and value-side kernels instead of rebuilding it; ``keep_sa`` (None:
+    as ``bwd_split``; used only with it) lets the forward's output kernel store SA (float32,
+    4*N bytes per token-head, kept for the backward) so that the value side neither reads the
+    chunk states nor recomputes SA.
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -1294,6 +1314,8 @@ def wkv7_triton(
     scan_precision = scan_precision or precision
     if store_inverse is None:
         store_inverse = bwd_split
+    if keep_sa is None:
+        keep_sa = bwd_split
     if sub_chunk is not None and (bwd_split or store_inverse):
         raise ValueError("wkv7_triton: bwd_split and store_inverse need one-level chunks (sub_chunk=None)")
     _check_config(N, chunk_size, None, precision, sub_chunk)
@@ -1310,8 +1332,8 @@ def wkv7_triton(
         chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
         precision=precision, scan_precision=scan_precision, maxnreg=maxnreg, bwd_split=bool(bwd_split),
-        store_inverse=bool(store_inverse), bwd_key_block_v=bwd_key_block_v,
-        bwd_key_block_k=bwd_key_block_k, bwd_key_num_warps=bwd_key_num_warps,
+        store_inverse=bool(store_inverse), keep_sa=bool(keep_sa and bwd_split),
+        bwd_key_block_v=bwd_key_block_v, bwd_key_block_k=bwd_key_block_k, bwd_key_num_warps=bwd_key_num_warps,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
