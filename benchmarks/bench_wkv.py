@@ -48,6 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 ACCURACY_SHAPE = (2, 2048, 8, 64)
 CHUNKED_MAX_TOKENS = 16 * 1024 * 12  # B*T*H up to which the PyTorch chunked form is timed
 PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A setting given as ``--name`` (True), ``--name VALUE`` (one of ``choices``) or ``--no-name``."""
+
+    choices: tuple = ()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -162,6 +169,7 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                   dict(bwd_split=True, bwd_key_block_k=32),
                   dict(bwd_split=True, bwd_key_num_warps=8), dict(bwd_split=True, bwd_block_v=32),
                   dict(bwd_split=True, bwd_num_warps=8),
+                  dict(bwd_split="one"), dict(bwd_split="one", bwd_num_warps=8),
                   dict(bwd_split=True, chunk_size=32, bwd_num_warps=8, bwd_key_num_warps=8)):
         configs.append({**base, **extra})
     return configs
@@ -180,7 +188,7 @@ WKV7 = WkvOp(
     fla=wkv7_fla,
     settings=dict(chunk_size=int, sub_chunk=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
                   scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS, maxnreg=int,
-                  bwd_split=bool, store_inverse=bool, keep_sa=bool, bwd_key_block_v=int, bwd_key_block_k=int,
+                  bwd_split=Flag(("two", "one")), store_inverse=bool, keep_sa=bool, bwd_key_block_v=int, bwd_key_block_k=int,
                   bwd_key_num_warps=int),
     sweep_configs=wkv7_sweep_configs,
 )
@@ -567,6 +575,9 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
             settings.add_argument(flag, default=None, choices=kind)
         elif kind is bool:  # --flag / --no-flag; unset: the kernel's default
             settings.add_argument(flag, default=None, action=argparse.BooleanOptionalAction)
+        elif isinstance(kind, Flag):  # --flag, --flag VALUE, --no-flag
+            settings.add_argument(flag, nargs="?", const=True, default=None, choices=kind.choices)
+            settings.add_argument("--no-" + flag[2:], dest=name, action="store_false")
         else:
             settings.add_argument(flag, type=kind, default=None)
     p.add_argument("--profile", action="store_true", help="print the time of every kernel (ours, fla) at each shape")

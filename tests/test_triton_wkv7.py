@@ -217,6 +217,17 @@ def test_small_split_value_and_key_blocks(seed, store_inverse, keep_sa):
     run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_split_one_kernel(seed, dtype):
+    """bwd_split="one" (both halves in one kernel): partial last chunk, with and without an initial
+    state, the forward's SA or not; varlen."""
+    x = make_inputs(2, 40, 2, 16)
+    run_and_compare(x, dtype=dtype, chunk_size=16, bwd_split="one")
+    run_and_compare(x, dtype=dtype, chunk_size=16, bwd_split="one", keep_sa=False, store_inverse=False,
+                    with_state=False)
+    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16, bwd_split="one")
+
+
 def test_small_split_decay_extremes(seed):
     for decay in ("tiny", "at_clamp"):
         run_and_compare(make_inputs(1, 33, 1, 16, decay=decay), dtype=torch.float32, chunk_size=16, **SPLIT)
@@ -261,6 +272,8 @@ def test_split_rejects_two_level():
         wkv7_triton(*x, chunk_size=32, sub_chunk=16, bwd_split=True)
     with pytest.raises(ValueError, match="store_inverse"):
         wkv7_triton(*x, chunk_size=32, sub_chunk=16, store_inverse=True)
+    with pytest.raises(ValueError, match="bwd_split"):
+        wkv7_triton(*x, chunk_size=16, bwd_split="three")
 
 
 def test_varlen_rejects_bad_offsets():
@@ -512,6 +525,20 @@ def test_split_fp16_mixed_and_blocks(seed):
         scan_block_v=16, bwd_key_block_k=32, store_inverse=False, keep_sa=False, **SPLIT,
     )
     run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, bwd_key_num_warps=8, **SPLIT)
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [15, 100, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_one_kernel(seed, T, dtype):
+    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, bwd_split="one")
+
+
+@gpu_only
+def test_split_one_kernel_head_sizes_varlen(seed):
+    for N in (16, 32, 128):
+        run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, bwd_split="one")
+    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, bwd_split="one")
 
 
 @gpu_only

@@ -471,26 +471,14 @@ def _bwd_chunks_kernel(
 # the key side's second read of the inputs (~0.9 KB in bf16) and of S, dS (2 KB).
 
 
-@triton.jit(do_not_specialize=["H"])
-def _bwd_value_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
-    dy_ptr,  # [tokens, H, N]
-    dv_ptr,  # [tokens, H, N]
-    sa_ptr,  # [tokens, H, N] float32: SA, stored here, or read (LOAD_SA: the forward stored it)
-    dx_ptr,  # [tokens, H, N] float32 out: dX
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
+@triton.jit
+def _value_side(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, i_v,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
 ):
-    """Per chunk and value block: SA = (I - A_ab)^{-1}(aq S0^T + A_ak V) (unless the forward
-    stored it), dX = (I - A_ab)^{-T}(be dS_L^T + A_rb^T dY) (both stored, float32) and
-    dV = ke dS_L^T + A_rk^T dY + A_ak^T dX."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
+    """_bwd_value_kernel's work for chunk c, head h, value block i_v."""
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -524,22 +512,13 @@ def _bwd_value_kernel(
     tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=tmask)
 
 
-@triton.jit(do_not_specialize=["H"])
-def _bwd_keys_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    dy_ptr,  # [tokens, H, N]
-    sa_ptr, dx_ptr,  # [tokens, H, N] float32: _bwd_value_kernel's SA and dX
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
+@triton.jit
+def _key_side(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, sa_ptr, dx_ptr,
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, i_k,
     N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and block of BK keys: dr, dlog_w, dk, da, db, summing over the whole value
-    index in blocks of KBV (the A-matrix gradients are recomputed by every key block)."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_k = tl.program_id(2)
+    """_bwd_keys_kernel's work for chunk c, head h, key block i_k."""
     offs_t = tl.arange(0, L)
     offs_k = i_k * BK + tl.arange(0, BK)
     row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
@@ -613,6 +592,75 @@ def _bwd_keys_kernel(
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(da_ptr + pk, da.to(da_ptr.dtype.element_ty), mask=tmask)
     tl.store(db_ptr + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_value_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
+    dy_ptr,  # [tokens, H, N]
+    dv_ptr,  # [tokens, H, N]
+    sa_ptr,  # [tokens, H, N] float32: SA, stored here, or read (LOAD_SA: the forward stored it)
+    dx_ptr,  # [tokens, H, N] float32 out: dX
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
+):
+    """Per chunk and value block: SA = (I - A_ab)^{-1}(aq S0^T + A_ak V) (unless the forward
+    stored it), dX = (I - A_ab)^{-T}(be dS_L^T + A_rb^T dY) (both stored, float32) and
+    dV = ke dS_L^T + A_rk^T dY + A_ak^T dX."""
+    _value_side(
+        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
+        cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+        N, L, LOG2L, BV, PREC, LOAD_TI, LOAD_SA,
+    )
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_keys_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    dy_ptr,  # [tokens, H, N]
+    sa_ptr, dx_ptr,  # [tokens, H, N] float32: _bwd_value_kernel's SA and dX
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk and block of BK keys: dr, dlog_w, dk, da, db, summing over the whole value
+    index in blocks of KBV (the A-matrix gradients are recomputed by every key block)."""
+    _key_side(
+        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, sa_ptr, dx_ptr,
+        dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H,
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), N, L, KBV, BK, PREC,
+    )
+
+
+@triton.jit(do_not_specialize=["H"])
+def _bwd_split1_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # as the two kernels above
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
+    LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
+):
+    """Both halves in one program per (chunk, head), in sequence (full-width blocks): the value
+    side's SA and dX go through global memory but are read back by the same CTA (L1/L2 hits, as
+    are the second reads of S and dS), and each phase's registers are free for the next."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    _value_side(
+        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
+        cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, 0, N, L, LOG2L, N, PREC, LOAD_TI, LOAD_SA,
+    )
+    tl.debug_barrier()  # the stores of SA and dX are visible to the whole CTA after this
+    _key_side(
+        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, sa_ptr, dx_ptr,
+        dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, 0, N, L, N, N, PREC,
+    )
 
 
 # --- Two-level chunks: every per-chunk N x N matrix at CL tokens, the math in L-row sub-chunks ---
@@ -1159,11 +1207,18 @@ def wkv7_backward(
         if not load_sa:
             sa = _empty(r.shape, torch.float32, r.device)
         dx = _empty(r.shape, torch.float32, r.device)
-        _bwd_value_kernel[grid](
-            r, log_w, k, v, a, b, states, dstates, states if ti is None else ti, dy, dv, sa, dx, *tabs, H,
-            LOAD_TI=ti is not None, LOAD_SA=load_sa, **meta,
-        )
         grads = [_empty(r.shape, x.dtype, r.device) for x in inputs]
+        value_args = (r, log_w, k, v, a, b, states, dstates, states if ti is None else ti, dy, dv, sa, dx)
+        if cfg["bwd_split"] == "one":  # both halves in one kernel, full-width blocks
+            one_meta = dict(N=N, L=L, LOG2L=meta["LOG2L"], PREC=cfg["precision"], num_warps=meta["num_warps"])
+            if cfg.get("maxnreg"):
+                one_meta["maxnreg"] = cfg["maxnreg"]
+            _bwd_split1_kernel[(nc, H)](
+                *value_args, *grads, *tabs, H, LOAD_TI=ti is not None, LOAD_SA=load_sa, **one_meta
+            )
+            dr, dlw, dk, da, db = grads
+            return dr, dlw, dk, dv, da, db, ds0
+        _bwd_value_kernel[grid](*value_args, *tabs, H, LOAD_TI=ti is not None, LOAD_SA=load_sa, **meta)
         # offline sm_90 builds at 4 warps: N=64 with 64 / 64 takes 255 registers and no stack;
         # N=128 spills least with 32 / 32 (24 B)
         kbv = cfg.get("bwd_key_block_v") or (N if N <= 64 else 32)
@@ -1262,7 +1317,7 @@ def wkv7_triton(
     precision: str | None = None,
     scan_precision: str | None = None,
     maxnreg: int | None = None,
-    bwd_split: bool = False,
+    bwd_split: bool | str = False,
     store_inverse: bool | None = None,
     keep_sa: bool | None = None,
     bwd_key_block_v: int | None = None,
@@ -1286,7 +1341,7 @@ def wkv7_triton(
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``maxnreg``
     caps the registers per thread of the parallel (per-chunk) kernels (None: no cap).
-    ``bwd_split`` (one-level chunks only, opt-in) runs the per-chunk backward as two kernels: a
+    ``bwd_split`` (one-level chunks only, opt-in; True or "two") runs the per-chunk backward as two kernels: a
     value side (SA, dX, dv; SA and dX stored in float32) and a key side (dr, dlog_w, dk, da, db,
     one program per chunk and block of ``bwd_key_block_k`` keys (None: N, 32 for N=128), walking the
     value index in blocks of ``bwd_key_block_v`` (None: N, 32 for N=128), at ``bwd_key_num_warps``
@@ -1295,7 +1350,9 @@ def wkv7_triton(
     for the output, bwd_prep and value-side kernels instead of rebuilding it; ``keep_sa`` (None:
     as ``bwd_split``; used only with it) lets the forward's output kernel store SA (float32,
     4*N bytes per token-head, kept for the backward) so that the value side neither reads the
-    chunk states nor recomputes SA.
+    chunk states nor recomputes SA. ``bwd_split="one"``: the same two halves in sequence inside one
+    kernel, one program per (chunk, head) at full width (SA and dX still pass through global
+    memory, read back by the same program; ``bwd_num_warps`` sets its warps).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -1312,10 +1369,12 @@ def wkv7_triton(
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
+    if bwd_split not in (False, True, "two", "one"):
+        raise ValueError(f"wkv7_triton: bwd_split must be False, True, 'two' or 'one', got {bwd_split!r}")
     if store_inverse is None:
-        store_inverse = bwd_split
+        store_inverse = bool(bwd_split)
     if keep_sa is None:
-        keep_sa = bwd_split
+        keep_sa = bool(bwd_split)
     if sub_chunk is not None and (bwd_split or store_inverse):
         raise ValueError("wkv7_triton: bwd_split and store_inverse need one-level chunks (sub_chunk=None)")
     _check_config(N, chunk_size, None, precision, sub_chunk)
@@ -1331,7 +1390,8 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision, maxnreg=maxnreg, bwd_split=bool(bwd_split),
+        precision=precision, scan_precision=scan_precision, maxnreg=maxnreg,
+        bwd_split={False: False, True: "two"}.get(bwd_split, bwd_split),
         store_inverse=bool(store_inverse), keep_sa=bool(keep_sa and bwd_split),
         bwd_key_block_v=bwd_key_block_v, bwd_key_block_k=bwd_key_block_k, bwd_key_num_warps=bwd_key_num_warps,
     )
