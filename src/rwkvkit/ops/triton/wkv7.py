@@ -1209,7 +1209,8 @@ def wkv7_backward(
         dx = _empty(r.shape, torch.float32, r.device)
         grads = [_empty(r.shape, x.dtype, r.device) for x in inputs]
         value_args = (r, log_w, k, v, a, b, states, dstates, states if ti is None else ti, dy, dv, sa, dx)
-        if cfg["bwd_split"] == "one":  # both halves in one kernel, full-width blocks
+        # both halves in one kernel at full width; not for N=128 (offline: 25 KB of stack in fp32)
+        if cfg["bwd_split"] == "one" and N <= 64:
             one_meta = dict(N=N, L=L, LOG2L=meta["LOG2L"], PREC=cfg["precision"], num_warps=meta["num_warps"])
             if cfg.get("maxnreg"):
                 one_meta["maxnreg"] = cfg["maxnreg"]
@@ -1352,7 +1353,8 @@ def wkv7_triton(
     4*N bytes per token-head, kept for the backward) so that the value side neither reads the
     chunk states nor recomputes SA. ``bwd_split="one"``: the same two halves in sequence inside one
     kernel, one program per (chunk, head) at full width (SA and dX still pass through global
-    memory, read back by the same program; ``bwd_num_warps`` sets its warps).
+    memory, read back by the same program; ``bwd_num_warps`` sets its warps; N=128 uses the two
+    kernels).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
