@@ -12,8 +12,7 @@ and writes everything as JSON to --out.
 
     python benchmarks/bench_wkv.py --out runs/bench_wkv.json
     python benchmarks/bench_wkv.py --sweep --out runs/sweep.json    # tune the kernel settings, per kernel
-    python benchmarks/bench_wkv.py --sweep --sweep-only bwd_split    # only the WKV-7 split-backward rows
-    python benchmarks/bench_wkv.py --bwd-split --profile --no-fla    # WKV-7 with the split backward
+    python benchmarks/bench_wkv.py --op wkv6 --sweep --sweep-only chunks   # a subset of the sweep
     python benchmarks/bench_wkv.py --op wkv6 [...]    # WKV-6 (also: --wkv6, or bench_wkv6.py)
     python benchmarks/bench_wkv.py --op wkv6 --help   # the WKV-6 kernel settings
 
@@ -49,12 +48,6 @@ ACCURACY_SHAPE = (2, 2048, 8, 64)
 CHUNKED_MAX_TOKENS = 16 * 1024 * 12  # B*T*H up to which the PyTorch chunked form is timed
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
-
-@dataclass(frozen=True)
-class Flag:
-    """A setting given as ``--name`` (True), ``--name VALUE`` (one of ``choices``) or ``--no-name``."""
-
-    choices: tuple = ()
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -152,26 +145,6 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                 configs.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
     for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
         configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
-    # two-level chunks: N x N matrices and scan steps per chunk_size tokens, math per sub_chunk rows
-    # (maxnreg: register cap of the parallel kernels, for 3 or 4 CTAs per SM at 4 warps)
-    for L, sub, bv, w, reg in ((64, 16, 64, 4, None), (64, 16, 64, 8, None), (64, 16, 32, 4, None),
-                               (128, 16, 64, 4, None), (32, 16, 64, 4, None), (64, 32, 64, 4, None),
-                               (64, 32, 32, 4, None), (64, 16, 64, 4, 168), (64, 16, 64, 4, 128)):
-        configs.append(dict(chunk_size=L, sub_chunk=sub, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w,
-                            **({} if reg is None else {"maxnreg": reg})))
-    # split backward (bwd_split: value-side + key-side kernels), prep's stored inverse and the
-    # forward's stored SA (store_inverse, keep_sa: on by default with bwd_split), against the fused
-    # default in the same run;
-    # every row names bwd_split, so `--sweep-only bwd_split` times just these
-    base = dict(chunk_size=16, block_v=64, num_warps=4, bwd_block_v=64, bwd_num_warps=4)
-    for extra in (dict(bwd_split=False), dict(bwd_split=False, store_inverse=True), dict(bwd_split=True),
-                  dict(bwd_split=True, keep_sa=False), dict(bwd_split=True, store_inverse=False, keep_sa=False),
-                  dict(bwd_split=True, bwd_key_block_k=32),
-                  dict(bwd_split=True, bwd_key_num_warps=8), dict(bwd_split=True, bwd_block_v=32),
-                  dict(bwd_split=True, bwd_num_warps=8),
-                  dict(bwd_split="one"), dict(bwd_split="one", bwd_num_warps=8),
-                  dict(bwd_split=True, chunk_size=32, bwd_num_warps=8, bwd_key_num_warps=8)):
-        configs.append({**base, **extra})
     return configs
 
 
@@ -186,10 +159,8 @@ WKV7 = WkvOp(
     input_names=("r", "log_w", "k", "v", "a", "b", "state"),
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
-    settings=dict(chunk_size=int, sub_chunk=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS, maxnreg=int,
-                  bwd_split=Flag(("two", "one")), store_inverse=bool, keep_sa=bool, bwd_key_block_v=int, bwd_key_block_k=int,
-                  bwd_key_num_warps=int),
+    settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS),
     sweep_configs=wkv7_sweep_configs,
 )
 
@@ -237,9 +208,9 @@ def wkv6_fla():
 def wkv6_sweep_configs(quick: bool) -> list[dict]:
     """impl "blocks": chunk size (the stored states) and block_t with the chunk kernels' blocks
     and warps (the backward walks at most 32-row blocks); impl "chunks" (whole-chunk kernels,
-    forward and backward; then each with the other's "blocks" defaults) with its key block and
-    warps; then the scans' tile and warps at the default chunk (the knobs are largely
-    independent: read the per-kernel times)."""
+    forward and backward, the default at chunks up to 64; then each with the other's "blocks")
+    with its key block and warps; then the scans' tile and warps at the default chunk (the knobs
+    are largely independent: read the per-kernel times)."""
     configs = []
     for C in (32, 64, 128):
         for bt in (16, 32, 64):
@@ -248,8 +219,8 @@ def wkv6_sweep_configs(quick: bool) -> list[dict]:
                         (64, 16, 64, 8), (64, 16, 64, 4), (64, 16, 32, 4), (32, 16, 64, 4), (128, 16, 64, 4),
                         (64, 32, 64, 4), (64, 64, 32, 4)}:
                     continue
-                configs.append(dict(chunk_size=C, block_t=bt, block_v=bv, num_warps=w, bwd_block_v=bv,
-                                    bwd_num_warps=w))
+                configs.append(dict(chunk_size=C, impl="blocks", bwd_impl="blocks", block_t=bt, block_v=bv,
+                                    num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
     for C in (32, 64):
         for bk in (16, 32, 64):
             for w in (4, 8):
@@ -257,8 +228,8 @@ def wkv6_sweep_configs(quick: bool) -> list[dict]:
                     continue
                 configs.append(dict(chunk_size=C, impl="chunks", bwd_impl="chunks", block_k=bk, bwd_block_k=bk,
                                     num_warps=w, bwd_num_warps=w))
-    configs.append(dict(impl="chunks", num_warps=4))  # forward only "chunks", the backward "blocks"
-    configs.append(dict(bwd_impl="chunks", bwd_num_warps=8))  # the reverse
+    configs.append(dict(impl="chunks", bwd_impl="blocks"))  # forward "chunks", the backward "blocks"
+    configs.append(dict(impl="blocks", bwd_impl="chunks"))  # the reverse
     for sb, sw in ((16, 4), (32, 8), (64, 8), (64, 4)):
         configs.append(dict(scan_block=sb, scan_num_warps=sw))
     return configs
@@ -573,11 +544,6 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
         flag = "--" + name.replace("_", "-")
         if isinstance(kind, tuple):
             settings.add_argument(flag, default=None, choices=kind)
-        elif kind is bool:  # --flag / --no-flag; unset: the kernel's default
-            settings.add_argument(flag, default=None, action=argparse.BooleanOptionalAction)
-        elif isinstance(kind, Flag):  # --flag, --flag VALUE, --no-flag
-            settings.add_argument(flag, nargs="?", const=True, default=None, choices=kind.choices)
-            settings.add_argument("--no-" + flag[2:], dest=name, action="store_false")
         else:
             settings.add_argument(flag, type=kind, default=None)
     p.add_argument("--profile", action="store_true", help="print the time of every kernel (ours, fla) at each shape")
@@ -587,7 +553,7 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
     p.add_argument("--sweep-full", action="store_true", help="with --sweep: every config, not a short list")
     p.add_argument("--sweep-only", metavar="TEXT[,TEXT]",
                    help="with --sweep: only the configs whose JSON contains one of these strings "
-                        "(e.g. bwd_split: the split-backward rows and their fused baseline)")
+                        "(e.g. --op wkv6 --sweep-only chunks: the whole-chunk kernels' rows)")
     p.add_argument("--warm-config", help=argparse.SUPPRESS)
     return op, p.parse_args(argv)
 

@@ -9,7 +9,6 @@ version's tests are in tests/triton_checks.py.
 
 import itertools
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -103,14 +102,13 @@ def test_state_not_modified_and_out_dtype(seed):
     assert y16.dtype == torch.float32
 
 
-def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kw):
-    """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward
-    (``kw``: more wkv7_triton settings, for both)."""
+def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
+    """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward."""
     xs = [make_inputs(1, n, H, N) for n in lengths]
     packed = [torch.cat([x[i] for x in xs], dim=1).to(DEVICE, dtype).requires_grad_() for i in range(6)]
     s0 = torch.cat([x[6] for x in xs]).to(DEVICE).requires_grad_()
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
-    kw = kw if chunk_size is None else {"chunk_size": chunk_size, **kw}
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     y, s = wkv7_triton(*packed, s0, cu_seqlens=cu, **kw)
     assert y.shape == packed[0].shape and s.shape == s0.shape
     gy, gs = torch.randn_like(y, dtype=torch.float32), torch.randn_like(s)
@@ -132,148 +130,6 @@ def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kw):
 def test_varlen_matches_one_by_one(seed):
     """Lengths not multiples of the chunk, one of a single token, one empty."""
     varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16)
-
-
-# --- two-level chunks (sub_chunk): N x N matrices per chunk_size tokens, math per sub_chunk rows ---
-
-
-@pytest.mark.parametrize(
-    "T, chunk_size, sub_chunk",
-    [(17, 32, 16), (70, 32, 16), (150, 64, 16), (75, 128, 16), (100, 64, 32)],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_two_level_matches_reference(seed, T, chunk_size, sub_chunk, dtype):
-    """Partial last chunks (also with fewer sub-chunks than the chunk holds) and one chunk
-    shorter than T's first; outputs, final state, every gradient incl. the initial state's."""
-    N = 16 if sub_chunk == 16 else 32
-    run_and_compare(make_inputs(1, T, 2, N), dtype=dtype, chunk_size=chunk_size, sub_chunk=sub_chunk)
-
-
-def test_small_two_level_value_blocks(seed):
-    """Two value blocks (N=32, block_v=16) in every kernel: M's rows split over the blocks too;
-    with and without an initial state; float32 log_w with bf16 inputs."""
-    x = make_inputs(2, 45, 1, 32)
-    blocks = dict(block_v=16, bwd_block_v=16, scan_block_v=16)
-    run_and_compare(x, dtype=torch.float32, chunk_size=32, sub_chunk=16, **blocks)
-    run_and_compare(x, dtype=torch.float32, chunk_size=32, sub_chunk=16, with_state=False, **blocks)
-    run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32, sub_chunk=16, **blocks)
-
-
-@pytest.mark.parametrize("decay", ["tiny", "at_clamp"])
-def test_small_two_level_decay_extremes(seed, decay):
-    """At the decay bound over a 128-token chunk (the factorised decays span 16 rows only)."""
-    run_and_compare(make_inputs(1, 140, 1, 16, decay=decay), dtype=torch.float32, chunk_size=128, sub_chunk=16)
-
-
-def test_two_level_every_output_element_written(seed, monkeypatch):
-    poison_buffers(monkeypatch, kernels)
-    run_and_compare(make_inputs(2, 50, 1, 32), dtype=torch.float32, chunk_size=32, sub_chunk=16, block_v=16,
-                    bwd_block_v=16)
-    run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=64, sub_chunk=16)
-
-
-def test_two_level_only_one_output_used(seed):
-    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 40, 1, 16), not_in_state=("r",),
-                            chunk_size=32, sub_chunk=16)
-
-
-def test_two_level_varlen_matches_one_by_one(seed):
-    """Lengths not multiples of the chunk or the sub-chunk, one of a single token, one empty."""
-    varlen_case([5, 0, 45, 1, 32, 17], 1, 16, dtype=torch.float32, chunk_size=32, sub_chunk=16)
-
-
-def test_two_level_forward_without_grad(seed):
-    """Without a gradient the forward stores no sub-chunk states; same y and state."""
-    *inp, s0 = make_inputs(1, 70, 1, 16)
-    inp = [t.to(DEVICE) for t in inp]
-    s0 = s0.to(DEVICE)
-    y_ref, s_ref = wkv7_reference(*[t.double() for t in inp], s0.double())
-    with torch.no_grad():
-        y, s = wkv7_triton(*inp, s0, chunk_size=32, sub_chunk=16)
-    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
-
-
-# --- split backward (bwd_split): value-side and key-side kernels, prep's stored inverse ---
-SPLIT = dict(bwd_split=True)
-
-
-@pytest.mark.parametrize("T", [17, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_small_split_matches_reference(seed, T, dtype):
-    """Partial last chunk; outputs, final state, every gradient incl. the initial state's."""
-    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16, **SPLIT)
-
-
-@pytest.mark.parametrize("store_inverse, keep_sa", [(True, True), (False, False), (True, False), (False, True)])
-def test_small_split_value_and_key_blocks(seed, store_inverse, keep_sa):
-    """Two value blocks in every kernel and two key blocks / two value steps in the key-side
-    kernel (N=32, blocks of 16), with and without an initial state, with and without the stored
-    inverse and the forward's SA; chunk 16 and 32."""
-    x = make_inputs(2, 45, 1, 32)
-    blocks = dict(block_v=16, bwd_block_v=16, scan_block_v=16, bwd_key_block_v=16, bwd_key_block_k=16)
-    kw = dict(bwd_split=True, store_inverse=store_inverse, keep_sa=keep_sa, **blocks)
-    run_and_compare(x, dtype=torch.float32, chunk_size=16, **kw)
-    run_and_compare(x, dtype=torch.float32, chunk_size=16, with_state=False, **kw)
-    run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=32, **kw)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_split_one_kernel(seed, dtype):
-    """bwd_split="one" (both halves in one kernel): partial last chunk, with and without an initial
-    state, the forward's SA or not; varlen."""
-    x = make_inputs(2, 40, 2, 16)
-    run_and_compare(x, dtype=dtype, chunk_size=16, bwd_split="one")
-    run_and_compare(x, dtype=dtype, chunk_size=16, bwd_split="one", keep_sa=False, store_inverse=False,
-                    with_state=False)
-    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16, bwd_split="one")
-
-
-def test_small_split_decay_extremes(seed):
-    for decay in ("tiny", "at_clamp"):
-        run_and_compare(make_inputs(1, 33, 1, 16, decay=decay), dtype=torch.float32, chunk_size=16, **SPLIT)
-
-
-def test_small_store_inverse_fused_backward(seed):
-    """The stored inverse with the fused backward (out and bwd_prep load it, bwd_chunks rebuilds it)."""
-    run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.float32, chunk_size=16, store_inverse=True)
-
-
-def test_split_every_output_element_written(seed, monkeypatch):
-    poison_buffers(monkeypatch, kernels)
-    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16,
-                    bwd_key_block_k=16, **SPLIT)
-    run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16, **SPLIT)
-
-
-def test_split_only_one_output_used(seed):
-    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
-                            chunk_size=16, **SPLIT)
-
-
-def test_split_varlen_matches_one_by_one(seed):
-    """Lengths not multiples of the chunk, one of a single token, one empty."""
-    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16, **SPLIT)
-
-
-def test_split_forward_without_grad(seed):
-    """Without a gradient (prep still stores the inverse, out loads it): same y and state."""
-    *inp, s0 = make_inputs(1, 40, 1, 16)
-    inp = [t.to(DEVICE) for t in inp]
-    s0 = s0.to(DEVICE)
-    y_ref, s_ref = wkv7_reference(*[t.double() for t in inp], s0.double())
-    with torch.no_grad():
-        y, s = wkv7_triton(*inp, s0, chunk_size=16, **SPLIT)
-    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
-
-
-def test_split_rejects_two_level():
-    x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(6)]
-    with pytest.raises(ValueError, match="bwd_split"):
-        wkv7_triton(*x, chunk_size=32, sub_chunk=16, bwd_split=True)
-    with pytest.raises(ValueError, match="store_inverse"):
-        wkv7_triton(*x, chunk_size=32, sub_chunk=16, store_inverse=True)
-    with pytest.raises(ValueError, match="bwd_split"):
-        wkv7_triton(*x, chunk_size=16, bwd_split="three")
 
 
 def test_varlen_rejects_bad_offsets():
@@ -367,10 +223,6 @@ def test_rejects_bad_arguments():
     x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(6)]
     with pytest.raises(ValueError, match="chunk_size"):
         wkv7_triton(*x, chunk_size=8)
-    with pytest.raises(ValueError, match="sub_chunk"):
-        wkv7_triton(*x, chunk_size=64, sub_chunk=8)
-    with pytest.raises(ValueError, match="chunk_size"):
-        wkv7_triton(*x, chunk_size=16, sub_chunk=16)
     with pytest.raises(ValueError, match="head size"):
         wkv7_triton(*[torch.zeros(1, 4, 1, 24, device=DEVICE) for _ in range(6)])
     with pytest.raises(ValueError, match="dtype"):
@@ -433,129 +285,6 @@ def test_tensor_core_precisions_fp32(seed, precision, tol):
 @gpu_only
 def test_varlen_gpu(seed):
     varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5)
-
-
-# Two-level chunks on the GPU: one configuration per test group (chunk 64, sub-chunk 16, the
-# automatic blocks), plus the sweep's other shapes once each. Select them all with -k two_level.
-TWO_LEVEL = dict(chunk_size=64, sub_chunk=16)
-
-
-@gpu_only
-@pytest.mark.parametrize("T", [1, 15, 64, 100, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_level_matches_reference(seed, T, dtype):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, **TWO_LEVEL)
-
-
-@gpu_only
-@pytest.mark.parametrize("chunk_size, sub_chunk", [(128, 16), (64, 32), (32, 16)])
-def test_two_level_other_chunks(seed, chunk_size, sub_chunk):
-    run_and_compare(make_inputs(2, 300, 3, 64), dtype=torch.bfloat16, chunk_size=chunk_size, sub_chunk=sub_chunk)
-
-
-@gpu_only
-@pytest.mark.parametrize("decay", ["near_one", "at_clamp"])
-def test_two_level_decay_extremes(seed, decay):
-    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=torch.float32, **TWO_LEVEL)
-
-
-@gpu_only
-@pytest.mark.parametrize("N", [16, 32, 128])
-def test_two_level_head_sizes(seed, N):
-    run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, **TWO_LEVEL)
-
-
-@gpu_only
-def test_two_level_fp16_mixed_and_value_blocks(seed):
-    run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16, **TWO_LEVEL)
-    run_and_compare(
-        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32,
-        block_v=32, bwd_block_v=32, scan_block_v=16, **TWO_LEVEL,
-    )
-
-
-@gpu_only
-def test_two_level_varlen_gpu(seed):
-    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, **TWO_LEVEL)
-
-
-@gpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_two_level_large_shape_vs_chunked(seed, dtype):
-    compare_with_chunked(partial(wkv7_triton, **TWO_LEVEL), wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64),
-                         [dtype] * 6)
-
-
-# Split backward on the GPU (bwd_split=True, prep's stored inverse): the default chunk (16) and
-# blocks, plus the other chunk sizes, head sizes and blocks once each. Select them with -k split.
-
-
-@gpu_only
-@pytest.mark.parametrize("T", [1, 15, 64, 100, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_matches_reference(seed, T, dtype):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, **SPLIT)
-
-
-@gpu_only
-@pytest.mark.parametrize("chunk_size", [32, 64])
-def test_split_other_chunk_sizes(seed, chunk_size):
-    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, chunk_size=chunk_size, **SPLIT)
-
-
-@gpu_only
-@pytest.mark.parametrize("decay", ["near_one", "at_clamp"])
-def test_split_decay_extremes(seed, decay):
-    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=torch.float32, **SPLIT)
-
-
-@gpu_only
-@pytest.mark.parametrize("N", [16, 32, 128])
-def test_split_head_sizes(seed, N):
-    run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, **SPLIT)
-
-
-@gpu_only
-def test_split_fp16_mixed_and_blocks(seed):
-    """float16; bf16 with float32 log_w in value blocks of 32, key blocks of 32, no stored
-    inverse or SA; 8-warp key side."""
-    run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16, **SPLIT)
-    run_and_compare(
-        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, block_v=32, bwd_block_v=32,
-        scan_block_v=16, bwd_key_block_k=32, store_inverse=False, keep_sa=False, **SPLIT,
-    )
-    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, bwd_key_num_warps=8, **SPLIT)
-
-
-@gpu_only
-@pytest.mark.parametrize("T", [15, 100, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_one_kernel(seed, T, dtype):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, bwd_split="one")
-
-
-@gpu_only
-def test_split_one_kernel_head_sizes_varlen(seed):
-    for N in (16, 32, 128):
-        run_and_compare(make_inputs(2, 77, 2, N), dtype=torch.float32, bwd_split="one")
-    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, bwd_split="one")
-
-
-@gpu_only
-@pytest.mark.parametrize("precision, tol", [("tf32", 6e-3), ("tf32x3", 1e-4)])
-def test_split_tensor_core_precisions_fp32(seed, precision, tol):
-    run_and_compare(make_inputs(2, 200, 2, 64), dtype=torch.float32, precision=precision, tol=tol, **SPLIT)
-
-
-@gpu_only
-def test_split_varlen_gpu(seed):
-    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, **SPLIT)
-
-
-@gpu_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_large_shape_vs_chunked(seed, dtype):
-    compare_with_chunked(partial(wkv7_triton, **SPLIT), wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64), [dtype] * 6)
 
 
 @gpu_only

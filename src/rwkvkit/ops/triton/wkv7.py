@@ -75,10 +75,6 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
 SUPPORTED_CHUNKS = (16, 32, 64)
-# Two-level chunks (opt-in, ``sub_chunk``): chunk_size counts the tokens per stored N x N matrix
-# and scan step, sub_chunk the rows of the in-chunk math (where the factorised decays live).
-SUPPORTED_SUB_CHUNKS = (16, 32)
-TWO_LEVEL_CHUNKS = (32, 64, 128)
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 # Chosen by the sweep (benchmarks/NOTES.md, H200): chunk 16 when a gradient is needed (the
 # backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
@@ -107,11 +103,8 @@ def _unit_lower_inverse(A, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _chunk_keyside(
-    r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr = True
-):
-    """Everything in a chunk that does not depend on the state or on v. Without INVERSE the
-    returned Ti is a placeholder (the caller loads the inverse prep stored)."""
+def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr):
+    """Everything in a chunk that does not depend on the state or on v."""
     lam = tl.cumsum(lw, axis=0)  # Lam_t, inclusive
     lamp = lam - lw  # Lam'_t = Lam_{t-1}
     lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)  # Lam_L  [N]
@@ -128,14 +121,11 @@ def _chunk_keyside(
     be = b * ge
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
+    A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
     A_ak = tl.where(strict, tl.dot(aq, tl.trans(ki), input_precision=PREC), 0.0)
     A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
     A_rk = tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)
-    if INVERSE:
-        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
-        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
-    else:
-        Ti = A_rk  # placeholder
+    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
     return g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti
 
 
@@ -149,25 +139,16 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
     return (t.to(tl.int64) * H + h) * N, (t < tl.load(cu_ptr + seq + 1))[:, None]
 
 
-@triton.jit
-def _ti_offsets(c, h, offs_t, H, L: tl.constexpr):
-    """Offsets of chunk ``c``'s stored inverse (I - A_ab)^{-1} in a [chunks, H, L, L] float32 buffer."""
-    return (c.to(tl.int64) * H + h) * L * L + offs_t[:, None] * L + offs_t[None, :]
-
-
 @triton.jit(do_not_specialize=["H"])
 def _prep_kernel(
     lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
     gl_ptr,  # [chunks, H, N] float32 out
     m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
-    ti_ptr,  # [chunks, H, L, L] float32 out (if STORE_TI): (I - A_ab)^{-1}
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    STORE_TI: tl.constexpr = False,
 ):
-    """Per chunk: gL, M = W^T be and this value block's rows of D = V^T ke + U^T be (and, with
-    STORE_TI, the inverse for the kernels after the scan)."""
+    """Per chunk: gL, M = W^T be and this value block's rows of D = V^T ke + U^T be."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -201,8 +182,6 @@ def _prep_kernel(
         M = tl.dot(tl.trans(W), be, input_precision=PREC)  # [N, N]
         tl.store(m_ptr + base * N + offs_k[:, None] * N + offs_k[None, :], M)
         tl.store(gl_ptr + base + offs_k, tl.exp(lam_last))
-        if STORE_TI:
-            tl.store(ti_ptr + _ti_offsets(c, h, offs_t, H, L), Ti)
 
 
 @triton.jit(do_not_specialize=["H", "n_chunks"])
@@ -272,11 +251,8 @@ def _out_kernel(
     states_ptr,  # [chunks, H, N, N] float32: the state entering each chunk
     y_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
-    sa_ptr,  # [tokens, H, N] float32 out (if STORE_SA): SA, for the split backward
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr = False, STORE_SA: tl.constexpr = False,
 ):
     """Per chunk and value block: Y = rq S0^T + A_rk V + A_rb SA, SA = (I - A_ab)^{-1}(aq S0^T + A_ak V)."""
     c = tl.program_id(0)
@@ -296,14 +272,10 @@ def _out_kernel(
     b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
     g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-        r, lw, k, a, b, offs_t, L, LOG2L, PREC, not LOAD_TI
+        r, lw, k, a, b, offs_t, L, LOG2L, PREC
     )
-    if LOAD_TI:
-        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
     X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
     SA = tl.dot(Ti, X, input_precision=PREC)
-    if STORE_SA:
-        tl.store(sa_ptr + pv, SA, mask=tmask)
     Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
     Y += tl.dot(A_rk, v, input_precision=PREC)
     Y += tl.dot(A_rb, SA, input_precision=PREC)
@@ -315,10 +287,8 @@ def _bwd_prep_kernel(
     r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     e_ptr,  # [chunks, H, N, N] float32 out
-    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr = False,
 ):
     """Per chunk and value block: E = dY^T Q with Q = rq + A_rb (I - A_ab)^{-1} aq."""
     c = tl.program_id(0)
@@ -340,12 +310,9 @@ def _bwd_prep_kernel(
     bi = b * tl.exp(-lam)
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
+    A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
     A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-    if LOAD_TI:
-        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
-    else:
-        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
-        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
+    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
     W = tl.dot(Ti, aq, input_precision=PREC)
     Q = rq + tl.dot(A_rb, W, input_precision=PREC)
     E = tl.dot(tl.trans(dY), Q, input_precision=PREC)  # [BV, N]
@@ -357,11 +324,10 @@ def _chunk_grads(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
     pk, pv, part, tmask, S, dS, offs_t,
-    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, CARRY: tl.constexpr = False,
+    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
 ):
     """Backward of one chunk for one value block: from S = S0 and dS = dS_L ([BV, N] slices),
-    store dv and this block's share of dr, dlog_w, dk, da, db. With CARRY, returns dS0 (the
-    gradient of the state entering the chunk: dS_L diag(gL) + dY^T rq + dX^T aq)."""
+    store dv and this block's share of dr, dlog_w, dk, da, db."""
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
@@ -397,11 +363,6 @@ def _chunk_grads(
     dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
     dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
     dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v), input_precision=PREC), 0.0)
-    if CARRY:
-        dS0 = dS * gL[None, :] + tl.dot(tl.trans(dY), rq, input_precision=PREC)
-        dS0 += tl.dot(tl.trans(dX), aq, input_precision=PREC)
-    else:
-        dS0 = dS
     daq += tl.dot(dA_ab, bi, input_precision=PREC)
     daq += tl.dot(dA_ak, ki, input_precision=PREC)
     drq += tl.dot(dA_rb, bi, input_precision=PREC)
@@ -426,7 +387,6 @@ def _chunk_grads(
     tl.store(dk_ptr + part + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(da_ptr + part + pk, da.to(da_ptr.dtype.element_ty), mask=tmask)
     tl.store(db_ptr + part + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
-    return dS0
 
 
 @triton.jit(do_not_specialize=["H", "part_stride"])
@@ -457,446 +417,6 @@ def _bwd_chunks_kernel(
         row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
         L, LOG2L, PREC,
     )
-
-
-# --- Split backward (opt-in, ``bwd_split``): the per-chunk backward as two smaller kernels ---
-# _bwd_value_kernel, per (chunk, head, value block): SA and dX (stored in float32 for the key
-# side) and dv; it needs the A matrices and the inverse (loaded when prep stored it) but none of
-# the key-side gradient products. _bwd_keys_kernel, per (chunk, head, block of BK keys): walks
-# the value index in blocks of KBV, accumulating every contraction over it (dY S, dX S, V dS,
-# SA dS, colsum(dS * S) on its key columns and the four [L, L] A-matrix gradients, which every
-# key block recomputes), then its columns of the key-side gradients in full (no partial sums
-# over value blocks); it needs neither the A matrices nor the inverse. Extra traffic against
-# the fused kernel (per token-head, N=64, L=16): SA and dX written and read in float32 (1 KB),
-# the key side's second read of the inputs (~0.9 KB in bf16) and of S, dS (2 KB).
-
-
-@triton.jit
-def _value_side(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, i_v,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
-):
-    """_bwd_value_kernel's work for chunk c, head h, value block i_v."""
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
-    pk = row[:, None] + offs_k[None, :]
-    pv = row[:, None] + offs_v[None, :]
-    s_offs = (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :]
-    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-        r, lw, k, a, b, offs_t, L, LOG2L, PREC, not LOAD_TI
-    )
-    if LOAD_TI:
-        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
-    if not LOAD_SA:
-        S = tl.load(states_ptr + s_offs)
-        X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
-        tl.store(sa_ptr + pv, tl.dot(Ti, X, input_precision=PREC), mask=tmask)
-    dS = tl.load(dstates_ptr + s_offs)
-    dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-    dSA = tl.dot(be, tl.trans(dS), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
-    dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
-    tl.store(dx_ptr + pv, dX, mask=tmask)
-    dv = tl.dot(ke, tl.trans(dS), input_precision=PREC)
-    dv += tl.dot(tl.trans(A_rk), dY, input_precision=PREC)
-    dv += tl.dot(tl.trans(A_ak), dX, input_precision=PREC)
-    tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=tmask)
-
-
-@triton.jit
-def _key_side(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, sa_ptr, dx_ptr,
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, i_k,
-    N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-):
-    """_bwd_keys_kernel's work for chunk c, head h, key block i_k."""
-    offs_t = tl.arange(0, L)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
-    pk = row[:, None] + offs_k[None, :]
-    base = (c.to(tl.int64) * H + h) * N * N
-    drq = tl.zeros([L, BK], dtype=tl.float32)  # dY S0 (+ the A terms below)
-    daq = tl.zeros([L, BK], dtype=tl.float32)  # dX S0
-    dke = tl.zeros([L, BK], dtype=tl.float32)  # V dS_L
-    dbe = tl.zeros([L, BK], dtype=tl.float32)  # SA dS_L
-    dgL = tl.zeros([BK], dtype=tl.float32)
-    dA_rk = tl.zeros([L, L], dtype=tl.float32)
-    dA_rb = tl.zeros([L, L], dtype=tl.float32)
-    dA_ab = tl.zeros([L, L], dtype=tl.float32)
-    dA_ak = tl.zeros([L, L], dtype=tl.float32)
-    for i in range(N // KBV):
-        offs_v = i * KBV + tl.arange(0, KBV)
-        pv = row[:, None] + offs_v[None, :]
-        s_offs = base + offs_v[:, None] * N + offs_k[None, :]
-        S = tl.load(states_ptr + s_offs)
-        dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-        dX = tl.load(dx_ptr + pv, mask=tmask, other=0.0)
-        drq = tl.dot(dY, S, drq, input_precision=PREC)
-        daq = tl.dot(dX, S, daq, input_precision=PREC)
-        dS = tl.load(dstates_ptr + s_offs)
-        dgL += tl.sum(dS * S, axis=0)
-        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-        SA = tl.load(sa_ptr + pv, mask=tmask, other=0.0)
-        dke = tl.dot(v, dS, dke, input_precision=PREC)
-        dbe = tl.dot(SA, dS, dbe, input_precision=PREC)
-        dA_rk = tl.dot(dY, tl.trans(v), dA_rk, input_precision=PREC)
-        dA_rb = tl.dot(dY, tl.trans(SA), dA_rb, input_precision=PREC)
-        dA_ab = tl.dot(dX, tl.trans(SA), dA_ab, input_precision=PREC)
-        dA_ak = tl.dot(dX, tl.trans(v), dA_ak, input_precision=PREC)
-    strict = offs_t[:, None] > offs_t[None, :]
-    incl = offs_t[:, None] >= offs_t[None, :]
-    dA_rk = tl.where(incl, dA_rk, 0.0)
-    dA_rb = tl.where(incl, dA_rb, 0.0)
-    dA_ab = tl.where(strict, dA_ab, 0.0)
-    dA_ak = tl.where(strict, dA_ak, 0.0)
-
-    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lam = tl.cumsum(lw, axis=0)
-    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-    g = tl.exp(lam)
-    gp = tl.exp(lam - lw)
-    gi = tl.exp(-lam)
-    ge = tl.exp(lam_last[None, :] - lam)
-    aq = a * gp
-    rq = r * g
-    ki = k * gi
-    bi = b * gi
-    daq += tl.dot(dA_ab, bi, input_precision=PREC)
-    daq += tl.dot(dA_ak, ki, input_precision=PREC)
-    drq += tl.dot(dA_rb, bi, input_precision=PREC)
-    drq += tl.dot(dA_rk, ki, input_precision=PREC)
-    dbi = tl.dot(tl.trans(dA_ab), aq, input_precision=PREC) + tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
-    dki = tl.dot(tl.trans(dA_ak), aq, input_precision=PREC) + tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
-    dlam_last = tl.sum((dke * k + dbe * b) * ge, axis=0) + dgL * tl.exp(lam_last)
-    dr = drq * g
-    da = daq * gp
-    dk = dki * gi + dke * ge
-    db = dbi * gi + dbe * ge
-    dlamp = da * a
-    dlw = tl.cumsum(dr * r - dk * k - db * b + dlamp, axis=0, reverse=True) - dlamp + dlam_last[None, :]
-    tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
-    tl.store(dlw_ptr + pk, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
-    tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
-    tl.store(da_ptr + pk, da.to(da_ptr.dtype.element_ty), mask=tmask)
-    tl.store(db_ptr + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _bwd_value_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
-    dy_ptr,  # [tokens, H, N]
-    dv_ptr,  # [tokens, H, N]
-    sa_ptr,  # [tokens, H, N] float32: SA, stored here, or read (LOAD_SA: the forward stored it)
-    dx_ptr,  # [tokens, H, N] float32 out: dX
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
-):
-    """Per chunk and value block: SA = (I - A_ab)^{-1}(aq S0^T + A_ak V) (unless the forward
-    stored it), dX = (I - A_ab)^{-T}(be dS_L^T + A_rb^T dY) (both stored, float32) and
-    dV = ke dS_L^T + A_rk^T dY + A_ak^T dX."""
-    _value_side(
-        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
-        cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-        N, L, LOG2L, BV, PREC, LOAD_TI, LOAD_SA,
-    )
-
-
-@triton.jit(do_not_specialize=["H"])
-def _bwd_keys_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    dy_ptr,  # [tokens, H, N]
-    sa_ptr, dx_ptr,  # [tokens, H, N] float32: _bwd_value_kernel's SA and dX
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, KBV: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-):
-    """Per chunk and block of BK keys: dr, dlog_w, dk, da, db, summing over the whole value
-    index in blocks of KBV (the A-matrix gradients are recomputed by every key block)."""
-    _key_side(
-        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, sa_ptr, dx_ptr,
-        dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H,
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), N, L, KBV, BK, PREC,
-    )
-
-
-@triton.jit(do_not_specialize=["H"])
-def _bwd_split1_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # as the two kernels above
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr, LOAD_SA: tl.constexpr,
-):
-    """Both halves in one program per (chunk, head), in sequence (full-width blocks): the value
-    side's SA and dX go through global memory but are read back by the same CTA (L1/L2 hits, as
-    are the second reads of S and dS), and each phase's registers are free for the next."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    _value_side(
-        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, ti_ptr, dy_ptr, dv_ptr, sa_ptr, dx_ptr,
-        cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, 0, N, L, LOG2L, N, PREC, LOAD_TI, LOAD_SA,
-    )
-    tl.debug_barrier()  # the stores of SA and dX are visible to the whole CTA after this
-    _key_side(
-        r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, states_ptr, dstates_ptr, dy_ptr, sa_ptr, dx_ptr,
-        dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, cu_ptr, chunk_cu_ptr, chunk_seq_ptr, H, c, h, 0, N, L, N, N, PREC,
-    )
-
-
-# --- Two-level chunks: every per-chunk N x N matrix at CL tokens, the math in L-row sub-chunks ---
-# A chunk of CL = NSUB * L tokens is walked as NSUB sub-chunks of L rows, each with the one-level
-# formulas above. prep composes the sub-chunks' affine maps S -> S diag(g_j) + S M_j + D_j into the
-# chunk's (G, M, D): D is the state after the chunk from a zero state, and the rows of
-# P = diag(G) + M evolve like state rows from the identity (the diagonal G kept apart, exact):
-#     D <- D diag(g_j) + V_j^T ke_j + (W_j D^T + U_j)^T be_j
-#     M <- M diag(g_j) + (W_j M^T + W_j diag(G))^T be_j,    G <- G g_j      (M_j = W_j^T be_j)
-# bwd_prep composes E in reverse: E <- E diag(g_j) + dY_j^T rq_j + (be_j E^T + A_rb,j^T dY_j)^T W_j.
-# out carries S through the sub-chunks (S <- S diag(g_j) + V_j^T ke_j + SA_j^T be_j) and, for the
-# backward, stores the state entering every sub-chunk but the first; bwd_chunks carries dS in
-# reverse (dS <- dS diag(g_j) + dY_j^T rq_j + dX_j^T aq_j). Sub-chunks past a sequence's end are
-# skipped (with zero inputs and log w = 0 they would be the identity).
-
-
-@triton.jit
-def _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL: tl.constexpr, L: tl.constexpr):
-    """Chunk ``c`` of CL tokens: its first token, its sequence's end and its number of
-    (non-empty) sub-chunks of L rows."""
-    seq = tl.load(chunk_seq_ptr + c)
-    start = tl.load(cu_ptr + seq) + (c - tl.load(chunk_cu_ptr + seq)) * CL
-    end = tl.load(cu_ptr + seq + 1)
-    return start, end, tl.minimum(tl.cdiv(end - start, L), CL // L)
-
-
-@triton.jit
-def _sub_rows(start, end, j, h, offs_t, H, N: tl.constexpr, L: tl.constexpr):
-    """Sub-chunk ``j`` (rows start + j L ...): offsets in the flat [tokens, H, N] layout and the row mask."""
-    t = start + j * L + offs_t
-    return (t.to(tl.int64) * H + h) * N, (t < end)[:, None]
-
-
-@triton.jit(do_not_specialize=["H"])
-def _prep2_kernel(
-    lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables of CL-token chunks (int32)
-    gl_ptr,  # [chunks, H, N] float32 out: G
-    m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
-    H,
-    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, PART: tl.constexpr,
-):
-    """Per chunk of CL tokens and value block: rows offs_v of D and of M (key rows), and G.
-    PART: 0 both, 1 D only, 2 M and G only (two launches; see _prep2_parts)."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
-    strict = offs_t[:, None] > offs_t[None, :]
-    D = tl.zeros([BV, N], dtype=tl.float32)
-    Mb = tl.zeros([BV, N], dtype=tl.float32)
-    lg = tl.zeros([N], dtype=tl.float32)  # log G, every key
-    lgv = tl.zeros([BV], dtype=tl.float32)  # log G at the keys offs_v (M's rows)
-    for j in range(nsub):
-        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
-        pk = row[:, None] + offs_k[None, :]
-        pv = row[:, None] + offs_v[None, :]
-        lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-        lam = tl.cumsum(lw, axis=0)
-        lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-        aq = a * tl.exp(lam - lw)
-        gi = tl.exp(-lam)
-        ge = tl.exp(lam_last[None, :] - lam)
-        A_ab = tl.where(strict, tl.dot(aq, tl.trans(b * gi), input_precision=PREC), 0.0)
-        A_ak = tl.where(strict, tl.dot(aq, tl.trans(k * gi), input_precision=PREC), 0.0)
-        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
-        be = b * ge
-        W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
-        if BV == N:
-            Wv = W
-            lam_last_v = lam_last
-        else:  # W's columns offs_v, from the inputs' columns offs_v
-            lw_v = tl.load(lw_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-            lam_v = tl.cumsum(lw_v, axis=0)
-            aq_v = tl.load(a_ptr + pv, mask=tmask, other=0.0).to(tl.float32) * tl.exp(lam_v - lw_v)
-            Wv = tl.dot(Ti, aq_v, input_precision=PREC)  # [L, BV]
-            lam_last_v = tl.sum(tl.where(offs_t[:, None] == L - 1, lam_v, 0.0), axis=0)
-        g = tl.exp(lam_last)
-        if PART != 2:  # D: the state update from the state D (SA = W D^T + U)
-            SA = tl.dot(W, tl.trans(D), input_precision=PREC)
-            SA += tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)
-            D = D * g[None, :] + tl.dot(tl.trans(v), k * ge, input_precision=PREC)
-            D += tl.dot(tl.trans(SA), be, input_precision=PREC)
-        if PART != 1:  # M's rows: x <- x diag(g) + x M_j for x = G e_i + M[i, :]
-            Z = tl.dot(W, tl.trans(Mb), input_precision=PREC) + Wv * tl.exp(lgv)[None, :]  # [L, BV]
-            Mb = Mb * g[None, :] + tl.dot(tl.trans(Z), be, input_precision=PREC)
-            lg += lam_last
-            lgv += lam_last_v
-    base = (c.to(tl.int64) * H + h) * N
-    s_offs = base * N + offs_v[:, None] * N + offs_k[None, :]
-    if PART != 2:
-        tl.store(d_ptr + s_offs, D)
-    if PART != 1:
-        tl.store(m_ptr + s_offs, Mb)
-        if i_v == 0:
-            tl.store(gl_ptr + base + offs_k, tl.exp(lg))
-
-
-@triton.jit(do_not_specialize=["H"])
-def _out2_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr,  # [chunks, H, N, N] float32: the state entering each CL-token chunk
-    sub_ptr,  # [chunks, NSUB - 1, H, N, N] float32 out (if STORE): the state entering sub-chunks 1..
-    y_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, STORE: tl.constexpr,
-):
-    """Per chunk of CL tokens and value block: y of every sub-chunk, carrying the state."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]
-    S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + s_offs)
-    for j in range(nsub):
-        if STORE:
-            if j > 0:
-                tl.store(sub_ptr + ((c.to(tl.int64) * (CL // L - 1) + j - 1) * H + h) * N * N + s_offs, S)
-        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
-        pk = row[:, None] + offs_k[None, :]
-        pv = row[:, None] + offs_v[None, :]
-        r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-        g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-            r, lw, k, a, b, offs_t, L, LOG2L, PREC
-        )
-        X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
-        SA = tl.dot(Ti, X, input_precision=PREC)
-        Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
-        Y += tl.dot(A_rk, v, input_precision=PREC)
-        Y += tl.dot(A_rb, SA, input_precision=PREC)
-        tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
-        S = S * gL[None, :] + tl.dot(tl.trans(v), ke, input_precision=PREC)
-        S += tl.dot(tl.trans(SA), be, input_precision=PREC)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _bwd_prep2_kernel(
-    r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    e_ptr,  # [chunks, H, N, N] float32 out
-    H,
-    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """Per chunk of CL tokens and value block: E, composed over the sub-chunks in reverse."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
-    strict = offs_t[:, None] > offs_t[None, :]
-    incl = offs_t[:, None] >= offs_t[None, :]
-    E = tl.zeros([BV, N], dtype=tl.float32)
-    for jj in range(nsub):
-        j = nsub - 1 - jj
-        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
-        pk = row[:, None] + offs_k[None, :]
-        r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-        dY = tl.load(dy_ptr + row[:, None] + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-        lam = tl.cumsum(lw, axis=0)
-        lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-        aq = a * tl.exp(lam - lw)
-        rq = r * tl.exp(lam)
-        bi = b * tl.exp(-lam)
-        be = b * tl.exp(lam_last[None, :] - lam)
-        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
-        A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
-        W = tl.dot(Ti, aq, input_precision=PREC)
-        # dSA of this sub-chunk with dS_L = E (E^T's columns), then dS0 = E g + dY^T rq + dSA^T W
-        Z = tl.dot(be, tl.trans(E), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
-        E = E * tl.exp(lam_last)[None, :] + tl.dot(tl.trans(dY), rq, input_precision=PREC)
-        E += tl.dot(tl.trans(Z), W, input_precision=PREC)
-    tl.store(e_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :], E)
-
-
-@triton.jit(do_not_specialize=["H", "part_stride"])
-def _bwd_chunks2_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    sub_ptr,  # [chunks, NSUB - 1, H, N, N] float32: the state entering sub-chunks 1..
-    dy_ptr,  # [tokens, H, N]
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, tokens, H, N]: partial sums over value blocks
-    dv_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H, part_stride,
-    N: tl.constexpr, CL: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """Every (chunk of CL tokens, head, value block) in parallel: the sub-chunks in reverse,
-    carrying dS, all input gradients."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    part = i_v.to(tl.int64) * part_stride
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    start, end, nsub = _big_chunk(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, CL, L)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]
-    dS = tl.load(dstates_ptr + (c.to(tl.int64) * H + h) * N * N + s_offs)
-    for jj in range(nsub):
-        j = nsub - 1 - jj
-        if j == 0:
-            S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + s_offs)
-        else:
-            S = tl.load(sub_ptr + ((c.to(tl.int64) * (CL // L - 1) + j - 1) * H + h) * N * N + s_offs)
-        row, tmask = _sub_rows(start, end, j, h, offs_t, H, N, L)
-        dS = _chunk_grads(
-            r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
-            row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
-            L, LOG2L, PREC, True,
-        )
 
 
 @triton.jit(do_not_specialize=["T", "H"])
@@ -1068,19 +588,9 @@ def _auto_warps(block_v: int, N: int) -> int:
     return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
 
 
-def _check_config(
-    N: int, chunk_size: int | None, block_v: int | None, precision: str, sub_chunk: int | None = None
-) -> None:
+def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
     """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
-    if sub_chunk is not None:
-        if sub_chunk not in SUPPORTED_SUB_CHUNKS:
-            raise ValueError(f"wkv7_triton: sub_chunk must be one of {SUPPORTED_SUB_CHUNKS} or None, got {sub_chunk}")
-        if chunk_size not in TWO_LEVEL_CHUNKS or chunk_size <= sub_chunk:
-            raise ValueError(
-                f"wkv7_triton: with sub_chunk={sub_chunk}, chunk_size must be one of "
-                f"{tuple(c for c in TWO_LEVEL_CHUNKS if c > sub_chunk)}, got {chunk_size}"
-            )
-    elif chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
+    if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
     if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
@@ -1102,153 +612,63 @@ def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, blo
     return out, fin
 
 
-def _chunk_meta(cfg: dict, N: int, bv: int, num_warps) -> dict:
-    """The parallel kernels' constexprs: one level (L = chunk_size) or two (CL = chunk_size
-    tokens per chunk, L = sub_chunk rows per sub-chunk)."""
-    L = cfg.get("sub_chunk") or cfg["chunk_size"]
-    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=cfg["precision"], num_warps=num_warps or _auto_warps(bv, N))
-    if cfg.get("sub_chunk"):
-        meta["CL"] = cfg["chunk_size"]
-    if cfg.get("maxnreg"):
-        meta["maxnreg"] = cfg["maxnreg"]  # Triton's per-thread register cap (more CTAs per SM, may spill)
-    return meta
-
-
-def _prep2_parts(precision: str) -> tuple[int, ...]:
-    """_prep2_kernel's launches: D and M in one (tensor-core precisions), or apart for "ieee":
-    the combined kernel with ieee products trips an assertion in LLVM's SLP vectorizer
-    (Triton 3.9, sm_90, at several head sizes and blocks); each half alone compiles."""
-    return (1, 2) if precision == "ieee" else (0,)
-
-
 def wkv7_forward(
-    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, keep_sub: bool = False
-) -> tuple[torch.Tensor, ...]:
+    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, sub, ti, sa)``;
-    ``sub``: with two-level chunks and ``keep_sub``, the states entering sub-chunks 1.. of every
-    chunk [chunks, NSUB - 1, H, N, N] (for the backward), else None; ``ti``: with
-    ``cfg["store_inverse"]``, every chunk's (I - A_ab)^{-1} [chunks, H, L, L] float32, else None;
-    ``sa``: with one-level chunks, ``cfg["keep_sa"]`` and ``keep_sub`` (a gradient will be
-    needed), SA (row t: S_{t-1} a_t) [B, T, H, N] float32 for the split backward, else None."""
+    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL)``."""
     H, N = r.shape[-2:]
-    two = bool(cfg.get("sub_chunk"))
-    L = cfg.get("sub_chunk") or cfg["chunk_size"]
+    L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
     bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, cfg["chunk_size"], bv, cfg["precision"], cfg.get("sub_chunk"))
-    meta = _chunk_meta(cfg, N, bv, cfg["num_warps"])
+    _check_config(N, L, bv, prec)
+    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
     gl = _empty((nc, H, N), torch.float32, r.device)
     m = _empty((nc, H, N, N), torch.float32, r.device)
     d = _empty((nc, H, N, N), torch.float32, r.device)
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, N // bv)
-    store_ti = bool(cfg.get("store_inverse")) and not two
-    ti = _empty((nc, H, L, L), torch.float32, r.device) if store_ti else None
-    if not two:
-        _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, ti if store_ti else gl, H, STORE_TI=store_ti, **meta)
-    for part in _prep2_parts(cfg["precision"]) if two else ():
-        _prep2_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, PART=part, **meta)
+    _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
     states, sT = _scan(
         state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
     )
     y = _empty(r.shape, out_dtype, r.device)
-    sub = sa = None
-    if two:
-        nsub = cfg["chunk_size"] // cfg["sub_chunk"]
-        if keep_sub:
-            sub = _empty((nc, nsub - 1, H, N, N), torch.float32, r.device)
-        _out2_kernel[grid](
-            r, log_w, k, v, a, b, states, sub if keep_sub else states, y, *tabs, H, STORE=keep_sub, **meta
-        )
-    else:
-        keep_sa = bool(cfg.get("keep_sa")) and keep_sub
-        if keep_sa:
-            sa = _empty(r.shape, torch.float32, r.device)
-        _out_kernel[grid](
-            r, log_w, k, v, a, b, states, y, *tabs, ti if store_ti else states, sa if keep_sa else states, H,
-            LOAD_TI=store_ti, STORE_SA=keep_sa, **meta,
-        )
-    return y, sT, states, m, gl, sub, ti, sa
+    _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
+    return y, sT, states, m, gl
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict, sub=None, ti=None, sa=None
+    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels (``sub``: wkv7_forward's, with two-level chunks; ``ti``:
-    its stored inverses, which bwd_prep and the split backward then load; ``sa``: its SA, which
-    the split backward then reads instead of recomputing). Returns
-    ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
-    dstate0 [S, H, N, N] in float32."""
+    """Launch the backward kernels. Returns ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the
+    input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
     H, N = r.shape[-2:]
-    two = bool(cfg.get("sub_chunk"))
-    L = cfg.get("sub_chunk") or cfg["chunk_size"]
+    L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, cfg["chunk_size"], bv, cfg["precision"], cfg.get("sub_chunk"))
+    _check_config(N, L, bv, prec)
     nv = N // bv
-    meta = _chunk_meta(cfg, N, bv, cfg["bwd_num_warps"])
+    meta = dict(
+        N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N)
+    )
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, nv)
     e = _empty((nc, H, N, N), torch.float32, r.device)
-    if two:
-        _bwd_prep2_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
-    else:
-        _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, e if ti is None else ti, H, LOAD_TI=ti is not None, **meta)
+    _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
     dstates, ds0 = _scan(
         dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
         num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
     )
     inputs = (r, log_w, k, a, b)
-    if cfg.get("bwd_split") and not two:
-        dv = _empty(r.shape, v.dtype, r.device)
-        load_sa = sa is not None
-        if not load_sa:
-            sa = _empty(r.shape, torch.float32, r.device)
-        dx = _empty(r.shape, torch.float32, r.device)
-        grads = [_empty(r.shape, x.dtype, r.device) for x in inputs]
-        value_args = (r, log_w, k, v, a, b, states, dstates, states if ti is None else ti, dy, dv, sa, dx)
-        # both halves in one kernel at full width; not for N=128 (offline: 25 KB of stack in fp32)
-        if cfg["bwd_split"] == "one" and N <= 64:
-            one_meta = dict(N=N, L=L, LOG2L=meta["LOG2L"], PREC=cfg["precision"], num_warps=meta["num_warps"])
-            if cfg.get("maxnreg"):
-                one_meta["maxnreg"] = cfg["maxnreg"]
-            _bwd_split1_kernel[(nc, H)](
-                *value_args, *grads, *tabs, H, LOAD_TI=ti is not None, LOAD_SA=load_sa, **one_meta
-            )
-            dr, dlw, dk, da, db = grads
-            return dr, dlw, dk, dv, da, db, ds0
-        _bwd_value_kernel[grid](*value_args, *tabs, H, LOAD_TI=ti is not None, LOAD_SA=load_sa, **meta)
-        # offline sm_90 builds at 4 warps: N=64 with 64 / 64 takes 255 registers and no stack;
-        # N=128 spills least with 32 / 32 (24 B)
-        kbv = cfg.get("bwd_key_block_v") or (N if N <= 64 else 32)
-        bk = cfg.get("bwd_key_block_k") or (N if N <= 64 else 32)
-        _check_config(N, None, kbv, cfg["precision"])
-        _check_config(N, None, bk, cfg["precision"])
-        kmeta = dict(N=N, L=L, KBV=kbv, BK=bk, PREC=cfg["precision"], num_warps=cfg.get("bwd_key_num_warps") or 4)
-        if cfg.get("maxnreg"):
-            kmeta["maxnreg"] = cfg["maxnreg"]
-        _bwd_keys_kernel[(nc, H, N // bk)](
-            r, log_w, k, v, a, b, states, dstates, dy, sa, dx, *grads, *tabs, H, **kmeta
-        )
-        dr, dlw, dk, da, db = grads
-        return dr, dlw, dk, dv, da, db, ds0
     if nv == 1:
         parts = [_empty((1, *r.shape), x.dtype, r.device) for x in inputs]
     else:
         parts = [_empty((nv, *r.shape), torch.float32, r.device) for _ in inputs]
     dv = _empty(r.shape, v.dtype, r.device)
-    if two:
-        if sub is None:
-            raise RuntimeError("wkv7_backward: two-level chunks need the forward's sub-chunk states")
-        _bwd_chunks2_kernel[grid](
-            r, log_w, k, v, a, b, states, dstates, sub, dy, *parts, dv, *tabs, H, r.numel(), **meta
-        )
-    else:
-        _bwd_chunks_kernel[grid](
-            r, log_w, k, v, a, b, states, dstates, dy, *parts, dv, *tabs, H, r.numel(), **meta
-        )
+    _bwd_chunks_kernel[grid](
+        r, log_w, k, v, a, b, states, dstates, dy, *parts, dv, *tabs, H, r.numel(), **meta
+    )
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
 
@@ -1261,22 +681,19 @@ def wkv7_backward(
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
-        grad = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
-        y, sT, states, m, gl, sub, ti, sa = wkv7_forward(
-            r, log_w, k, v, a, b, state, table, cfg, out_dtype, keep_sub=grad
-        )
-        if grad:
-            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, sub, ti, sa)
+        y, sT, states, m, gl = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype)
+        if any(ctx.needs_input_grad[:7]):  # (grad mode is off inside forward)
+            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states, m, gl, sub, ti, sa = ctx.saved_tensors
+        r, log_w, k, v, a, b, states, m, gl = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
         dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg, sub, ti, sa
+            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg
         )
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
 
@@ -1308,7 +725,6 @@ def wkv7_triton(
     *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    sub_chunk: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
@@ -1317,13 +733,6 @@ def wkv7_triton(
     scan_num_warps: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
-    maxnreg: int | None = None,
-    bwd_split: bool | str = False,
-    store_inverse: bool | None = None,
-    keep_sa: bool | None = None,
-    bwd_key_block_v: int | None = None,
-    bwd_key_block_k: int | None = None,
-    bwd_key_num_warps: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -1335,26 +744,10 @@ def wkv7_triton(
     ``cu_seqlens``: packed variable-length sequences: B == 1, sequence i is tokens
     ``cu_seqlens[i]:cu_seqlens[i+1]``, ``state`` and the final state are [S, H, N, N].
     Tuning (None = automatic): ``chunk_size`` (16/32/64; 16 when a gradient is needed, else
-    32); ``sub_chunk`` (16/32, None: off) turns on two-level chunks: the per-chunk N x N
-    matrices and the scan steps at ``chunk_size`` tokens (32/64/128, default 64), the in-chunk
-    math in sub-chunks of ``sub_chunk`` rows; ``block_v`` and ``num_warps`` of the
+    32); ``block_v`` and ``num_warps`` of the
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
-    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``maxnreg``
-    caps the registers per thread of the parallel (per-chunk) kernels (None: no cap).
-    ``bwd_split`` (one-level chunks only, opt-in; True or "two") runs the per-chunk backward as two kernels: a
-    value side (SA, dX, dv; SA and dX stored in float32) and a key side (dr, dlog_w, dk, da, db,
-    one program per chunk and block of ``bwd_key_block_k`` keys (None: N, 32 for N=128), walking the
-    value index in blocks of ``bwd_key_block_v`` (None: N, 32 for N=128), at ``bwd_key_num_warps``
-    (None: 4)); ``store_inverse`` (None: as ``bwd_split``) lets the
-    forward's prep kernel store every chunk's (I - A_ab)^{-1} (L*4 bytes per token-head, float32)
-    for the output, bwd_prep and value-side kernels instead of rebuilding it; ``keep_sa`` (None:
-    as ``bwd_split``; used only with it) lets the forward's output kernel store SA (float32,
-    4*N bytes per token-head, kept for the backward) so that the value side neither reads the
-    chunk states nor recomputes SA. ``bwd_split="one"``: the same two halves in sequence inside one
-    kernel, one program per (chunk, head) at full width (SA and dX still pass through global
-    memory, read back by the same program; ``bwd_num_warps`` sets its warps; N=128 uses the two
-    kernels).
+    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -1365,21 +758,11 @@ def wkv7_triton(
     B, T, H, N = r.shape
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
-    if chunk_size is None and sub_chunk is not None:
-        chunk_size = 64
     if chunk_size is None:
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
-    if bwd_split not in (False, True, "two", "one"):
-        raise ValueError(f"wkv7_triton: bwd_split must be False, True, 'two' or 'one', got {bwd_split!r}")
-    if store_inverse is None:
-        store_inverse = bool(bwd_split)
-    if keep_sa is None:
-        keep_sa = bool(bwd_split)
-    if sub_chunk is not None and (bwd_split or store_inverse):
-        raise ValueError("wkv7_triton: bwd_split and store_inverse need one-level chunks (sub_chunk=None)")
-    _check_config(N, chunk_size, None, precision, sub_chunk)
+    _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
     if T == 0 or n_seqs == 0:
@@ -1390,12 +773,9 @@ def wkv7_triton(
     else:
         table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
-        chunk_size=chunk_size, sub_chunk=sub_chunk, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
+        chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision, maxnreg=maxnreg,
-        bwd_split={False: False, True: "two"}.get(bwd_split, bwd_split),
-        store_inverse=bool(store_inverse), keep_sa=bool(keep_sa and bwd_split),
-        bwd_key_block_v=bwd_key_block_v, bwd_key_block_k=bwd_key_block_k, bwd_key_num_warps=bwd_key_num_warps,
+        precision=precision, scan_precision=scan_precision,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
