@@ -78,38 +78,29 @@ class TimeMix(nn.Module):
         """x [B, T, C] (ln1 output), x_prev [B, C], wkv [B, H, N, N] -> (out, new wkv, v_first)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        # Written with few, fused ops (one token mix for all six inputs, biases inside addmm,
-        # lerp): on a GPU a short forward is bound by launching its kernels.
         xx = token_shift(x, x_prev) - x
-        mu = torch.cat((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)).unsqueeze(1)  # [6, 1, 1, C]
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mu).unbind(0)
-
-        def low_rank(bias: torch.Tensor | None, h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-            """bias + h w2 for h [B, T, D] (bias [1, 1, C] or None) -> [B, T, C]."""
-            h = h.reshape(B * T, -1)
-            out = h @ w2 if bias is None else torch.addmm(bias.view(1, C), h, w2)
-            return out.view(B, T, C)
+        xr, xw, xk, xv, xa, xg = (x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
-        z = low_rank(self.w0, torch.tanh(xw @ self.w1), self.w2)
+        z = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
         k = self.key(xk)
         v = self.value(xv)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, torch.sigmoid(low_rank(self.v0, xv @ self.v1, self.v2)))
-        a = torch.sigmoid(low_rank(self.a0, xa @ self.a1, self.a2))
-        g = low_rank(None, torch.sigmoid(xg @ self.g1), self.g2)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)  # k (1 + (a - 1) k_a)
+        k = k * (1 + (a - 1) * self.k_a)
         log_w = -DECAY_SCALE * torch.sigmoid(z.to(torch.promote_types(z.dtype, torch.float32)))
 
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv = ops.wkv7(heads(r), heads(log_w), heads(k), heads(v), -kk, kk * heads(a), wkv)
         y = group_norm_heads(y, self.ln_x, x.dtype)
-        bonus = torch.linalg.vecdot(heads(r) * self.r_k, heads(k)).unsqueeze(-1)  # [B, T, H, 1]
-        y = torch.addcmul(y.view(B, T, H, N), bonus, heads(v)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y + bonus.view(B, T, C)
         return self.output(y * g), wkv, v_first
 
     def step_(
@@ -218,8 +209,8 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
 
     def forward(self, x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        xk = torch.addcmul(x, token_shift(x, x_prev) - x, self.x_k)
-        return self.value(torch.relu(self.key(xk)).square())
+        xk = x + (token_shift(x, x_prev) - x) * self.x_k
+        return self.value(torch.relu(self.key(xk)) ** 2)
 
     def step_(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """One token (decoding, without autograd): x [B, C] (ln2 output) -> out [B, C];
