@@ -350,9 +350,12 @@ def prefill_pieces(length: int, chunk_len: int) -> list[int]:
 class _PrefillGraphs:
     """One model's prefill graphs: by (batch, length), one memory pool per batch size, and
     how often each (batch, length) piece was asked for (a graph is captured on its second
-    use, so that one-off prompt lengths do not pay for a capture)."""
+    use, so that one-off prompt lengths do not pay for a capture). ``lock`` is held for a
+    whole prefill: graphs share their static buffers and pool, so one prefill replays them at
+    a time."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.graphs: dict[tuple[int, int], GraphedForward] = {}
         self.pools: dict[int, object] = {}
         self.uses: dict[tuple[int, int], int] = {}
@@ -395,18 +398,17 @@ def graphed_prefill(
         if graphs is None:
             graphs = _prefill_cache[model] = _PrefillGraphs()
     logits, start = None, 0
-    with torch.no_grad():
+    with graphs.lock, torch.no_grad():
         for n in prefill_pieces(T, chunk_len):
             piece = tokens[:, start : start + n]
             start += n
             graph = None
             if n == chunk_len or n & (n - 1) == 0:  # a bounded set of lengths
-                with _lock:
-                    graph = graphs.get(model, fingerprint, B, n)
+                graph = graphs.get(model, fingerprint, B, n)
             if graph is None:
                 logits, state = model(piece, state, last_only=True)
                 logits = logits[:, -1]
             else:
                 logits, state = graph.run(piece, state)
-    assert logits is not None and state is not None
-    return logits.clone(), state.clone()
+        assert logits is not None and state is not None
+        return logits.clone(), state.clone()  # before another prefill replays these graphs
