@@ -89,6 +89,40 @@ def test_prefill_pieces():
             assert len(rest) <= most
 
 
+def test_prefill_plan_with_stand_in_graphs(tmp_path, seed, monkeypatch):
+    """graphed_prefill's plan on the CPU, with a stand-in for GraphedForward that runs the
+    forward eagerly: whole chunks through graphs from a length's second use (the second chunk
+    of the first call), the tail in one eager call until all its pieces are captured (second
+    call), then every piece replayed; the numbers are the forward's over those pieces."""
+    captured = []
+
+    class StandIn:
+        def __init__(self, model, batch_size, length, *, pool=None):
+            self.model, self.fingerprint = model, cuda_graphs._fingerprint(model)
+            captured.append(length)
+
+        def run(self, tokens, state):
+            logits, new = self.model(tokens, state, last_only=True)
+            return logits[:, -1], new
+
+    monkeypatch.setattr(cuda_graphs, "GraphedForward", StandIn)
+    monkeypatch.setattr(cuda_graphs, "graph_unsupported_reason", lambda model: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model = small_model(tmp_path, seed=seed)
+    cuda_graphs.clear_cache(model)
+    tokens = torch.randint(0, V, (2, 23))
+    for call, pieces, new in ((0, [8, 8, 7], [8]), (1, [8, 8, 4, 2, 1], [4, 2, 1]), (2, [8, 8, 4, 2, 1], [])):
+        before = len(captured)
+        logits, state = cuda_graphs.graphed_prefill(model, tokens, None, 8)
+        assert captured[before:] == new, f"call {call}"
+        want_logits, want_state = forward_over(model, tokens, None, pieces)
+        assert torch.equal(logits, want_logits) and torch.equal(state.wkv, want_state.wkv), f"call {call}"
+    assert captured == [8, 4, 2, 1]
+    logits, after = cuda_graphs.graphed_prefill(model, tokens[:, :5], state, 8)  # 4 + 1: both captured
+    assert captured == [8, 4, 2, 1] and torch.equal(logits, forward_over(model, tokens[:, :5], state, [4, 1])[0])
+    assert cuda_graphs.graphed_prefill(model, torch.randint(0, V, (9, 3)), None, 8) is None  # batch above 8
+
+
 # -- GPU -----------------------------------------------------------------------------------------
 @cuda
 @pytest.mark.parametrize("arch", ["rwkv7", "rwkv6", "rwkv5"])
@@ -211,11 +245,13 @@ def test_prefill_graphs_equal_forward_over_the_same_pieces(tmp_path, seed, arch,
     tokens = torch.randint(0, V, (batch, 23), generator=g)
     pieces = prefill_pieces(23, 8)
     assert pieces == [8, 8, 4, 2, 1]
+    first = forward_over(model, tokens.cuda(), None, [8, 8, 7])  # the tail's lengths not captured yet
     expected = forward_over(model, tokens.cuda(), None, pieces)
-    for call in range(3):  # eager, then capture, then replay
+    for call in range(3):  # the tail eagerly in one call, then captured, then replayed
         logits, state = prefill(model, tokens, chunk_len=8)
-        assert torch.equal(logits, expected[0]), f"call {call}, seed {seed}: {rel_err(logits, expected[0]):.2e}"
-        for name, t in expected[1].tensor_fields().items():
+        want = first if call == 0 else expected
+        assert torch.equal(logits, want[0]), f"call {call}, seed {seed}: {rel_err(logits, want[0]):.2e}"
+        for name, t in want[1].tensor_fields().items():
             assert torch.equal(getattr(state, name), t), f"{name}, call {call}, seed {seed}"
     assert set(cuda_graphs._prefill_cache[model].graphs) == {(batch, n) for n in (8, 4, 2, 1)}
     before = state.clone()

@@ -380,9 +380,10 @@ def graphed_prefill(
     model: nn.Module, tokens: torch.Tensor, state: ModelState | None, chunk_len: int
 ) -> tuple[torch.Tensor, RecurrentState] | None:
     """Feed ``tokens`` [B, T] after ``state`` (None: the initial state) in the pieces of
-    :func:`prefill_pieces`, each through its CUDA graph where it has one or eagerly. Graphs
-    are kept per model for pieces of ``chunk_len`` and power-of-two lengths, captured on a
-    length's second use. Returns ``(logits [B, V], new state)``, both new tensors, or None
+    :func:`prefill_pieces`, each through its CUDA graph where it has one, else eagerly; a
+    tail whose pieces are not all graphed yet goes in one eager call (as without graphs).
+    Graphs are kept per model for pieces of ``chunk_len`` and power-of-two lengths, captured
+    on a length's second use. Returns ``(logits [B, V], new state)``, both new tensors, or None
     where prefill graphs do not apply (see :func:`graph_unsupported_reason`; batches above
     :data:`CACHED_BATCH_MAX`, which are bound by the GPU's work rather than by launching
     it). The numbers are those of ``model.forward`` over the same pieces."""
@@ -397,14 +398,17 @@ def graphed_prefill(
         graphs = _prefill_cache.get(model)
         if graphs is None:
             graphs = _prefill_cache[model] = _PrefillGraphs()
+    pieces = prefill_pieces(T, chunk_len)
+    whole = T // chunk_len
     logits, start = None, 0
     with graphs.lock, torch.no_grad():
-        for n in prefill_pieces(T, chunk_len):
+        plan = [(n, graphs.get(model, fingerprint, B, n)) for n in pieces[:whole]]
+        tail = [(n, graphs.get(model, fingerprint, B, n) if n & (n - 1) == 0 else None) for n in pieces[whole:]]
+        if any(graph is None for _, graph in tail):  # a length's first use: the rest in one eager call
+            tail = [(T - whole * chunk_len, None)] if tail else []
+        for n, graph in plan + tail:
             piece = tokens[:, start : start + n]
             start += n
-            graph = None
-            if n == chunk_len or n & (n - 1) == 0:  # a bounded set of lengths
-                graph = graphs.get(model, fingerprint, B, n)
             if graph is None:
                 logits, state = model(piece, state, last_only=True)
                 logits = logits[:, -1]

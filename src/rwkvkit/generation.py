@@ -414,8 +414,9 @@ def prefill(
 
     On a GPU, RWKV models at batches up to 8 replay the forward calls as CUDA graphs
     (:func:`rwkvkit.cuda_graphs.graphed_prefill`: whole chunks, and the rest in power-of-two
-    pieces, each length captured on its second use); ``cuda_graphs=False`` feeds every chunk
-    eagerly. The two agree to float rounding (the pieces differ).
+    pieces once each of their lengths has been captured, on its second use; until then the rest
+    goes in one eager call); ``cuda_graphs=False`` feeds every chunk eagerly. The two agree to
+    float rounding (the pieces differ).
     """
     if chunk_len is None:
         chunk_len = default_chunk_len(model.device)
