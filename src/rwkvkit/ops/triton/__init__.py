@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "available",
+    "wkv6_recurrent",
     "wkv6_triton",
     "wkv6_triton_supports",
     "wkv7_recurrent",
@@ -108,5 +109,13 @@ def wkv6_triton(*args, **kwargs):
     """RWKV-5.2 / RWKV-6 WKV through the Triton kernels; see
     ``rwkvkit.ops.triton.wkv6.wkv6_triton``."""
     from .wkv6 import wkv6_triton as impl
+
+    return impl(*args, **kwargs)
+
+
+def wkv6_recurrent(*args, **kwargs):
+    """RWKV-5.2 / RWKV-6 WKV step by step in one kernel (decoding); see
+    ``rwkvkit.ops.triton.wkv6_recurrent``."""
+    from .wkv6_recurrent import wkv6_recurrent as impl
 
     return impl(*args, **kwargs)
