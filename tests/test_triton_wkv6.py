@@ -11,12 +11,14 @@ automatic blocks).
 """
 
 import functools
+import itertools
 
 import pytest
 import torch
 from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
     DEVICE,
     INTERPRET,
+    TOL,
     compare_one_output_used,
     compare_with_chunked,
     compare_with_reference,
@@ -165,7 +167,7 @@ def test_memory_accesses_in_bounds(seed, monkeypatch):
     """Every load and store that a mask lets through stays inside one of the launch's tensor
     arguments (on the GPU an access outside them is an illegal address or silent garbage). The
     scans prefetch one chunk past either end of the sequence; T = 37 also leaves a partial
-    chunk and a partial block; log_w as a stride-0 view."""
+    chunk and a partial block; log_w as a stride-0 view; packed sequences (cu_seqlens)."""
     import numpy as np
     from triton.runtime import interpreter
 
@@ -207,6 +209,9 @@ def test_memory_accesses_in_bounds(seed, monkeypatch):
     r, lw, k, v, u, s0 = make_inputs(2, 37, 2, NS)
     run_and_compare([r, lw[:1, :1].expand_as(lw), k, v, u, s0], dtype=torch.float32)
     run_and_compare([r, lw[:1, :1].expand_as(lw), k, v, u, s0], dtype=torch.float32, **CHUNKS, chunk_size=32)
+    # packed sequences, an empty one first (the backward scan's prefetch before its first chunk)
+    varlen_vs_reference([0, 37, 1, 20], 2, NS, chunk_size=16)
+    varlen_vs_reference([0, 37, 1, 20], 1, NS, chunk_size=32, **BLOCKS)
 
 
 def test_only_one_output_used(seed):
@@ -244,6 +249,147 @@ def test_rejects_bad_arguments():
         wkv6_triton(*x, torch.zeros(16, device=DEVICE))
     with pytest.raises(ValueError, match="state"):
         wkv6_triton(*x, u, torch.zeros(1, 1, 8, 8, device=DEVICE))
+
+
+def packed_inputs(lengths, H, N, *, decay="mixed"):
+    """Per-sequence float32 CPU inputs packed as [1, sum(lengths), H, N] (one shared u, the
+    initial states [S, H, N, N]) and the int32 offsets cu_seqlens."""
+    xs = [make_inputs(1, n, H, N, decay=decay) for n in lengths]
+    packed = [torch.cat([x[i] for x in xs], dim=1) for i in range(4)]
+    s0 = torch.cat([x[5] for x in xs])
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    return [*packed, xs[0][4], s0], cu
+
+
+def varlen_vs_reference(lengths, H, N, *, dtype=torch.float32, logw_dtype=None, with_state=True, tol=None,
+                        decay="mixed", **kw):
+    """Packed sequences (cu_seqlens) against the float64 reference run on each sequence alone:
+    every sequence's outputs, final state, input gradients and initial-state gradient, and
+    the gradient of the shared u (summed over the sequences); an empty sequence passes its
+    state and the state's gradient through."""
+    x, cu = packed_inputs(lengths, H, N, decay=decay)
+    dtypes = [dtype, logw_dtype or dtype, dtype, dtype, torch.float32]
+    ours = [t.to(DEVICE, dt).requires_grad_() for t, dt in zip(x[:5], dtypes)]
+    if with_state:
+        ours.append(x[5].to(DEVICE).requires_grad_())
+    y, s = wkv6_triton(*ours, cu_seqlens=cu, **kw)
+    assert y.shape == ours[0].shape and y.dtype == dtype and s.shape == (len(lengths), H, N, N)
+    gy, gs = torch.randn(y.shape).to(y.dtype).float(), torch.randn(s.shape)
+    got = torch.autograd.grad((y.float() * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), ours)
+
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in ours]
+    ys, ss = [], []
+    for i, n in enumerate(lengths):
+        lo = int(cu[i])
+        s0 = ref_in[5][i : i + 1] if with_state else torch.zeros(1, H, N, N, dtype=torch.float64)
+        if n == 0:
+            ss.append(s0)
+            continue
+        y1, s1 = wkv6_reference(*[t[:, lo : lo + n] for t in ref_in[:4]], ref_in[4], s0)
+        ys.append(y1)
+        ss.append(s1)
+    y_ref, s_ref = torch.cat(ys, dim=1), torch.cat(ss)
+    ref = torch.autograd.grad((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum(), ref_in,
+                              allow_unused=True, materialize_grads=True)
+
+    tol = tol or TOL[dtype]
+    errors = {"du": rel_err(got[4], ref[4])}
+    for i, n in enumerate(lengths):
+        lo = int(cu[i])
+        if with_state:
+            errors[f"seq {i} dstate"] = rel_err(got[5][i], ref[5][i])
+        if n == 0:
+            assert torch.equal(s[i].cpu(), x[5][i] if with_state else torch.zeros(H, N, N)), f"empty sequence {i}"
+            if with_state:
+                assert torch.equal(got[5][i].cpu(), gs[i]), f"empty sequence {i}: its state's gradient"
+            continue
+        errors[f"seq {i} y"] = rel_err(y[:, lo : lo + n], y_ref[:, lo : lo + n])
+        errors[f"seq {i} final state"] = rel_err(s[i], s_ref[i])
+        for name, g, g_ref in zip(NAMES[:4], got, ref):
+            errors[f"seq {i} d{name}"] = rel_err(g[:, lo : lo + n], g_ref[:, lo : lo + n])
+    for name, t in [("y", y), ("final state", s)] + list(zip(NAMES, got)):
+        assert torch.isfinite(t).all(), f"{name} has NaN/inf"
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errors})"
+
+
+def test_varlen_matches_reference(seed):
+    """Packed sequences of 5, 70 (a full chunk of 64 and a partial one), 1, 64 (exactly one
+    chunk) and 0 tokens, with and without initial states."""
+    varlen_vs_reference([5, 70, 1, 64, 0], 2, NS)
+    varlen_vs_reference([5, 70, 1, 64, 0], 2, NS, with_state=False)
+
+
+def test_varlen_bf16_small_chunks(seed):
+    """bf16 r/k/v with a float32 log_w (as the RWKV-6 layer calls it), chunk 16 (a sequence
+    of several chunks through the scans), an empty sequence first, two key blocks."""
+    varlen_vs_reference([0, 37, 16, 3], 1, NVB, dtype=torch.bfloat16, logw_dtype=torch.float32, chunk_size=16,
+                        block_k=NVB // 2, bwd_block_k=NVB // 2, bwd_block_v=NVB // 2)
+
+
+def test_varlen_blocks_impl(seed):
+    """The kernels walking a chunk in blocks of block_t rows (impl "blocks"), alone, mixed with
+    the whole-chunk ones, and at chunk 128 (where they are the default)."""
+    varlen_vs_reference([5, 70, 1, 0, 33], 1, NS, **BLOCKS)
+    varlen_vs_reference([0, 37, 16, 3], 1, NVB, chunk_size=32, block_t=16, **BLOCKS, **VB)
+    varlen_vs_reference([9, 70, 33], 1, NS, impl="chunks", bwd_impl="blocks")
+    varlen_vs_reference([9, 70, 33], 1, NS, impl="blocks", bwd_impl="chunks", with_state=False)
+    varlen_vs_reference([130, 0, 16, 3], 1, NS, chunk_size=128)
+
+
+def test_varlen_every_output_element_written(seed, monkeypatch):
+    poison_buffers(monkeypatch, kernels)
+    varlen_vs_reference([19, 0, 40], 1, NS, chunk_size=16)
+    varlen_vs_reference([19, 0, 40], 1, NVB, chunk_size=32, **BLOCKS, **VB)
+
+
+def test_varlen_rwkv5_constant_decay(seed):
+    """RWKV-5.2 with packed sequences: one [H, N] decay expanded to [1, T, H, N]; its gradient
+    reaches the leaf through the expand."""
+    lengths, H, N = [7, 0, 40], 2, NS
+    x, cu = packed_inputs(lengths, H, N)
+    decay = (-torch.exp(-6 + 5 * torch.rand(H, N))).to(DEVICE).requires_grad_()
+    xs = [t.to(DEVICE).requires_grad_() for t in (x[0], x[2], x[3], x[4], x[5])]
+    T = sum(lengths)
+    y, s = wkv6_triton(xs[0], decay.expand(1, T, H, N), *xs[1:], cu_seqlens=cu)
+    gy, gs = torch.randn(y.shape), torch.randn(s.shape)
+    got = torch.autograd.grad((y * gy.to(DEVICE)).sum() + (s * gs.to(DEVICE)).sum(), [decay] + xs)
+
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in [decay] + xs]
+    r, k, v, u, s0 = ref_in[1:]
+    ys, ss = [], []
+    for i, n in enumerate(lengths):
+        lo = int(cu[i])
+        if n == 0:
+            ss.append(s0[i : i + 1])
+            continue
+        y1, s1 = wkv6_reference(r[:, lo : lo + n], ref_in[0].expand(1, n, H, N), k[:, lo : lo + n],
+                                v[:, lo : lo + n], u, s0[i : i + 1])
+        ys.append(y1)
+        ss.append(s1)
+    y_ref, s_ref = torch.cat(ys, dim=1), torch.cat(ss)
+    ref = torch.autograd.grad((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum(), ref_in)
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4, f"seed {seed}"
+    for name, g, g_ref in zip(["decay", "r", "k", "v", "u", "state"], got, ref):
+        assert rel_err(g, g_ref) < 1e-4, f"grad {name}: {rel_err(g, g_ref):.2e}, seed {seed}"
+
+
+def test_varlen_rejects_bad_offsets():
+    x = [torch.zeros(1, 10, 1, 16, device=DEVICE) for _ in range(4)]
+    u = torch.zeros(1, 16, device=DEVICE)
+    cu = lambda *o: torch.tensor(o, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        wkv6_triton(*x, u, cu_seqlens=cu(1, 4, 10))
+    with pytest.raises(ValueError, match="cu_seqlens must end at the 10 packed tokens"):
+        wkv6_triton(*x, u, cu_seqlens=cu(0, 6, 9))
+    with pytest.raises(ValueError, match="cu_seqlens must not decrease"):
+        wkv6_triton(*x, u, cu_seqlens=cu(0, 6, 4, 10))
+    with pytest.raises(ValueError, match="packed as \\[1, T, H, N\\]"):
+        wkv6_triton(*[torch.zeros(2, 5, 1, 16, device=DEVICE) for _ in range(4)], u, cu_seqlens=cu(0, 5))
+    with pytest.raises(ValueError, match="state must be \\[2, 1, 16, 16\\]"):
+        wkv6_triton(*x, u, torch.zeros(1, 1, 16, 16, device=DEVICE), cu_seqlens=cu(0, 4, 10))
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D integer tensor"):
+        wkv6_triton(*x, u, cu_seqlens=cu(0, 4, 10).float())
 
 
 def test_supports():
@@ -369,6 +515,39 @@ def test_dispatcher_uses_triton_on_cuda(seed, monkeypatch):
     y_ref, s_ref = wkv6_reference(*[t.cpu() for t in x], s0.cpu())
     for out, ref in ((y, y_ref), (s, s_ref), (y_t, y_ref), (s_t, s_ref)):
         assert rel_err(out, ref) < 1e-4, f"seed {seed}"
+
+
+@gpu_only
+@pytest.mark.parametrize("cfg", [{}, BLOCKS], ids=["chunks", "blocks"])
+def test_varlen_gpu_vs_dense(seed, cfg):
+    """Packed sequences at a realistic size (bf16 r/k/v, float32 log_w, H=4, N=64, lengths
+    with partial chunks, one token, an empty sequence, a long one) against one dense
+    wkv6_triton call per sequence with the same settings (the scans' tile pinned: the automatic
+    one depends on the number of sequences): outputs, final states and every gradient."""
+    cfg = dict(cfg, scan_block=32)
+    lengths, H, N = [300, 1, 0, 64, 1000, 129], 4, 64
+    x, cu = packed_inputs(lengths, H, N)
+    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    ours = [t.to(DEVICE, dt).requires_grad_() for t, dt in zip(x, dtypes)]
+    y, s = wkv6_triton(*ours, cu_seqlens=cu, **cfg)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    got = torch.autograd.grad((y.float() * gy.float()).sum() + (s * gs).sum(), ours)
+    du = torch.zeros_like(got[4], dtype=torch.float32)
+    for i, n in enumerate(lengths):
+        lo = int(cu[i])
+        if n == 0:
+            assert torch.equal(s[i], ours[5][i]) and torch.equal(got[5][i], gs[i]), f"empty sequence {i}"
+            continue
+        one = [t[:, lo : lo + n].detach().requires_grad_() for t in ours[:4]]
+        one += [ours[4].detach().requires_grad_(), ours[5][i : i + 1].detach().requires_grad_()]
+        y1, s1 = wkv6_triton(*one, **cfg)
+        g1 = torch.autograd.grad((y1.float() * gy[:, lo : lo + n].float()).sum() + (s1 * gs[i : i + 1]).sum(), one)
+        assert rel_err(y[:, lo : lo + n], y1) < 1e-5 and rel_err(s[i : i + 1], s1) < 1e-5, f"sequence {i}"
+        for name, g, g_one in zip(NAMES[:4], got, g1):
+            assert rel_err(g[:, lo : lo + n], g_one) < 1e-5, f"sequence {i}, grad {name}"
+        assert rel_err(got[5][i : i + 1], g1[5]) < 1e-5, f"sequence {i}, grad state"
+        du += g1[4].float()
+    assert rel_err(got[4], du) < 1e-5, "grad u"
 
 
 @gpu_only

@@ -62,7 +62,8 @@ registers; ``block_t`` 32 or 64 trades more levels and wider tiles for fewer blo
     diagonal in the key index, so a program owns a [b, b] tile of one head's state: grid
     (batch*head, N/scan_block, N/scan_block), one [b, C] x [C, b] product per chunk, the next
     chunk's inputs prefetched. It stores the state entering (forward) / the gradient of the
-    state leaving (backward) every chunk, float32 [B, H, T/C, N, N];
+    state leaving (backward) every chunk, float32 [B, H, T/C, N, N] (packed sequences:
+    [1, H, chunks, N, N]);
   * a kernel over all chunks in parallel, grid (T/C, batch*head, N/block_v), whose program walks
     its chunk in blocks of block_t rows: forward, Y = (r e^{P}) S^T + A V block by block while
     the [block_v, N] state advances in registers; backward, the blocks in reverse with dS in
@@ -96,6 +97,19 @@ program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputin
 C=64, key block 32, bf16, tf32) still spill: see benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
+Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are
+[1, T, H, N] and sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]; the table of chunks
+(``chunk_table.varlen_table``, shared with WKV-7) starts every sequence's chunks at its own
+first token, so a chunk never straddles two sequences and each sequence's last chunk may be
+partial (an empty sequence has none). The scans run one program per (sequence, head, tile)
+over that sequence's chunks, from its own initial state, ending in its own final state
+([S, H, N, N]); the states entering the chunks are stored [1, H, chunks, N, N] in table order.
+The chunk kernels take chunk c of the table, look up its sequence and offset, and see that
+sequence's length where the dense kernels see T: masks and exponent sums stop at its ends.
+A constexpr VARLEN switch picks this indexing at the top of each kernel (``_chunk_at``,
+``_sequence_at``); without ``cu_seqlens`` the kernels index [B, T] directly, as before, and
+their loops are unchanged.
+
 Matmul precision: "ieee" (exact float32), "tf32" (tensor cores; ~4e-4 relative error) or
 "tf32x3". Default: ieee for float32 inputs, tf32 for bf16/fp16 inputs. The exponents, the
 cumulative sums, the states and all accumulation are float32 everywhere.
@@ -108,6 +122,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .chunk_table import ChunkTable, varlen_table
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
@@ -235,32 +251,85 @@ def _state_step(S, k, v, lwn, lw0, PREC: tl.constexpr):
     return S + tl.dot(tl.trans(v), ke, input_precision=PREC)
 
 
+@triton.jit
+def _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh,
+              L: tl.constexpr, N: tl.constexpr, VARLEN: tl.constexpr):
+    """Where the chunk of program (c, i_bh) of a chunk kernel lies. Dense: chunk c of
+    sequence i_bh // H. VARLEN (packed [1, tokens, H, N], i_bh = the head): chunk c of the
+    table, inside the sequence ``chunk_seq[c]``. Returns (the chunk's index inside its
+    sequence, the sequence's length, the offset of its first token at this head, that of its
+    log w, the chunks per (sequence, head) row of the state buffers (states at row i_bh * NC
+    + c), the head)."""
+    if VARLEN:
+        seq = tl.load(chunk_seq_ptr + c)
+        start = tl.load(cu_ptr + seq)
+        T_seq = tl.load(cu_ptr + seq + 1) - start
+        c_loc = c - tl.load(chunk_cu_ptr + seq)
+        i_h = i_bh
+        tok0 = start.to(tl.int64) * (H * N) + i_h * N
+        lw_base = start.to(tl.int64) * lw_st + i_h * lw_sh
+        NC = n_chunks
+    else:
+        T_seq = T
+        c_loc = c
+        i_b = i_bh // H
+        i_h = i_bh % H
+        tok0 = i_b * T * (H * N) + i_h * N
+        lw_base = i_b * lw_sb + i_h * lw_sh
+        NC = tl.cdiv(T, L)
+    return c_loc, T_seq, tok0, lw_base, NC, i_h
+
+
+@triton.jit
+def _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh,
+                 L: tl.constexpr, N: tl.constexpr, VARLEN: tl.constexpr):
+    """Where the sequence and head i_bh (= sequence * H + head) of a scan program lies: its
+    length, the offset of its first token at this head, that of its log w, its chunk count,
+    and the row of its first chunk in the state buffers (dense: [B, H, NC, ...]; VARLEN:
+    [1, H, chunks, ...], the sequence's chunks from ``chunk_cu[seq]``)."""
+    i_b = i_bh // H
+    i_h = i_bh % H
+    if VARLEN:
+        start = tl.load(cu_ptr + i_b)
+        T_seq = tl.load(cu_ptr + i_b + 1) - start
+        tok0 = start.to(tl.int64) * (H * N) + i_h * N
+        lw_base = start.to(tl.int64) * lw_st + i_h * lw_sh
+        NC = tl.cdiv(T_seq, L)
+        st0 = i_h * n_chunks + tl.load(chunk_cu_ptr + i_b)
+    else:
+        T_seq = T
+        tok0 = i_b * T * (H * N) + i_h * N
+        lw_base = i_b * lw_sb + i_h * lw_sh
+        NC = tl.cdiv(T, L)
+        st0 = i_bh * NC
+    return T_seq, tok0, lw_base, NC, st0
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_fwd_state_kernel(
     lw_ptr,  # log w, strides (lw_sb, lw_st, lw_sh, 1)
     k_ptr, v_ptr,  # [B, T, H, N]
     s0_ptr,  # [B, H, N, N] float32 (unused unless HAS_S0)
     states_ptr,  # [B, H, NC, N, N] float32 out: the state entering each chunk
     sT_ptr,  # [B, H, N, N] float32 out
-    T, H, lw_sb, lw_st, lw_sh,
+    cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_S0: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Forward state scan over the chunks, one [BV, BK] tile of one head's state per program."""
+    """Forward state scan over the chunks, one [BV, BK] tile of one head's state per program
+    (VARLEN: B = the sequences, T their own lengths, the states [1, H, chunks, N, N])."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
     i_k = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
+    T, tok0, lw_base, NC, st0 = _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh,
+                                             L, N, VARLEN)
     stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
-    lw_base = i_b * lw_sb + i_h * lw_sh
     offs_t = tl.arange(0, L)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -292,21 +361,22 @@ def _wkv6_fwd_state_kernel(
         lwn_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, L)
         lw0_n = _load_lw_row(lw_ptr, lw_base, (c + 1) * L, T, lw_st, offs_k)
 
-        tl.store(states_ptr + (i_bh * NC + c) * N * N + s_offs, S)
+        tl.store(states_ptr + (st0 + c) * N * N + s_offs, S)
         S = _state_step(S, k, v, lwn, lw0, PREC)
 
     tl.store(sT_ptr + i_bh * N * N + s_offs, S)
 
 
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_fwd_out_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
     states_ptr,  # [B, H, NC, N, N] float32: the state entering each chunk
     y_ptr,  # [B, T, H, N]
-    T, H, lw_sb, lw_st, lw_sh,
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, LOG2BT: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Forward output, every (chunk, batch*head, value block) in parallel. A program walks its
     chunk in blocks of BT rows, carrying the [BV, N] state in registers:
@@ -314,21 +384,18 @@ def _wkv6_fwd_out_kernel(
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
+    c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
+                                                 lw_sb, lw_st, lw_sh, L, N, VARLEN)
     stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
-    lw_base = i_b * lw_sb + i_h * lw_sh
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
     S = tl.load(states_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N + offs_k[None, :])
 
-    n_blocks = tl.minimum(L // BT, tl.cdiv(T - c * L, BT))
+    n_blocks = tl.minimum(L // BT, tl.cdiv(T - c_loc * L, BT))
     for i in range(n_blocks):
-        t0 = c * L + i * BT
+        t0 = c_loc * L + i * BT
         t = t0 + offs_t
         tmask = (t < T)[:, None]
         row = tok0 + t.to(tl.int64)[:, None] * stride_t
@@ -348,27 +415,25 @@ def _wkv6_fwd_out_kernel(
         S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k), PREC)
 
 
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_bwd_state_kernel(
     r_ptr, lw_ptr, dy_ptr,  # [B, T, H, N]; log w through its strides
     dsT_ptr,  # [B, H, N, N] float32 (unused unless HAS_DST)
     dstates_ptr,  # [B, H, NC, N, N] float32 out: the gradient of the state leaving each chunk
     ds0_ptr,  # [B, H, N, N] float32 out
-    T, H, lw_sb, lw_st, lw_sh,
+    cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_DST: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Backward state scan, chunks in reverse: dS <- dS diag(e^{Lam}) + dY^T (r e^{P}), with
-    Lam = sum(lwp) + log w_{L-1}."""
+    Lam = sum(lwp) + log w_{L-1} (VARLEN: as in the forward scan)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
     i_k = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
+    T, tok0, lw_base, NC, st0 = _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh,
+                                             L, N, VARLEN)
     stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
-    lw_base = i_b * lw_sb + i_h * lw_sh
     offs_t = tl.arange(0, L)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -381,7 +446,10 @@ def _wkv6_bwd_state_kernel(
 
     # inputs prefetched one chunk ahead (in reverse order), as in the forward scan
     t = (NC - 1) * L + offs_t
-    tmask = (t < T)[:, None]
+    if VARLEN:
+        tmask = ((t >= 0) & (t < T))[:, None]  # an empty sequence: no chunk, nothing to load
+    else:
+        tmask = (t < T)[:, None]
     row = tok0 + t.to(tl.int64)[:, None] * stride_t
     r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
     dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
@@ -401,7 +469,7 @@ def _wkv6_bwd_state_kernel(
         lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
         lwl_n = _load_lw_row(lw_ptr, lw_base, c * L - 1, T, lw_st, offs_k)  # (c = 0: masked, unused)
 
-        tl.store(dstates_ptr + (i_bh * NC + c) * N * N + s_offs, dS)
+        tl.store(dstates_ptr + (st0 + c) * N * N + s_offs, dS)
         rq = r * tl.exp(tl.cumsum(lwp, axis=0))  # r_t e^{P_t}
         dS = dS * tl.exp(tl.sum(lwp, axis=0) + lwl)[None, :]
         dS += tl.dot(tl.trans(dY), rq, input_precision=PREC)
@@ -409,7 +477,7 @@ def _wkv6_bwd_state_kernel(
     tl.store(ds0_ptr + i_bh * N * N + s_offs, dS)
 
 
-@triton.jit(do_not_specialize=["T", "H", "part_stride"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks", "part_stride"])  # one compile for every T and H
 def _wkv6_bwd_chunks_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
@@ -418,9 +486,10 @@ def _wkv6_bwd_chunks_kernel(
     dr_ptr, dlw_ptr, dk_ptr,  # [NV, B, T, H, N]: partial sums over value blocks
     du_ptr,  # [NV, NC, B*H, N] float32: partial sums over value blocks and chunks
     dv_ptr,  # [B, T, H, N]
-    T, H, lw_sb, lw_st, lw_sh, part_stride,
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks, part_stride,
     N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, LOG2BT: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Backward of every (chunk, batch*head, value block) in parallel, from the state entering
     the chunk and the gradient of the state leaving it. A program walks its chunk's blocks of BT
@@ -430,12 +499,9 @@ def _wkv6_bwd_chunks_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
     n_bh = tl.num_programs(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
+    c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
+                                                 lw_sb, lw_st, lw_sh, L, N, VARLEN)
     stride_t = H * N
-    tok0 = i_b * T * stride_t + i_h * N
-    lw_base = i_b * lw_sb + i_h * lw_sh
     part = i_v.to(tl.int64) * part_stride
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, N)
@@ -447,21 +513,21 @@ def _wkv6_bwd_chunks_kernel(
     diag = offs_t[:, None] == offs_t[None, :]
     du = tl.zeros([N], dtype=tl.float32)
 
-    n_blocks = tl.minimum(L // BT, tl.cdiv(T - c * L, BT))
+    n_blocks = tl.minimum(L // BT, tl.cdiv(T - c_loc * L, BT))
     for ii in range(n_blocks):
         i = n_blocks - 1 - ii
         # the state entering block i
         S = S_c
         for j in range(i):
-            t = c * L + j * BT + offs_t
+            t = c_loc * L + j * BT + offs_t
             tmask = (t < T)[:, None]
             row = tok0 + t.to(tl.int64)[:, None] * stride_t
             k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
             lwn = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, BT)
-            S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, c * L + j * BT, T, lw_st, offs_k), PREC)
+            S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, c_loc * L + j * BT, T, lw_st, offs_k), PREC)
 
-        t0 = c * L + i * BT
+        t0 = c_loc * L + i * BT
         t = t0 + offs_t
         tmask = (t < T)[:, None]
         row = tok0 + t.to(tl.int64)[:, None] * stride_t
@@ -599,16 +665,17 @@ def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k):
     return tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
 
 
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_chunk_out_kernel(
     a_ptr, lw_ptr, b_ptr,  # forward: r, log w, k; backward: k, log w, r   [B, T, H, N]
     x_ptr,  # forward: v; backward: dY   [B, T, H, N]
     u_ptr,  # [H, N]
     s_ptr,  # [B, H, NC, N, N] float32: forward the state entering each chunk, backward dS leaving it
     out_ptr,  # forward: y; backward: dv   [B, T, H, N]
-    T, H, lw_sb, lw_st, lw_sh,
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    BWD: tl.constexpr, PREC: tl.constexpr,
+    BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
@@ -618,16 +685,14 @@ def _wkv6_chunk_out_kernel(
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
+    c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
+                                                 lw_sb, lw_st, lw_sh, L, N, VARLEN)
     stride_t = H * N
-    lw_base = i_b * lw_sb + i_h * lw_sh
     offs_t = tl.arange(0, L)
     offs_v = i_v * BV + tl.arange(0, BV)
-    t = c * L + offs_t
+    t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
-    row = i_b * T * stride_t + i_h * N + t.to(tl.int64)[:, None] * stride_t
+    row = tok0 + t.to(tl.int64)[:, None] * stride_t
     s_base = s_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N
 
     A = tl.zeros([L, L], dtype=tl.float32)  # A [t, s] (forward) or A^T [s, t] (backward: a = k, b = r)
@@ -653,7 +718,7 @@ def _wkv6_chunk_out_kernel(
     tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
-@triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_bwd_keys_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
@@ -661,8 +726,10 @@ def _wkv6_bwd_keys_kernel(
     dy_ptr,  # [B, T, H, N]
     dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
     du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
-    T, H, lw_sb, lw_st, lw_sh,
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
     are separable in the key index), from the state entering the chunk and the gradient of the
@@ -672,20 +739,19 @@ def _wkv6_bwd_keys_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_k = tl.program_id(2)
     n_bh = tl.num_programs(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = tl.cdiv(T, L)
+    c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
+                                                 lw_sb, lw_st, lw_sh, L, N, VARLEN)
     stride_t = H * N
     offs_t = tl.arange(0, L)
     offs_n = tl.arange(0, N)
     offs_k = i_k * BK + tl.arange(0, BK)
-    t = c * L + offs_t
+    t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
-    row = i_b * T * stride_t + i_h * N + t.to(tl.int64)[:, None] * stride_t
+    row = tok0 + t.to(tl.int64)[:, None] * stride_t
     pk = row + offs_k[None, :]
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lw = _load_lw_chunk(lw_ptr, i_b * lw_sb + i_h * lw_sh, t, tmask, lw_st, offs_k)
+    lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
     v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)  # [L, N] (all values)
     dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
@@ -791,6 +857,17 @@ def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: s
         raise ValueError(f"wkv6_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int, tuple, dict]:
+    """(sequences, chunks, the table's three pointers, the kernels' VARLEN and n_chunks) of
+    a dense batch (table None: the kernels index [B, T] directly, the pointers are unused
+    stand-ins) or of packed sequences (B == 1)."""
+    if table is None:
+        nc = triton.cdiv(r.shape[1], L)
+        return r.shape[0], nc, (r, r, r), dict(n_chunks=nc, VARLEN=False)
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
+    return table.n_seqs, table.n_chunks, tabs, dict(n_chunks=table.n_chunks, VARLEN=True)
+
+
 def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
     sb, st, sh, sn = log_w.stride()
     assert sn == 1, "log_w must be contiguous in its last dimension"
@@ -800,37 +877,38 @@ def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
 def wkv6_forward(
     r, log_w, k, v, u, state, *, chunk_size: int, block_t: int, block_v: int | None, num_warps: int | None,
     scan_block: int | None, scan_num_warps: int | None, precision: str, out_dtype: torch.dtype,
-    impl: str = DEFAULT_IMPL, block_k: int | None = None,
+    impl: str = DEFAULT_IMPL, block_k: int | None = None, table: ChunkTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride).
-    Returns ``(y, final state, states)``, ``states`` [B, H, T/L, N, N] float32 the state
-    entering each chunk (the backward's input)."""
+    """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride; with
+    a ``table``, packed sequences: B == 1, state [S, H, N, N]). Returns ``(y, final state,
+    states)``, ``states`` [B, H, chunks, N, N] float32 the state entering each chunk (the
+    backward's input)."""
     B, T, H, N = r.shape
     L = chunk_size
+    S, nc, tabs, vl = _layout(r, L, table)
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))
-    sb = scan_block or _auto_scan_block(B * H, N, r.device)
+    sb = scan_block or _auto_scan_block(S * H, N, r.device)
     bk = block_k or min(N, CHUNKS_BLOCK_K)
     _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
-    nc = triton.cdiv(T, L)
     y = _empty((B, T, H, N), out_dtype, r.device)
-    sT = _empty((B, H, N, N), torch.float32, r.device)
+    sT = _empty((S, H, N, N), torch.float32, r.device)
     states = _empty((B, H, nc, N, N), torch.float32, r.device)
-    _wkv6_fwd_state_kernel[(B * H, N // sb, N // sb)](
-        log_w, k, v, state if state is not None else sT, states, sT, T, H, *_lw_strides(log_w),
+    _wkv6_fwd_state_kernel[(S * H, N // sb, N // sb)](
+        log_w, k, v, state if state is not None else sT, states, sT, *tabs[:2], T, H, *_lw_strides(log_w),
         N=N, L=L, BV=sb, BK=sb, HAS_S0=state is not None, PREC=precision,
-        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
+        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
     )
     if impl == "chunks":
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
-            r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
+            r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
             N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=False, PREC=precision,
-            num_warps=num_warps or CHUNKS_NUM_WARPS,
+            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
     else:
         _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
-            r, log_w, k, v, u, states, y, T, H, *_lw_strides(log_w),
+            r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
             N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
-            num_warps=num_warps or DEFAULT_NUM_WARPS,
+            num_warps=num_warps or DEFAULT_NUM_WARPS, **vl,
         )
     return y, sT, states
 
@@ -839,44 +917,46 @@ def wkv6_backward(
     r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
     num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
     impl: str = DEFAULT_IMPL, block_k: int | None = None, out_block_k: int | None = None,
+    table: ChunkTable | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
     all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
     gradients in another, in blocks of ``out_block_k`` and ``block_k`` key channels). Returns
     ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
-    in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32."""
+    in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32 ([S, H, N, N] with a
+    ``table`` of packed sequences)."""
     B, T, H, N = r.shape
     L = chunk_size
+    S, nc, tabs, vl = _layout(r, L, table)
     block_t = min(block_t, BWD_BLOCK_T_MAX)
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))  # N=64: one value block
-    sb = scan_block or _auto_scan_block(B * H, N, r.device)
+    sb = scan_block or _auto_scan_block(S * H, N, r.device)
     bk = out_block_k or min(N, CHUNKS_BLOCK_K)
     _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
     nv = N // bv
-    nc = triton.cdiv(T, L)
     if impl == "chunks":
         dr, dlw, dk = (_empty((B, T, H, N), x.dtype, r.device) for x in (r, log_w, k))
         du_part = _empty((nc, B * H, N), torch.float32, r.device)
         dv = _empty((B, T, H, N), v.dtype, r.device)
-        ds0 = _empty((B, H, N, N), torch.float32, r.device)
+        ds0 = _empty((S, H, N, N), torch.float32, r.device)
         dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-        _wkv6_bwd_state_kernel[(B * H, N // sb, N // sb)](
-            r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, T, H, *_lw_strides(log_w),
+        _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
+            r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *_lw_strides(log_w),
             N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
-            num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
+            num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
         )
         lws = _lw_strides(log_w)
         _wkv6_chunk_out_kernel[(nc, B * H, nv)](
-            k, log_w, r, dy, u, dstates, dv, T, H, *lws,
+            k, log_w, r, dy, u, dstates, dv, *tabs, T, H, *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=True, PREC=precision,
-            num_warps=num_warps or CHUNKS_NUM_WARPS,
+            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
         _check_config(N, L, block_t, precision, impl, block_k=bk)
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
-            r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, T, H, *lws,
+            r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), BK=bk, PREC=precision,
-            num_warps=num_warps or CHUNKS_NUM_WARPS,
+            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
     inputs = (r, log_w, k)
@@ -886,17 +966,17 @@ def wkv6_backward(
         parts = [_empty((nv, B, T, H, N), torch.float32, r.device) for _ in inputs]
     du_part = _empty((nv, nc, B * H, N), torch.float32, r.device)
     dv = _empty((B, T, H, N), v.dtype, r.device)
-    ds0 = _empty((B, H, N, N), torch.float32, r.device)
+    ds0 = _empty((S, H, N, N), torch.float32, r.device)
     dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-    _wkv6_bwd_state_kernel[(B * H, N // sb, N // sb)](
-        r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, T, H, *_lw_strides(log_w),
+    _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
+        r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *_lw_strides(log_w),
         N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
-        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4),
+        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
     )
     _wkv6_bwd_chunks_kernel[(nc, B * H, nv)](
-        r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, T, H, *_lw_strides(log_w),
-        B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
-        num_warps=num_warps or DEFAULT_NUM_WARPS,
+        r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, *tabs, T, H, *_lw_strides(log_w),
+        vl["n_chunks"], B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv,
+        PREC=precision, num_warps=num_warps or DEFAULT_NUM_WARPS, VARLEN=vl["VARLEN"],
     )
     dr, dlw, dk = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     du = du_part.view(nv * nc, B, H, N).sum((0, 1)).to(u.dtype)
@@ -935,6 +1015,7 @@ def wkv6_triton(
     u: torch.Tensor,
     state: torch.Tensor | None = None,
     *,
+    cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
     block_t: int = DEFAULT_BLOCK_T,
     block_v: int | None = None,
@@ -957,6 +1038,12 @@ def wkv6_triton(
     with a unit last one: RWKV-5.2's per-head decay is passed as a stride-0 ``expand`` over B
     and T); ``u`` the bonus [H, N]; ``state`` [B, H, N(value), N(key)] or None for zeros.
     N in 16/32/64/128. Any T (the last chunk is masked).
+    ``cu_seqlens``: packed variable-length sequences: the inputs are [1, T, H, N] (log_w too,
+    possibly a stride-0 expand), sequence i is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (an
+    integer tensor of S + 1 offsets rising from 0 to T; empty sequences allowed), ``state``
+    and the final state are [S, H, N, N]. Each sequence's chunks start at its own first token,
+    so no chunk straddles two sequences; every impl and chunk size works. The offsets are read
+    on the host (one synchronisation per call).
     Tuning (None = automatic): ``chunk_size`` (16/32/64/128: the stored chunk states) and
     ``block_t`` (16/32/64, at most ``chunk_size``: the rows a chunk kernel handles at once,
     64 = the whole chunk with nothing carried inside it; see the module docstring),
@@ -980,13 +1067,17 @@ def wkv6_triton(
             f"{[tuple(x.shape) for x in (r, log_w, k, v)]}"
         )
     B, T, H, N = r.shape
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"wkv6_triton: with cu_seqlens the inputs are packed as [1, T, H, N], got {tuple(r.shape)}")
     for name, x in zip(("r", "log_w", "k", "v", "u"), (r, log_w, k, v, u)):
         if x.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"wkv6_triton: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
     if u.shape != (H, N):
         raise ValueError(f"wkv6_triton: u must be [{H}, {N}], got {tuple(u.shape)}")
-    if state is not None and state.shape != (B, H, N, N):
-        raise ValueError(f"wkv6_triton: state must be [{B}, {H}, {N}, {N}], got {tuple(state.shape)}")
+    table = None if cu_seqlens is None else varlen_table(cu_seqlens, chunk_size, T, "wkv6_triton", r.device)
+    S = B if table is None else table.n_seqs
+    if state is not None and state.shape != (S, H, N, N):
+        raise ValueError(f"wkv6_triton: state must be [{S}, {H}, {N}, {N}], got {tuple(state.shape)}")
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
     out_dtype = out_dtype or r.dtype
@@ -995,11 +1086,11 @@ def wkv6_triton(
     for i in (impl, bwd_impl):  # (the backward's settings checked before a forward without it)
         _check_config(N, chunk_size, block_t, precision, i)
     if T == 0:
-        s = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
+        s = torch.zeros(S, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
         return r.new_zeros(B, 0, H, N, dtype=out_dtype), s
     common = dict(
         chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
-        precision=precision,
+        precision=precision, table=table,
     )
     fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl, block_k=block_k)
     bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl, block_k=bwd_block_k,

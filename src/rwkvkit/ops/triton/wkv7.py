@@ -66,11 +66,12 @@ float32 inputs, tf32 for bf16/fp16 inputs. Accumulation is float32 everywhere.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .chunk_table import ChunkTable, dense_table, varlen_table
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
@@ -509,59 +510,6 @@ def _timemix_step_kernel(
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Output allocation (tests replace it to poison outputs with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-class ChunkTable(NamedTuple):
-    """Where every chunk lies: ``cu`` token offsets of the sequences [S + 1], ``chunk_cu``
-    chunk offsets of the sequences [S + 1], ``chunk_seq`` the sequence of each chunk
-    [chunks] (int32, on the device), and the counts."""
-
-    cu: torch.Tensor
-    chunk_cu: torch.Tensor
-    chunk_seq: torch.Tensor
-    n_seqs: int
-    n_chunks: int
-
-
-_DENSE_TABLES: dict[tuple, ChunkTable] = {}
-
-
-def dense_table(B: int, T: int, L: int, device: torch.device) -> ChunkTable:
-    """The table of a dense batch: B sequences of T tokens (cached; built anew inside a CUDA
-    graph capture, so that the graph owns its table: a cached one may be dropped later)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (B, T, L, str(device))
-    table = None if capturing else _DENSE_TABLES.get(key)
-    if table is None:
-        nc = triton.cdiv(T, L)
-        ar = torch.arange(B + 1, dtype=torch.int32, device=device)
-        chunk_seq = torch.arange(B * nc, dtype=torch.int32, device=device) // nc
-        table = ChunkTable(ar * T, ar * nc, chunk_seq, B, B * nc)
-        if capturing:
-            return table
-        if len(_DENSE_TABLES) > 64:
-            _DENSE_TABLES.clear()
-        _DENSE_TABLES[key] = table
-    return table
-
-
-def varlen_table(cu_seqlens: torch.Tensor, L: int, total: int) -> ChunkTable:
-    """The table of packed sequences with cumulative offsets ``cu_seqlens`` (reads them on
-    the host once)."""
-    offsets = [int(x) for x in cu_seqlens.tolist()]
-    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(
-            f"wkv7_triton: cu_seqlens must rise from 0 to the {total} packed tokens, got {offsets[:8]}"
-            + ("..." if len(offsets) > 8 else "")
-        )
-    counts = [triton.cdiv(b - a, L) for a, b in zip(offsets, offsets[1:])]
-    chunk_cu = [0]
-    for n in counts:
-        chunk_cu.append(chunk_cu[-1] + n)
-    device = cu_seqlens.device
-    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    chunk_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    return ChunkTable(as_i32(offsets), as_i32(chunk_cu), chunk_seq.int(), len(counts), chunk_cu[-1])
 
 
 def _sms(device: torch.device) -> int:
