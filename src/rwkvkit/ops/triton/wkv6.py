@@ -1007,6 +1007,29 @@ class _WKV6Function(torch.autograd.Function):
         return dr, dlw, dk, dv, du, (ds0 if ctx.has_state else None), None, None, None
 
 
+def check_inputs(fn: str, r, log_w, k, v, u) -> tuple[int, int, int, int]:
+    """The shapes, head size and dtypes every WKV-6 kernel entry point needs (``fn`` names it
+    in the error); returns (B, T, H, N)."""
+    if not (r.shape == log_w.shape == k.shape == v.shape) or r.dim() != 4:
+        raise ValueError(
+            f"{fn}: r, log_w, k, v must share one [B, T, H, N] shape, got {[tuple(x.shape) for x in (r, log_w, k, v)]}"
+        )
+    B, T, H, N = r.shape
+    if N not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"{fn}: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
+    for name, x in zip(("r", "log_w", "k", "v", "u"), (r, log_w, k, v, u)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{fn}: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
+    if u.shape != (H, N):
+        raise ValueError(f"{fn}: u must be [{H}, {N}], got {tuple(u.shape)}")
+    return B, T, H, N
+
+
+def check_state(fn: str, state: torch.Tensor | None, S: int, H: int, N: int) -> None:
+    if state is not None and state.shape != (S, H, N, N):
+        raise ValueError(f"{fn}: state must be [{S}, {H}, {N}, {N}], got {tuple(state.shape)}")
+
+
 def wkv6_triton(
     r: torch.Tensor,
     log_w: torch.Tensor,
@@ -1061,23 +1084,12 @@ def wkv6_triton(
     (default min(N, 32)).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
-    if not (r.shape == log_w.shape == k.shape == v.shape) or r.dim() != 4:
-        raise ValueError(
-            "wkv6_triton: r, log_w, k, v must share one [B, T, H, N] shape, got "
-            f"{[tuple(x.shape) for x in (r, log_w, k, v)]}"
-        )
-    B, T, H, N = r.shape
+    B, T, H, N = check_inputs("wkv6_triton", r, log_w, k, v, u)
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"wkv6_triton: with cu_seqlens the inputs are packed as [1, T, H, N], got {tuple(r.shape)}")
-    for name, x in zip(("r", "log_w", "k", "v", "u"), (r, log_w, k, v, u)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"wkv6_triton: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
-    if u.shape != (H, N):
-        raise ValueError(f"wkv6_triton: u must be [{H}, {N}], got {tuple(u.shape)}")
     table = None if cu_seqlens is None else varlen_table(cu_seqlens, chunk_size, T, "wkv6_triton", r.device)
     S = B if table is None else table.n_seqs
-    if state is not None and state.shape != (S, H, N, N):
-        raise ValueError(f"wkv6_triton: state must be [{S}, {H}, {N}, {N}], got {tuple(state.shape)}")
+    check_state("wkv6_triton", state, S, H, N)
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
     out_dtype = out_dtype or r.dtype

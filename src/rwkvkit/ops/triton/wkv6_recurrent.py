@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .wkv6 import SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES, _lw_strides
+from .wkv6 import _lw_strides, check_inputs, check_state
 
 
 @triton.jit(do_not_specialize=["T", "H"])  # one compile for every T and H
@@ -74,20 +74,8 @@ def wkv6_recurrent(
     zeros); with ``inplace`` the float32 contiguous ``state`` is updated in place and
     returned. Returns ``(y in out_dtype (default r.dtype), final state float32)``.
     """
-    xs = (r, log_w, k, v)
-    if r.dim() != 4 or any(x.shape != r.shape for x in xs):
-        raise ValueError(f"wkv6_recurrent: r, log_w, k, v must share one [B, T, H, N] shape, got "
-                         f"{[tuple(x.shape) for x in xs]}")
-    B, T, H, N = r.shape
-    if N not in SUPPORTED_HEAD_SIZES:
-        raise ValueError(f"wkv6_recurrent: head size {N} not supported (supported: {SUPPORTED_HEAD_SIZES})")
-    for name, x in zip(("r", "log_w", "k", "v", "u"), (*xs, u)):
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"wkv6_recurrent: {name} has dtype {x.dtype}; supported: {SUPPORTED_DTYPES}")
-    if u.shape != (H, N):
-        raise ValueError(f"wkv6_recurrent: u must be [{H}, {N}], got {tuple(u.shape)}")
-    if state is not None and state.shape != (B, H, N, N):
-        raise ValueError(f"wkv6_recurrent: state must be [{B}, {H}, {N}, {N}], got {tuple(state.shape)}")
+    B, T, H, N = check_inputs("wkv6_recurrent", r, log_w, k, v, u)
+    check_state("wkv6_recurrent", state, B, H, N)
     if inplace and (state is None or state.dtype != torch.float32 or not state.is_contiguous()):
         raise ValueError("wkv6_recurrent: inplace needs a contiguous float32 state")
     r, k, v, u = (x.contiguous() for x in (r, k, v, u))
