@@ -5,8 +5,8 @@
     rwkvkit info PATH [--json]
     rwkvkit bench [MODEL] [--device D] [--dtype T] [--quantize int8] [--prefill T] [--batch 1,8]
 
-``--no-cuda-graphs`` (generate, chat, bench): on a GPU, decode eagerly instead of through a
-CUDA graph.
+``--no-cuda-graphs`` (generate, chat, bench): on a GPU, prefill and decode eagerly instead of
+through CUDA graphs.
 
 Errors that are the user's (every :class:`RwkvkitError`, and OSError for files) print one
 line ``rwkvkit: error: <message>`` on stderr and exit 1; Ctrl-C exits 130.
@@ -84,7 +84,7 @@ def _add_weight_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: the big matrices in int8 (about 4x fewer bytes per token than fp32)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="on a GPU, decode eagerly instead of replaying a CUDA graph per token")
+                   help="on a GPU, prefill and decode eagerly instead of replaying CUDA graphs")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, defaults: Any) -> None:
