@@ -5,6 +5,7 @@ token, and its last chunk may be partial."""
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -69,9 +70,7 @@ def varlen_table(
     if problem is not None:
         raise ValueError(f"{fn}: cu_seqlens {problem} (offsets {shown})")
     counts = [triton.cdiv(b - a, L) for a, b in zip(offsets, offsets[1:])]
-    chunk_cu = [0]
-    for n in counts:
-        chunk_cu.append(chunk_cu[-1] + n)
+    chunk_cu = list(itertools.accumulate(counts, initial=0))
     device = cu_seqlens.device if device is None else device
     as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     chunk_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
