@@ -81,6 +81,8 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 # backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
 DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
+IMPLS = ("stored", "recompute")
+DEFAULT_IMPL = "recompute"
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
@@ -420,6 +422,279 @@ def _bwd_chunks_kernel(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# "stored" kernels: the key side is built once per chunk (by _sprep) and what the later passes
+# need is kept in float32 scratch laid out per chunk ([chunks, H, L, N] / [chunks, H, L, L]), so
+# that every later kernel is a handful of whole-chunk products (no inverse, no A_ab).
+#   forward:  _sprep (gL, M, D; Q, Y0; and for the backward Ti, W, U) -> _scan -> _sout (Y = Q S0^T + Y0)
+#   backward: _se (E = dY^T Q) -> _scan reversed -> _sbwd_value (dX, dv) -> _sbwd_key (dr, dlog_w, dk, da, db)
+# Q = rq + A_rb W and Y0 = A_rk V + A_rb U, so Y = rq S0^T + A_rk V + A_rb (W S0^T + U) as above.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L: tl.constexpr):
+    """First token of chunk ``c`` and the end of its sequence (a chunk never crosses it)."""
+    seq = tl.load(chunk_seq_ptr + c)
+    return tl.load(cu_ptr + seq) + (c - tl.load(chunk_cu_ptr + seq)) * L, tl.load(cu_ptr + seq + 1)
+
+
+@triton.jit
+def _rows(ptr, start, end, h, H, N: tl.constexpr, L: tl.constexpr, C0, BC: tl.constexpr):
+    """Pointers to the [L, BC] rows start.. (columns C0..) of head h of a [tokens, H, N] tensor
+    and the mask of the rows before ``end``: a scalar 64-bit base plus 32-bit tile offsets."""
+    offs_t = tl.arange(0, L)
+    base = ptr + (start.to(tl.int64) * H + h) * N + C0
+    return base + (offs_t[:, None] * (H * N) + tl.arange(0, BC)[None, :]), (start + offs_t < end)[:, None]
+
+
+@triton.jit
+def _load_rows(ptr, start, end, h, H, N: tl.constexpr, L: tl.constexpr):
+    p, m = _rows(ptr, start, end, h, H, N, L, 0, N)
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, x, start, end, h, H, N: tl.constexpr, L: tl.constexpr):
+    p, m = _rows(ptr, start, end, h, H, N, L, 0, N)
+    tl.store(p, x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _block(ptr, ch, R: tl.constexpr, C: tl.constexpr, R0, BR: tl.constexpr, C0, BC: tl.constexpr):
+    """Pointers to the [BR, BC] block at (R0, C0) of the [R, C] float32 scratch tile of
+    chunk-head ``ch`` in a [chunks, H, R, C] tensor."""
+    base = ptr + ch * (R * C) + R0 * C + C0
+    return base + (tl.arange(0, BR)[:, None] * C + tl.arange(0, BC)[None, :])
+
+
+@triton.jit
+def _tile(ptr, ch, R: tl.constexpr, C: tl.constexpr):
+    """Pointers to the whole [R, C] scratch tile of chunk-head ``ch``."""
+    return _block(ptr, ch, R, C, 0, R, 0, C)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _sprep_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    gl_ptr,  # [chunks, H, N] out
+    m_ptr, d_ptr,  # [chunks, H, N, N] out
+    q_ptr, y0_ptr, w_ptr, u_ptr,  # [chunks, H, L, N] out (w, u only with STORE_BWD)
+    ti_ptr,  # [chunks, H, L, L] out (only with STORE_BWD)
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, STORE_BWD: tl.constexpr,
+):
+    """Per chunk and head, the whole key side: gL, M = W^T be, D = V^T ke + U^T be, Q, Y0."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    ch = c.to(tl.int64) * H + h
+    offs_t = tl.arange(0, L)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    strict = offs_t[:, None] > offs_t[None, :]
+    incl = offs_t[:, None] >= offs_t[None, :]
+
+    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
+    lam = tl.cumsum(lw, axis=0)
+    gi = tl.exp(-lam)
+    aq = _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw)
+    A_ab = tl.dot(aq, tl.trans(_load_rows(b_ptr, t0, t1, h, H, N, L) * gi), input_precision=PREC)
+    A_ak = tl.dot(aq, tl.trans(_load_rows(k_ptr, t0, t1, h, H, N, L) * gi), input_precision=PREC)
+    Ti = _unit_lower_inverse(tl.where(strict, A_ab, 0.0), offs_t, L, LOG2L, PREC)
+    W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
+    v = _load_rows(v_ptr, t0, t1, h, H, N, L)
+    U = tl.dot(Ti, tl.dot(tl.where(strict, A_ak, 0.0), v, input_precision=PREC), input_precision=PREC)  # [L, N]
+    if STORE_BWD:
+        tl.store(_tile(ti_ptr, ch, L, L), Ti)
+        tl.store(_tile(w_ptr, ch, L, N), W)
+        tl.store(_tile(u_ptr, ch, L, N), U)
+    # the inputs are reloaded (cache hits) rather than kept live across the inverse
+    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
+    lam = tl.cumsum(lw, axis=0)
+    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
+    gi = tl.exp(-lam)
+    rq = _load_rows(r_ptr, t0, t1, h, H, N, L) * tl.exp(lam)
+    bi = _load_rows(b_ptr, t0, t1, h, H, N, L) * gi
+    A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
+    tl.store(_tile(q_ptr, ch, L, N), rq + tl.dot(A_rb, W, input_precision=PREC))
+    Y0 = tl.dot(A_rb, U, input_precision=PREC)
+    ki = _load_rows(k_ptr, t0, t1, h, H, N, L) * gi
+    Y0 += tl.dot(tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0), v, input_precision=PREC)
+    tl.store(_tile(y0_ptr, ch, L, N), Y0)
+    be = bi * gL[None, :]
+    tl.store(_tile(m_ptr, ch, N, N), tl.dot(tl.trans(W), be, input_precision=PREC))
+    D = tl.dot(tl.trans(v), ki * gL[None, :], input_precision=PREC)
+    tl.store(_tile(d_ptr, ch, N, N), D + tl.dot(tl.trans(U), be, input_precision=PREC))
+    tl.store(gl_ptr + ch * N + tl.arange(0, N), gL)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _sout_kernel(
+    q_ptr, y0_ptr,  # [chunks, H, L, N] float32
+    states_ptr,  # [chunks, H, N, N] float32
+    y_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Y = Q S0^T + Y0 for one chunk, head and value block."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    ch = c.to(tl.int64) * H + h
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    S = tl.load(_block(states_ptr, ch, N, N, i_v * BV, BV, 0, N))
+    Y = tl.dot(tl.load(_tile(q_ptr, ch, L, N)), tl.trans(S), input_precision=PREC)
+    Y += tl.load(_block(y0_ptr, ch, L, N, 0, L, i_v * BV, BV))
+    p, m = _rows(y_ptr, t0, t1, h, H, N, L, i_v * BV, BV)
+    tl.store(p, Y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _se_kernel(
+    q_ptr,  # [chunks, H, L, N] float32
+    dy_ptr,  # [tokens, H, N]
+    e_ptr,  # [chunks, H, N, N] float32 out
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """E = dY^T Q for one chunk, head and value block."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    ch = c.to(tl.int64) * H + h
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    p, m = _rows(dy_ptr, t0, t1, h, H, N, L, i_v * BV, BV)
+    dY = tl.load(p, mask=m, other=0.0).to(tl.float32)
+    E = tl.dot(tl.trans(dY), tl.load(_tile(q_ptr, ch, L, N)), input_precision=PREC)
+    tl.store(_block(e_ptr, ch, N, N, i_v * BV, BV, 0, N), E)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _sbwd_value_kernel(
+    r_ptr, lw_ptr, k_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
+    dstates_ptr,  # [chunks, H, N, N] float32: dS leaving each chunk
+    ti_ptr,  # [chunks, H, L, L] float32
+    dx_ptr,  # [chunks, H, L, N] float32 out
+    dv_ptr,  # [tokens, H, N] out
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+):
+    """dSA = be dS^T + A_rb^T dY, dX = Ti^T dSA, dv = ke dS^T + A_rk^T dY + A_ak^T dX."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    ch = c.to(tl.int64) * H + h
+    offs_t = tl.arange(0, L)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    strict = offs_t[:, None] > offs_t[None, :]
+    incl = offs_t[:, None] >= offs_t[None, :]
+
+    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
+    lam = tl.cumsum(lw, axis=0)
+    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
+    gi = tl.exp(-lam)
+    rq = _load_rows(r_ptr, t0, t1, h, H, N, L) * tl.exp(lam)
+    aq = _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw)
+    bi = _load_rows(b_ptr, t0, t1, h, H, N, L) * gi
+    ki = _load_rows(k_ptr, t0, t1, h, H, N, L) * gi
+    dS = tl.load(_tile(dstates_ptr, ch, N, N))
+    dY = _load_rows(dy_ptr, t0, t1, h, H, N, L)
+    dSA = tl.dot(bi * gL[None, :], tl.trans(dS), input_precision=PREC)
+    dSA += tl.dot(tl.trans(tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)), dY, input_precision=PREC)
+    dX = tl.dot(tl.trans(tl.load(_tile(ti_ptr, ch, L, L))), dSA, input_precision=PREC)
+    tl.store(_tile(dx_ptr, ch, L, N), dX)
+    dv = tl.dot(ki * gL[None, :], tl.trans(dS), input_precision=PREC)
+    dv += tl.dot(tl.trans(tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)), dY, input_precision=PREC)
+    dv += tl.dot(tl.trans(tl.where(strict, tl.dot(aq, tl.trans(ki), input_precision=PREC), 0.0)), dX, input_precision=PREC)
+    _store_rows(dv_ptr, dv, t0, t1, h, H, N, L)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _sbwd_key_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    w_ptr, u_ptr, dx_ptr,  # [chunks, H, L, N] float32
+    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N] out
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Every gradient on the key side. First, over the whole value index, SA = W S0^T + U and
+    the four dA (from dY, dX, V, SA); then, key block by key block (BK columns: everything
+    after the dA is column-wise), drq, daq, dbi, dki, dke, dbe, dgL and through the scalings
+    dr, dlog_w, dk, da, db."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    ch = c.to(tl.int64) * H + h
+    offs_t = tl.arange(0, L)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    strict = offs_t[:, None] > offs_t[None, :]
+    incl = offs_t[:, None] >= offs_t[None, :]
+
+    SA = tl.dot(tl.load(_tile(w_ptr, ch, L, N)), tl.trans(tl.load(_tile(states_ptr, ch, N, N))), input_precision=PREC)
+    SA += tl.load(_tile(u_ptr, ch, L, N))  # [L, V]
+    v = _load_rows(v_ptr, t0, t1, h, H, N, L)
+    dY = _load_rows(dy_ptr, t0, t1, h, H, N, L)
+    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v), input_precision=PREC), 0.0)
+    dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
+    dX = tl.load(_tile(dx_ptr, ch, L, N))
+    dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v), input_precision=PREC), 0.0)
+    dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
+
+    for kb in tl.static_range(N // BK):
+        c0 = kb * BK
+        p, m = _rows(lw_ptr, t0, t1, h, H, N, L, c0, BK)
+        lw = tl.load(p, mask=m, other=0.0).to(tl.float32)
+        lam = tl.cumsum(lw, axis=0)
+        gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
+        gi = tl.exp(-lam)
+        S = tl.load(_block(states_ptr, ch, N, N, 0, N, c0, BK))  # [V, BK]
+        dS = tl.load(_block(dstates_ptr, ch, N, N, 0, N, c0, BK))
+        dlam_last = tl.sum(dS * S, axis=0) * gL  # dgL gL; + colsum(dke ke + dbe be) below
+        # dk and db are accumulated as dk / gi = dke gL + dki and db / gi = dbe gL + dbi
+        dk = tl.dot(v, dS, input_precision=PREC) * gL[None, :]
+        db = tl.dot(SA, dS, input_precision=PREC) * gL[None, :]
+        p, m = _rows(k_ptr, t0, t1, h, H, N, L, c0, BK)
+        kgi = tl.load(p, mask=m, other=0.0).to(tl.float32) * gi
+        p, m = _rows(b_ptr, t0, t1, h, H, N, L, c0, BK)
+        bgi = tl.load(p, mask=m, other=0.0).to(tl.float32) * gi
+        dlam_last += tl.sum(dk * kgi + db * bgi, axis=0)
+
+        g = tl.exp(lam)
+        drq = tl.dot(dY, S, input_precision=PREC)
+        drq += tl.dot(dA_rb, bgi, input_precision=PREC)
+        drq += tl.dot(dA_rk, kgi, input_precision=PREC)
+        p, m = _rows(dr_ptr, t0, t1, h, H, N, L, c0, BK)
+        tl.store(p, (drq * g).to(dr_ptr.dtype.element_ty), mask=m)
+        p, m = _rows(r_ptr, t0, t1, h, H, N, L, c0, BK)
+        rq = tl.load(p, mask=m, other=0.0).to(tl.float32) * g
+        dlam = drq * rq  # dLam = dr r - dk k - db b (+ dLam' = da a, separately)
+        db += tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
+        dk += tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
+
+        gp = tl.exp(lam - lw)
+        daq = tl.dot(dX, S, input_precision=PREC)
+        daq += tl.dot(dA_ab, bgi, input_precision=PREC)
+        daq += tl.dot(dA_ak, kgi, input_precision=PREC)
+        p, m = _rows(da_ptr, t0, t1, h, H, N, L, c0, BK)
+        tl.store(p, (daq * gp).to(da_ptr.dtype.element_ty), mask=m)
+        p, m = _rows(a_ptr, t0, t1, h, H, N, L, c0, BK)
+        aq = tl.load(p, mask=m, other=0.0).to(tl.float32) * gp
+        dlamp = daq * aq  # dLam' = da a
+        db += tl.dot(tl.trans(dA_ab), aq, input_precision=PREC)
+        dk += tl.dot(tl.trans(dA_ak), aq, input_precision=PREC)
+        dlam -= dk * kgi + db * bgi
+        p, m = _rows(dk_ptr, t0, t1, h, H, N, L, c0, BK)
+        tl.store(p, (dk * gi).to(dk_ptr.dtype.element_ty), mask=m)
+        p, m = _rows(db_ptr, t0, t1, h, H, N, L, c0, BK)
+        tl.store(p, (db * gi).to(db_ptr.dtype.element_ty), mask=m)
+        dlw = tl.cumsum(dlam + dlamp, axis=0, reverse=True) - dlamp + dlam_last[None, :]
+        p, m = _rows(dlw_ptr, t0, t1, h, H, N, L, c0, BK)
+        tl.store(p, dlw.to(dlw_ptr.dtype.element_ty), mask=m)
+
+
 @triton.jit(do_not_specialize=["T", "H"])
 def _recurrent_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
@@ -536,12 +811,14 @@ def _auto_warps(block_v: int, N: int) -> int:
     return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
 
 
-def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
+def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str, impl: str | None = None) -> None:
     """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
     if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
     if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"wkv7_triton: impl must be one of {IMPLS}, got {impl!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
@@ -561,53 +838,85 @@ def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, blo
 
 
 def wkv7_forward(
-    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, need_bwd: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL)``."""
+    says. Returns ``(y, final states [S, H, N, N], what the backward needs)`` (the last empty
+    unless ``need_bwd``)."""
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
-    bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, L, bv, prec)
-    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     gl = _empty((nc, H, N), torch.float32, r.device)
     m = _empty((nc, H, N, N), torch.float32, r.device)
     d = _empty((nc, H, N, N), torch.float32, r.device)
-    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
+    scan = dict(block_v=cfg["scan_block_v"], num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"])
+    y = _empty(r.shape, out_dtype, r.device)
+    if cfg["impl"] == "stored":
+        _check_config(N, L, None, prec)
+        q = _empty((nc, H, L, N), torch.float32, r.device)
+        y0 = _empty((nc, H, L, N), torch.float32, r.device)
+        w, u, ti = (
+            (_empty((nc, H, L, N), torch.float32, r.device), _empty((nc, H, L, N), torch.float32, r.device),
+             _empty((nc, H, L, L), torch.float32, r.device)) if need_bwd else (q, q, q)
+        )
+        _sprep_kernel[(nc, H)](
+            r, log_w, k, v, a, b, *tabs, gl, m, d, q, y0, w, u, ti, H,
+            N=N, L=L, LOG2L=int(math.log2(L)), PREC=prec, STORE_BWD=need_bwd, num_warps=cfg["num_warps"] or 8,
+        )
+        states, sT = _scan(state, gl, m, d, table, H, N, reverse=False, **scan)
+        bv = cfg["block_v"] or N
+        _check_config(N, None, bv, prec)
+        _sout_kernel[(nc, H, N // bv)](q, y0, states, y, *tabs, H, N=N, L=L, BV=bv, PREC=prec, num_warps=4)
+        return y, sT, ((states, m, gl, q, w, u, ti) if need_bwd else ())
+    bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
+    _check_config(N, L, bv, prec)
+    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
     grid = (nc, H, N // bv)
     _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
-    states, sT = _scan(
-        state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
-        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
-    )
-    y = _empty(r.shape, out_dtype, r.device)
+    states, sT = _scan(state, gl, m, d, table, H, N, reverse=False, **scan)
     _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
-    return y, sT, states, m, gl
+    return y, sT, ((states, m, gl) if need_bwd else ())
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict
+    r, log_w, k, v, a, b, saved, dy, dsT, table: ChunkTable, cfg: dict
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels. Returns ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the
-    input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
+    """Launch the backward kernels (``saved``: what ``wkv7_forward`` returned for it). Returns
+    ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
+    dstate0 [S, H, N, N] in float32."""
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
+    scan = dict(block_v=cfg["scan_block_v"], num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"])
+    e = _empty((nc, H, N, N), torch.float32, r.device)
+    if cfg["impl"] == "stored":
+        states, m, gl, q, w, u, ti = saved
+        bv = cfg["bwd_block_v"] or N
+        _check_config(N, L, bv, prec)
+        _se_kernel[(nc, H, N // bv)](q, dy, e, *tabs, H, N=N, L=L, BV=bv, PREC=prec, num_warps=4)
+        dstates, ds0 = _scan(dsT, gl, m, e, table, H, N, reverse=True, **scan)
+        meta = dict(N=N, L=L, PREC=prec, num_warps=cfg["bwd_num_warps"] or 8)
+        dx = _empty((nc, H, L, N), torch.float32, r.device)
+        dv = _empty(r.shape, v.dtype, r.device)
+        _sbwd_value_kernel[(nc, H)](r, log_w, k, a, b, dy, dstates, ti, dx, dv, *tabs, H, **meta)
+        dr, dlw, dk, da, db = (_empty(x.shape, x.dtype, x.device) for x in (r, log_w, k, a, b))
+        bk = cfg["bwd_block_k"] or min(N, 32)
+        _sbwd_key_kernel[(nc, H)](
+            r, log_w, k, v, a, b, dy, states, dstates, w, u, dx, dr, dlw, dk, da, db, *tabs, H, BK=bk, **meta
+        )
+        return dr, dlw, dk, dv, da, db, ds0
+    states, m, gl = saved
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
     _check_config(N, L, bv, prec)
     nv = N // bv
     meta = dict(
         N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N)
     )
-    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, nv)
-    e = _empty((nc, H, N, N), torch.float32, r.device)
     _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
-    dstates, ds0 = _scan(
-        dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
-        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
-    )
+    dstates, ds0 = _scan(dsT, gl, m, e, table, H, N, reverse=True, **scan)
     inputs = (r, log_w, k, a, b)
     if nv == 1:
         parts = [_empty((1, *r.shape), x.dtype, r.device) for x in inputs]
@@ -629,20 +938,19 @@ def wkv7_backward(
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
-        y, sT, states, m, gl = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype)
-        if any(ctx.needs_input_grad[:7]):  # (grad mode is off inside forward)
-            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl)
+        need_bwd = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
+        y, sT, saved = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, need_bwd)
+        if need_bwd:
+            ctx.save_for_backward(r, log_w, k, v, a, b, *saved)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states, m, gl = ctx.saved_tensors
+        r, log_w, k, v, a, b, *saved = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
-        dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg
-        )
+        dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(r, log_w, k, v, a, b, saved, dy, dsT, ctx.table, ctx.cfg)
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
 
 
@@ -677,10 +985,12 @@ def wkv7_triton(
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
     bwd_num_warps: int | None = None,
+    bwd_block_k: int | None = None,
     scan_block_v: int | None = None,
     scan_num_warps: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
+    impl: str | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -710,7 +1020,7 @@ def wkv7_triton(
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
-    _check_config(N, chunk_size, None, precision)
+    _check_config(N, chunk_size, None, precision, impl)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
     if T == 0 or n_seqs == 0:
@@ -722,8 +1032,8 @@ def wkv7_triton(
         table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
-        bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision,
+        bwd_num_warps=bwd_num_warps, bwd_block_k=bwd_block_k, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
+        precision=precision, scan_precision=scan_precision, impl=impl or DEFAULT_IMPL,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
