@@ -8,7 +8,7 @@
 #    bitwise; RWKV-5/6/7, batch 1 and 3, bf16), generation gives the same tokens with and
 #    without graphs (batch 1, a batch that shrinks from 5 rows to 1), stale graphs recaptured.
 #    The fused RWKV-7 time-mix step (the default on CUDA) against the PyTorch ops and inside
-#    a model's step_. The WKV-6 decoding kernel (RWKVKIT_WKV6_RECURRENT=1) against the
+#    a model's step_. The WKV-6 decoding kernel (the default; RWKVKIT_WKV6_RECURRENT=0 turns it off) against the
 #    reference and in RWKV-5.2 / RWKV-6 decoding.
 # 2. benchmarks/bench_inference.py --device cuda: decode at batch 1 through the CUDA graph (also
 #    without the fused step, bf16: RWKVKIT_FUSED_STEP=0) and eagerly against the rwkv package (cuda fp16, RWKV_CUDA_ON=1:

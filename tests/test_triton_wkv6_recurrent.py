@@ -1,7 +1,7 @@
-"""The WKV-6 decoding kernel (``ops.triton.wkv6_recurrent``): outputs and final state against
+"""The WKV-6 decoding kernel (``ops.triton.wkv6.wkv6_recurrent``): outputs and final state against
 the float64 step reference, a new state or the given one updated in place, RWKV-5.2's
-stride-0 decay, and ``ops.wkv6`` taking it for a few tokens without gradients (with
-RWKVKIT_WKV6_RECURRENT=1, until these tests have run on a GPU).
+stride-0 decay, and ``ops.wkv6`` taking it for a few tokens without gradients (the default;
+RWKVKIT_WKV6_RECURRENT=0 turns it off).
 
 Runs on CUDA, or on the CPU under the Triton interpreter with RWKVKIT_TRITON_INTERPRET=1
 (tests/triton_checks.py); skips otherwise.
@@ -16,7 +16,7 @@ from test_ops_wkv6 import wkv6_inputs
 
 from rwkvkit import ops
 from rwkvkit.ops import wkv6_reference
-from rwkvkit.ops.triton.wkv6_recurrent import wkv6_recurrent
+from rwkvkit.ops.triton.wkv6 import wkv6_recurrent
 
 
 @pytest.mark.parametrize("T", [1, 5, 16])
@@ -70,7 +70,7 @@ def test_rejects_bad_arguments():
 
 @gpu_only
 def test_dispatcher_takes_it_for_decoding(seed, monkeypatch):
-    """ops.wkv6 on CUDA with RWKVKIT_WKV6_RECURRENT=1: a few tokens without gradients go
+    """ops.wkv6 on CUDA (RWKVKIT_WKV6_RECURRENT=1, the default): a few tokens without gradients go
     through the decoding kernel (the same numbers as calling it), with gradients through the
     chunked kernels."""
     monkeypatch.setenv("RWKVKIT_WKV6_RECURRENT", "1")

@@ -2,9 +2,9 @@
 
 ``wkv7`` (RWKV-7) and ``wkv6`` (RWKV-5.2 and RWKV-6) pick the backend: the Triton kernels
 on CUDA when triton is installed (``RWKVKIT_WKV_BACKEND=torch`` turns them off; a step-by-step
-kernel for a few tokens without gradients, the chunked ones otherwise; for WKV-6 that kernel
-only with ``RWKVKIT_WKV6_RECURRENT=1`` for now), else the recurrent step for T == 1 and the
-PyTorch chunked form otherwise. ``wkv7_`` is the in-place
+kernel for a few tokens without gradients, the chunked ones otherwise;
+``RWKVKIT_WKV6_RECURRENT=0`` keeps WKV-6 off its step-by-step kernel), else the recurrent step
+for T == 1 and the PyTorch chunked form otherwise. ``wkv7_`` is the in-place
 decoding step (no gradients); ``wkv7_timemix_step_`` is the whole RWKV-7 time-mix step around
 it (one kernel on CUDA; ``RWKVKIT_FUSED_STEP=0`` turns that off).
 ``reference`` holds the step-by-step spec.
@@ -164,17 +164,16 @@ def wkv6(
     ([value, key]).
 
     Returns ``(y, new_state)``; the given state is not modified. ``y`` and the new state are
-    in the state's dtype. On CUDA: the chunked kernels for T > 1; with
-    ``RWKVKIT_WKV6_RECURRENT=1`` the step-by-step kernel for up to 16 tokens without gradients
-    (decoding; off by default until its GPU tests have run: it is checked under the Triton
-    interpreter only).
+    in the state's dtype. On CUDA: the step-by-step kernel for up to 16 tokens without
+    gradients (decoding; ``RWKVKIT_WKV6_RECURRENT=0`` turns it off), else the chunked kernels
+    for T > 1.
     """
     if _triton_enabled(r):
         from .triton import wkv6_recurrent, wkv6_triton, wkv6_triton_supports
 
         if wkv6_triton_supports(r, log_w, k, v, u, state):
             xs = (r, log_w, k, v, u, state)
-            if (r.shape[1] <= 16 and os.environ.get("RWKVKIT_WKV6_RECURRENT", "0") == "1"
+            if (r.shape[1] <= 16 and os.environ.get("RWKVKIT_WKV6_RECURRENT", "1") == "1"
                     and not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))):
                 return wkv6_recurrent(*xs, out_dtype=state.dtype)
             if r.shape[1] > 1:

@@ -115,7 +115,7 @@ def wkv6_triton(*args, **kwargs):
 
 def wkv6_recurrent(*args, **kwargs):
     """RWKV-5.2 / RWKV-6 WKV step by step in one kernel (decoding); see
-    ``rwkvkit.ops.triton.wkv6_recurrent``."""
-    from .wkv6_recurrent import wkv6_recurrent as impl
+    ``rwkvkit.ops.triton.wkv6.wkv6_recurrent``."""
+    from .wkv6 import wkv6_recurrent as impl
 
     return impl(*args, **kwargs)

@@ -82,6 +82,9 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
 IMPLS = ("stored", "recompute")
+# impl "stored" at head size 16 hit an illegal memory access on an H100 (Triton 3.6; not yet
+# understood) and at 128 its [L, 128] tiles spill: those sizes take "recompute"
+STORED_HEAD_SIZES = (32, 64)
 DEFAULT_IMPL = "recompute"
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
@@ -461,6 +464,22 @@ def _store_rows(ptr, x, start, end, h, H, N: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
+def _after(x):
+    """An int32 zero computed from the tile ``x``. Added to a pointer, it keeps the loads through
+    that pointer from being issued before ``x`` exists: the compiler otherwise issues every
+    load of a kernel up front, and all those tiles are then live at once and spill. (On the GPU
+    a NaN or inf converts to 0 too; the interpreter never sees one here.)"""
+    return (tl.sum(tl.sum(x, axis=1), axis=0) * 0.0).to(tl.int32)
+
+
+@triton.jit
+def _scaled_cols(ptr, e, start, end, h, H, N: tl.constexpr, L: tl.constexpr, C0, BC: tl.constexpr):
+    """The [L, BC] rows of a [tokens, H, N] input (columns C0..) times exp(e), in float32."""
+    p, m = _rows(ptr, start, end, h, H, N, L, C0, BC)
+    return tl.load(p, mask=m, other=0.0).to(tl.float32) * tl.exp(e)
+
+
+@triton.jit
 def _block(ptr, ch, R: tl.constexpr, C: tl.constexpr, R0, BR: tl.constexpr, C0, BC: tl.constexpr):
     """Pointers to the [BR, BC] block at (R0, C0) of the [R, C] float32 scratch tile of
     chunk-head ``ch`` in a [chunks, H, R, C] tensor."""
@@ -480,7 +499,7 @@ def _sprep_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     gl_ptr,  # [chunks, H, N] out
     m_ptr, d_ptr,  # [chunks, H, N, N] out
-    q_ptr, y0_ptr, w_ptr, u_ptr,  # [chunks, H, L, N] out (w, u only with STORE_BWD)
+    q_ptr, y0_ptr, w_ptr, u_ptr,  # [chunks, H, L, N] out
     ti_ptr,  # [chunks, H, L, L] out (only with STORE_BWD)
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, STORE_BWD: tl.constexpr,
@@ -494,37 +513,49 @@ def _sprep_kernel(
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
 
+    # A_ab and its inverse first, with nothing else live; the inputs are reloaded (cache hits)
+    # and their scalings recomputed where needed rather than kept live across the kernel
     lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
     lam = tl.cumsum(lw, axis=0)
-    gi = tl.exp(-lam)
-    aq = _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw)
-    A_ab = tl.dot(aq, tl.trans(_load_rows(b_ptr, t0, t1, h, H, N, L) * gi), input_precision=PREC)
-    A_ak = tl.dot(aq, tl.trans(_load_rows(k_ptr, t0, t1, h, H, N, L) * gi), input_precision=PREC)
+    A_ab = tl.dot(
+        _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw),
+        tl.trans(_load_rows(b_ptr, t0, t1, h, H, N, L) * tl.exp(-lam)), input_precision=PREC,
+    )
     Ti = _unit_lower_inverse(tl.where(strict, A_ab, 0.0), offs_t, L, LOG2L, PREC)
-    W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
-    v = _load_rows(v_ptr, t0, t1, h, H, N, L)
-    U = tl.dot(Ti, tl.dot(tl.where(strict, A_ak, 0.0), v, input_precision=PREC), input_precision=PREC)  # [L, N]
+    z = _after(Ti)  # (each step's loads wait for the step before: ``_after``)
+    lw = _load_rows(lw_ptr + z, t0, t1, h, H, N, L)
+    lam = tl.cumsum(lw, axis=0)
+    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * tl.exp(lam - lw)
+    A_ak = tl.dot(aq, tl.trans(_scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC)
+    tl.store(_tile(w_ptr, ch, L, N), tl.dot(Ti, aq, input_precision=PREC))  # W [L, N]
+    # (big tiles go to the scratch as soon as they are made and are read back where needed)
+    z = _after(A_ak)
+    p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
+    U = tl.dot(Ti, tl.dot(tl.where(strict, A_ak, 0.0), tl.load(p, mask=m, other=0.0).to(tl.float32), input_precision=PREC), input_precision=PREC)
+    tl.store(_tile(u_ptr, ch, L, N), U)
     if STORE_BWD:
         tl.store(_tile(ti_ptr, ch, L, L), Ti)
-        tl.store(_tile(w_ptr, ch, L, N), W)
-        tl.store(_tile(u_ptr, ch, L, N), U)
-    # the inputs are reloaded (cache hits) rather than kept live across the inverse
-    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
-    lam = tl.cumsum(lw, axis=0)
-    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
-    gi = tl.exp(-lam)
-    rq = _load_rows(r_ptr, t0, t1, h, H, N, L) * tl.exp(lam)
-    bi = _load_rows(b_ptr, t0, t1, h, H, N, L) * gi
-    A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-    tl.store(_tile(q_ptr, ch, L, N), rq + tl.dot(A_rb, W, input_precision=PREC))
-    Y0 = tl.dot(A_rb, U, input_precision=PREC)
-    ki = _load_rows(k_ptr, t0, t1, h, H, N, L) * gi
-    Y0 += tl.dot(tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0), v, input_precision=PREC)
+    # M = W^T be, D = U^T be + V^T ke
+    z = _after(U)
+    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
+    gL = tl.exp(lam_last)
+    be = _scaled_cols(b_ptr + z, lam_last[None, :] - lam, t0, t1, h, H, N, L, 0, N)
+    D = tl.dot(tl.trans(U), be, input_precision=PREC)
+    tl.store(_tile(m_ptr, ch, N, N), tl.dot(tl.trans(tl.load(_tile(w_ptr + z, ch, L, N))), be, input_precision=PREC))
+    z = _after(D)
+    ke = _scaled_cols(k_ptr + z, lam_last[None, :] - lam, t0, t1, h, H, N, L, 0, N)
+    D += tl.dot(tl.trans(_load_rows(v_ptr + z, t0, t1, h, H, N, L)), ke, input_precision=PREC)
+    tl.store(_tile(d_ptr, ch, N, N), D)
+    # Q = rq + A_rb W, Y0 = A_rb U + A_rk V (W, U read back from the scratch just written)
+    z = _after(D)
+    rq = _scaled_cols(r_ptr + z, lam, t0, t1, h, H, N, L, 0, N)
+    A_rb = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
+    tl.store(_tile(q_ptr, ch, L, N), rq + tl.dot(A_rb, tl.load(_tile(w_ptr + z, ch, L, N)), input_precision=PREC))
+    Y0 = tl.dot(A_rb, tl.load(_tile(u_ptr + z, ch, L, N)), input_precision=PREC)
+    z = _after(Y0)
+    A_rk = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
+    Y0 += tl.dot(A_rk, _load_rows(v_ptr + z, t0, t1, h, H, N, L), input_precision=PREC)
     tl.store(_tile(y0_ptr, ch, L, N), Y0)
-    be = bi * gL[None, :]
-    tl.store(_tile(m_ptr, ch, N, N), tl.dot(tl.trans(W), be, input_precision=PREC))
-    D = tl.dot(tl.trans(v), ki * gL[None, :], input_precision=PREC)
-    tl.store(_tile(d_ptr, ch, N, N), D + tl.dot(tl.trans(U), be, input_precision=PREC))
     tl.store(gl_ptr + ch * N + tl.arange(0, N), gL)
 
 
@@ -594,19 +625,25 @@ def _sbwd_value_kernel(
     lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
     lam = tl.cumsum(lw, axis=0)
     gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
-    gi = tl.exp(-lam)
-    rq = _load_rows(r_ptr, t0, t1, h, H, N, L) * tl.exp(lam)
-    aq = _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw)
-    bi = _load_rows(b_ptr, t0, t1, h, H, N, L) * gi
-    ki = _load_rows(k_ptr, t0, t1, h, H, N, L) * gi
     dS = tl.load(_tile(dstates_ptr, ch, N, N))
-    dY = _load_rows(dy_ptr, t0, t1, h, H, N, L)
+    # dSA = be dS^T + A_rb^T dY, dX = Ti^T dSA (each step's loads wait for the step before)
+    bi = _scaled_cols(b_ptr, -lam, t0, t1, h, H, N, L, 0, N)
     dSA = tl.dot(bi * gL[None, :], tl.trans(dS), input_precision=PREC)
-    dSA += tl.dot(tl.trans(tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)), dY, input_precision=PREC)
-    dX = tl.dot(tl.trans(tl.load(_tile(ti_ptr, ch, L, L))), dSA, input_precision=PREC)
+    z = _after(dSA)
+    rq = _scaled_cols(r_ptr + z, lam, t0, t1, h, H, N, L, 0, N)
+    A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
+    p, m = _rows(dy_ptr + z, t0, t1, h, H, N, L, 0, N)
+    dY = tl.load(p, mask=m, other=0.0)  # in its own dtype while live
+    dSA += tl.dot(tl.trans(A_rb), dY.to(tl.float32), input_precision=PREC)
+    z = _after(dSA)
+    dX = tl.dot(tl.trans(tl.load(_tile(ti_ptr + z, ch, L, L))), dSA, input_precision=PREC)
     tl.store(_tile(dx_ptr, ch, L, N), dX)
+    # dv = ke dS^T + A_rk^T dY + A_ak^T dX
+    z = _after(dX)
+    ki = _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)
     dv = tl.dot(ki * gL[None, :], tl.trans(dS), input_precision=PREC)
-    dv += tl.dot(tl.trans(tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)), dY, input_precision=PREC)
+    dv += tl.dot(tl.trans(tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)), dY.to(tl.float32), input_precision=PREC)
+    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * tl.exp(lam - lw)
     dv += tl.dot(tl.trans(tl.where(strict, tl.dot(aq, tl.trans(ki), input_precision=PREC), 0.0)), dX, input_precision=PREC)
     _store_rows(dv_ptr, dv, t0, t1, h, H, N, L)
 
@@ -619,80 +656,190 @@ def _sbwd_key_kernel(
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N] out
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     H,
-    N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Every gradient on the key side. First, over the whole value index, SA = W S0^T + U and
-    the four dA (from dY, dX, V, SA); then, key block by key block (BK columns: everything
-    after the dA is column-wise), drq, daq, dbi, dki, dke, dbe, dgL and through the scalings
-    dr, dlog_w, dk, da, db."""
+    """Every gradient on the key side in one program per chunk and head: SA = W S0^T + U, dke,
+    dbe, then the r side (dA_rk = dY V^T, dA_rb = dY SA^T: drq and their share of dki, dbi) and
+    the a side (dA_ak = dX V^T, dA_ab = dX SA^T: daq and theirs), and through the scalings dr,
+    dlog_w, dk, da, db. (Each step's loads wait for the step before: ``_after``.)"""
     c = tl.program_id(0)
     h = tl.program_id(1)
     ch = c.to(tl.int64) * H + h
     offs_t = tl.arange(0, L)
     t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    strict = offs_t[:, None] > offs_t[None, :]
+
+    lam = tl.cumsum(_load_rows(lw_ptr, t0, t1, h, H, N, L), axis=0)
+    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
+    S = tl.load(_tile(states_ptr, ch, N, N))  # [V, K]
+    dS = tl.load(_tile(dstates_ptr, ch, N, N))
+    dlam_last = tl.sum(dS * S, axis=0) * gL  # dgL gL; + colsum(dke ke + dbe be) below
+    z = _after(dS)
+    SA = tl.dot(tl.load(_tile(w_ptr + z, ch, L, N)), tl.trans(S), input_precision=PREC)
+    SA += tl.load(_tile(u_ptr + z, ch, L, N))  # [L, V]
+    z = _after(SA)
+    p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
+    v = tl.load(p, mask=m, other=0.0)  # in its own dtype while live
+    # dk and db are accumulated as dk / gi = dke gL + dki and db / gi = dbe gL + dbi
+    dk = tl.dot(v.to(tl.float32), dS, input_precision=PREC) * gL[None, :]
+    db = tl.dot(SA, dS, input_precision=PREC) * gL[None, :]
+    z = _after(db)
+    dlam_last += tl.sum(dk * _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
+    dlam_last += tl.sum(db * _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
+
+    # the r side
     incl = offs_t[:, None] >= offs_t[None, :]
-
-    SA = tl.dot(tl.load(_tile(w_ptr, ch, L, N)), tl.trans(tl.load(_tile(states_ptr, ch, N, N))), input_precision=PREC)
-    SA += tl.load(_tile(u_ptr, ch, L, N))  # [L, V]
-    v = _load_rows(v_ptr, t0, t1, h, H, N, L)
-    dY = _load_rows(dy_ptr, t0, t1, h, H, N, L)
-    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v), input_precision=PREC), 0.0)
+    dY = _load_rows(dy_ptr + z, t0, t1, h, H, N, L)
+    drq = tl.dot(dY, S, input_precision=PREC)
     dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
-    dX = tl.load(_tile(dx_ptr, ch, L, N))
-    dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v), input_precision=PREC), 0.0)
+    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v.to(tl.float32)), input_precision=PREC), 0.0)
+    z = _after(dA_rk)
+    drq += tl.dot(dA_rb, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    drq += tl.dot(dA_rk, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    g = tl.exp(lam)
+    _store_rows(dr_ptr, drq * g, t0, t1, h, H, N, L)
+    rq = _load_rows(r_ptr + z, t0, t1, h, H, N, L) * g
+    dlam = drq * rq  # dLam = dr r - dk k - db b (+ dLam' = da a, separately)
+    db += tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
+    dk += tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
+
+    # the a side
+    z = _after(dk)
+    dX = tl.load(_tile(dx_ptr + z, ch, L, N))
+    strict = offs_t[:, None] > offs_t[None, :]
+    daq = tl.dot(dX, tl.load(_tile(states_ptr + z, ch, N, N)), input_precision=PREC)
     dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
+    dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v.to(tl.float32)), input_precision=PREC), 0.0)
+    z = _after(dA_ak)
+    daq += tl.dot(dA_ab, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    daq += tl.dot(dA_ak, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    gp = tl.exp(lam - _load_rows(lw_ptr + z, t0, t1, h, H, N, L))
+    _store_rows(da_ptr, daq * gp, t0, t1, h, H, N, L)
+    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * gp
+    dlamp = daq * aq  # dLam' = da a
+    db += tl.dot(tl.trans(dA_ab), aq, input_precision=PREC)
+    dk += tl.dot(tl.trans(dA_ak), aq, input_precision=PREC)
+    gi = tl.exp(-lam)
+    dk *= gi
+    db *= gi
+    _store_rows(dk_ptr, dk, t0, t1, h, H, N, L)
+    _store_rows(db_ptr, db, t0, t1, h, H, N, L)
+    z = _after(db)
+    dlam -= dk * _load_rows(k_ptr + z, t0, t1, h, H, N, L) + db * _load_rows(b_ptr + z, t0, t1, h, H, N, L)
+    dlw = tl.cumsum(dlam + dlamp, axis=0, reverse=True) - dlamp + dlam_last[None, :]
+    _store_rows(dlw_ptr, dlw, t0, t1, h, H, N, L)
 
-    for kb in tl.static_range(N // BK):
-        c0 = kb * BK
-        p, m = _rows(lw_ptr, t0, t1, h, H, N, L, c0, BK)
-        lw = tl.load(p, mask=m, other=0.0).to(tl.float32)
-        lam = tl.cumsum(lw, axis=0)
-        gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
-        gi = tl.exp(-lam)
-        S = tl.load(_block(states_ptr, ch, N, N, 0, N, c0, BK))  # [V, BK]
-        dS = tl.load(_block(dstates_ptr, ch, N, N, 0, N, c0, BK))
-        dlam_last = tl.sum(dS * S, axis=0) * gL  # dgL gL; + colsum(dke ke + dbe be) below
-        # dk and db are accumulated as dk / gi = dke gL + dki and db / gi = dbe gL + dbi
-        dk = tl.dot(v, dS, input_precision=PREC) * gL[None, :]
-        db = tl.dot(SA, dS, input_precision=PREC) * gL[None, :]
-        p, m = _rows(k_ptr, t0, t1, h, H, N, L, c0, BK)
-        kgi = tl.load(p, mask=m, other=0.0).to(tl.float32) * gi
-        p, m = _rows(b_ptr, t0, t1, h, H, N, L, c0, BK)
-        bgi = tl.load(p, mask=m, other=0.0).to(tl.float32) * gi
-        dlam_last += tl.sum(dk * kgi + db * bgi, axis=0)
 
-        g = tl.exp(lam)
-        drq = tl.dot(dY, S, input_precision=PREC)
-        drq += tl.dot(dA_rb, bgi, input_precision=PREC)
-        drq += tl.dot(dA_rk, kgi, input_precision=PREC)
-        p, m = _rows(dr_ptr, t0, t1, h, H, N, L, c0, BK)
-        tl.store(p, (drq * g).to(dr_ptr.dtype.element_ty), mask=m)
-        p, m = _rows(r_ptr, t0, t1, h, H, N, L, c0, BK)
-        rq = tl.load(p, mask=m, other=0.0).to(tl.float32) * g
-        dlam = drq * rq  # dLam = dr r - dk k - db b (+ dLam' = da a, separately)
-        db += tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
-        dk += tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
+@triton.jit(do_not_specialize=["H", "acc_stride"])
+def _sbwd_r_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    w_ptr, u_ptr,  # [chunks, H, L, N] float32
+    dr_ptr,  # [tokens, H, N] out
+    acc_ptr,  # [3, chunks, H, L, N] float32 out: dk / gi and db / gi so far, dLam so far
+    dll_ptr,  # [chunks, H, N] float32 out: dLam_L
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H, acc_stride,
+    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+):
+    """The key side's first half: dke, dbe and the r side (dA_rk = dY V^T, dA_rb = dY SA^T,
+    SA = W S0^T + U): dr, and dk / gi = dke gL + dA_rk^T rq, db / gi = dbe gL + dA_rb^T rq,
+    dLam = dr r and dLam_L for ``_sbwd_a_kernel`` (float32 scratch)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    ch = c.to(tl.int64) * H + h
+    offs_t = tl.arange(0, L)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
 
-        gp = tl.exp(lam - lw)
-        daq = tl.dot(dX, S, input_precision=PREC)
-        daq += tl.dot(dA_ab, bgi, input_precision=PREC)
-        daq += tl.dot(dA_ak, kgi, input_precision=PREC)
-        p, m = _rows(da_ptr, t0, t1, h, H, N, L, c0, BK)
-        tl.store(p, (daq * gp).to(da_ptr.dtype.element_ty), mask=m)
-        p, m = _rows(a_ptr, t0, t1, h, H, N, L, c0, BK)
-        aq = tl.load(p, mask=m, other=0.0).to(tl.float32) * gp
-        dlamp = daq * aq  # dLam' = da a
-        db += tl.dot(tl.trans(dA_ab), aq, input_precision=PREC)
-        dk += tl.dot(tl.trans(dA_ak), aq, input_precision=PREC)
-        dlam -= dk * kgi + db * bgi
-        p, m = _rows(dk_ptr, t0, t1, h, H, N, L, c0, BK)
-        tl.store(p, (dk * gi).to(dk_ptr.dtype.element_ty), mask=m)
-        p, m = _rows(db_ptr, t0, t1, h, H, N, L, c0, BK)
-        tl.store(p, (db * gi).to(db_ptr.dtype.element_ty), mask=m)
-        dlw = tl.cumsum(dlam + dlamp, axis=0, reverse=True) - dlamp + dlam_last[None, :]
-        p, m = _rows(dlw_ptr, t0, t1, h, H, N, L, c0, BK)
-        tl.store(p, dlw.to(dlw_ptr.dtype.element_ty), mask=m)
+    lam = tl.cumsum(_load_rows(lw_ptr, t0, t1, h, H, N, L), axis=0)
+    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
+    S = tl.load(_tile(states_ptr, ch, N, N))  # [V, K]
+    dS = tl.load(_tile(dstates_ptr, ch, N, N))
+    dll = tl.sum(dS * S, axis=0) * gL  # dgL gL; + colsum(dke ke + dbe be) below
+    z = _after(dS)
+    SA = tl.dot(tl.load(_tile(w_ptr + z, ch, L, N)), tl.trans(S), input_precision=PREC)
+    SA += tl.load(_tile(u_ptr + z, ch, L, N))
+    z = _after(SA)
+    p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
+    v = tl.load(p, mask=m, other=0.0)  # in its own dtype while live
+    dk = tl.dot(v.to(tl.float32), dS, input_precision=PREC) * gL[None, :]  # dke gL
+    tl.store(_tile(acc_ptr, ch, L, N), dk)
+    dll += tl.sum(dk * _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
+    db = tl.dot(SA, dS, input_precision=PREC) * gL[None, :]  # dbe gL
+    tl.store(_tile(acc_ptr + acc_stride, ch, L, N), db)
+    z = _after(db)
+    dll += tl.sum(db * _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
+    tl.store(dll_ptr + ch * N + tl.arange(0, N), dll)
+
+    incl = offs_t[:, None] >= offs_t[None, :]
+    dY = _load_rows(dy_ptr + z, t0, t1, h, H, N, L)
+    drq = tl.dot(dY, S, input_precision=PREC)
+    dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
+    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v.to(tl.float32)), input_precision=PREC), 0.0)
+    z = _after(dA_rk)
+    drq += tl.dot(dA_rb, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    drq += tl.dot(dA_rk, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    g = tl.exp(lam)
+    _store_rows(dr_ptr, drq * g, t0, t1, h, H, N, L)
+    rq = _load_rows(r_ptr + z, t0, t1, h, H, N, L) * g
+    tl.store(_tile(acc_ptr + 2 * acc_stride, ch, L, N), drq * rq)  # dLam: dr r
+    z = _after(rq)
+    db = tl.load(_tile(acc_ptr + acc_stride + z, ch, L, N)) + tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
+    tl.store(_tile(acc_ptr + acc_stride, ch, L, N), db)
+    dk = tl.load(_tile(acc_ptr + z, ch, L, N)) + tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
+    tl.store(_tile(acc_ptr, ch, L, N), dk)
+
+
+@triton.jit(do_not_specialize=["H", "acc_stride"])
+def _sbwd_a_kernel(
+    lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    states_ptr,  # [chunks, H, N, N] float32
+    w_ptr, u_ptr, dx_ptr,  # [chunks, H, L, N] float32
+    acc_ptr,  # [3, chunks, H, L, N] float32, from _sbwd_r_kernel
+    dll_ptr,  # [chunks, H, N] float32, from _sbwd_r_kernel
+    dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N] out
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H, acc_stride,
+    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+):
+    """The key side's second half: the a side (dA_ak = dX V^T, dA_ab = dX SA^T): da, then dk,
+    db and dlog_w with the first half's sums. (Each step's loads wait for the step before:
+    ``_after``.)"""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    ch = c.to(tl.int64) * H + h
+    offs_t = tl.arange(0, L)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+
+    S = tl.load(_tile(states_ptr, ch, N, N))  # [V, K]
+    SA = tl.dot(tl.load(_tile(w_ptr, ch, L, N)), tl.trans(S), input_precision=PREC) + tl.load(_tile(u_ptr, ch, L, N))
+    dX = tl.load(_tile(dx_ptr + _after(SA), ch, L, N))
+    daq = tl.dot(dX, S, input_precision=PREC)
+    strict = offs_t[:, None] > offs_t[None, :]
+    dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
+    z = _after(dA_ab)
+    dA_ak = tl.where(strict, tl.dot(dX, tl.trans(_load_rows(v_ptr + z, t0, t1, h, H, N, L)), input_precision=PREC), 0.0)
+    z = _after(dA_ak)
+    lw = _load_rows(lw_ptr + z, t0, t1, h, H, N, L)
+    lam = tl.cumsum(lw, axis=0)
+    daq += tl.dot(dA_ab, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    daq += tl.dot(dA_ak, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
+    gp = tl.exp(lam - lw)
+    _store_rows(da_ptr, daq * gp, t0, t1, h, H, N, L)
+    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * gp
+    dlamp = daq * aq  # dLam' = da a
+    z = _after(dlamp)
+    gi = tl.exp(-lam)
+    db = (tl.load(_tile(acc_ptr + acc_stride + z, ch, L, N)) + tl.dot(tl.trans(dA_ab), aq, input_precision=PREC)) * gi
+    _store_rows(db_ptr, db, t0, t1, h, H, N, L)
+    dk = (tl.load(_tile(acc_ptr + z, ch, L, N)) + tl.dot(tl.trans(dA_ak), aq, input_precision=PREC)) * gi
+    _store_rows(dk_ptr, dk, t0, t1, h, H, N, L)
+    # dLam = dr r - dk k - db b
+    z = _after(dk)
+    dlam = tl.load(_tile(acc_ptr + 2 * acc_stride + z, ch, L, N))
+    dlam -= dk * _load_rows(k_ptr + z, t0, t1, h, H, N, L) + db * _load_rows(b_ptr + z, t0, t1, h, H, N, L)
+    dll = tl.load(dll_ptr + ch * N + tl.arange(0, N))
+    dlw = tl.cumsum(dlam + dlamp, axis=0, reverse=True) - dlamp + dll[None, :]
+    _store_rows(dlw_ptr, dlw, t0, t1, h, H, N, L)
 
 
 @triton.jit(do_not_specialize=["T", "H"])
@@ -819,6 +966,8 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"wkv7_triton: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "stored" and N not in STORED_HEAD_SIZES:
+        raise ValueError(f"wkv7_triton: impl 'stored' needs a head size in {STORED_HEAD_SIZES}, got {N}")
     if precision not in PRECISIONS:
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
@@ -856,10 +1005,9 @@ def wkv7_forward(
         _check_config(N, L, None, prec)
         q = _empty((nc, H, L, N), torch.float32, r.device)
         y0 = _empty((nc, H, L, N), torch.float32, r.device)
-        w, u, ti = (
-            (_empty((nc, H, L, N), torch.float32, r.device), _empty((nc, H, L, N), torch.float32, r.device),
-             _empty((nc, H, L, L), torch.float32, r.device)) if need_bwd else (q, q, q)
-        )
+        w = _empty((nc, H, L, N), torch.float32, r.device)
+        u = _empty((nc, H, L, N), torch.float32, r.device)
+        ti = _empty((nc, H, L, L), torch.float32, r.device) if need_bwd else q
         _sprep_kernel[(nc, H)](
             r, log_w, k, v, a, b, *tabs, gl, m, d, q, y0, w, u, ti, H,
             N=N, L=L, LOG2L=int(math.log2(L)), PREC=prec, STORE_BWD=need_bwd, num_warps=cfg["num_warps"] or 8,
@@ -897,15 +1045,28 @@ def wkv7_backward(
         _check_config(N, L, bv, prec)
         _se_kernel[(nc, H, N // bv)](q, dy, e, *tabs, H, N=N, L=L, BV=bv, PREC=prec, num_warps=4)
         dstates, ds0 = _scan(dsT, gl, m, e, table, H, N, reverse=True, **scan)
-        meta = dict(N=N, L=L, PREC=prec, num_warps=cfg["bwd_num_warps"] or 8)
         dx = _empty((nc, H, L, N), torch.float32, r.device)
         dv = _empty(r.shape, v.dtype, r.device)
-        _sbwd_value_kernel[(nc, H)](r, log_w, k, a, b, dy, dstates, ti, dx, dv, *tabs, H, **meta)
-        dr, dlw, dk, da, db = (_empty(x.shape, x.dtype, x.device) for x in (r, log_w, k, a, b))
-        bk = cfg["bwd_block_k"] or min(N, 32)
-        _sbwd_key_kernel[(nc, H)](
-            r, log_w, k, v, a, b, dy, states, dstates, w, u, dx, dr, dlw, dk, da, db, *tabs, H, BK=bk, **meta
+        _sbwd_value_kernel[(nc, H)](
+            r, log_w, k, a, b, dy, dstates, ti, dx, dv, *tabs, H, N=N, L=L, PREC=prec,
+            num_warps=cfg["bwd_num_warps"] or 4,
         )
+        dr, dlw, dk, da, db = (_empty(x.shape, x.dtype, x.device) for x in (r, log_w, k, a, b))
+        meta = dict(N=N, L=L, PREC=prec, num_warps=cfg["bwd_key_num_warps"] or 8)
+        if cfg["bwd_key_split"]:  # the key side in two kernels, sums passed in scratch
+            acc = _empty((3, nc, H, L, N), torch.float32, r.device)
+            dll = _empty((nc, H, N), torch.float32, r.device)
+            stride = nc * H * L * N
+            _sbwd_r_kernel[(nc, H)](
+                r, log_w, k, v, b, dy, states, dstates, w, u, dr, acc, dll, *tabs, H, stride, **meta
+            )
+            _sbwd_a_kernel[(nc, H)](
+                log_w, k, v, a, b, states, w, u, dx, acc, dll, dlw, dk, da, db, *tabs, H, stride, **meta
+            )
+        else:
+            _sbwd_key_kernel[(nc, H)](
+                r, log_w, k, v, a, b, dy, states, dstates, w, u, dx, dr, dlw, dk, da, db, *tabs, H, **meta
+            )
         return dr, dlw, dk, dv, da, db, ds0
     states, m, gl = saved
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
@@ -985,7 +1146,8 @@ def wkv7_triton(
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
     bwd_num_warps: int | None = None,
-    bwd_block_k: int | None = None,
+    bwd_key_split: bool = True,
+    bwd_key_num_warps: int | None = None,
     scan_block_v: int | None = None,
     scan_num_warps: int | None = None,
     precision: str | None = None,
@@ -1032,7 +1194,7 @@ def wkv7_triton(
         table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
-        bwd_num_warps=bwd_num_warps, bwd_block_k=bwd_block_k, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
+        bwd_num_warps=bwd_num_warps, bwd_key_split=bwd_key_split, bwd_key_num_warps=bwd_key_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
         precision=precision, scan_precision=scan_precision, impl=impl or DEFAULT_IMPL,
     )
     xs = [x.contiguous() for x in xs]
