@@ -85,7 +85,7 @@ IMPLS = ("stored", "recompute")
 # impl "stored" at head size 16 hit an illegal memory access on an H100 (Triton 3.6; not yet
 # understood) and at 128 its [L, 128] tiles spill: those sizes take "recompute"
 STORED_HEAD_SIZES = (32, 64)
-DEFAULT_IMPL = "recompute"
+DEFAULT_CHUNK_STORED = 64
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
@@ -493,6 +493,70 @@ def _tile(ptr, ch, R: tl.constexpr, C: tl.constexpr):
     return _block(ptr, ch, R, C, 0, R, 0, C)
 
 
+@triton.jit
+def _chunk_inverse(lw_ptr, a_ptr, b_ptr, t0, t1, h, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
+                   PREC: tl.constexpr):
+    """(I - A_ab)^{-1} of the chunk starting at token t0, A_ab = tril_strict(aq bi^T)."""
+    offs_t = tl.arange(0, L)
+    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
+    lam = tl.cumsum(lw, axis=0)
+    A_ab = tl.dot(
+        _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw),
+        tl.trans(_load_rows(b_ptr, t0, t1, h, H, N, L) * tl.exp(-lam)), input_precision=PREC,
+    )
+    return _unit_lower_inverse(tl.where(offs_t[:, None] > offs_t[None, :], A_ab, 0.0), offs_t, L, LOG2L, PREC)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _sinv_kernel(
+    lw_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    ti_ptr,  # [chunks, H, L, L] out
+    H,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
+):
+    """(I - A_ab)^{-1} per chunk and head, for _sprep_kernel with SPLIT_INV."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    Ti = _chunk_inverse(lw_ptr, a_ptr, b_ptr, t0, t1, h, H, N, L, LOG2L, PREC)
+    tl.store(_tile(ti_ptr, c.to(tl.int64) * H + h, L, L), Ti)
+
+
+@triton.jit
+def _chunk_qy(r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, q_ptr, y0_ptr, t0, t1, h, H, ch,
+              N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+    """Q = rq + A_rb W and Y0 = A_rb U + A_rk V of one chunk and head (W, U from the scratch)."""
+    offs_t = tl.arange(0, L)
+    incl = offs_t[:, None] >= offs_t[None, :]
+    lam = tl.cumsum(_load_rows(lw_ptr, t0, t1, h, H, N, L), axis=0)
+    rq = _scaled_cols(r_ptr, lam, t0, t1, h, H, N, L, 0, N)
+    A_rb = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(b_ptr, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
+    tl.store(_tile(q_ptr, ch, L, N), rq + tl.dot(A_rb, tl.load(_tile(w_ptr, ch, L, N)), input_precision=PREC))
+    Y0 = tl.dot(A_rb, tl.load(_tile(u_ptr, ch, L, N)), input_precision=PREC)
+    z = _after(Y0)
+    A_rk = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
+    Y0 += tl.dot(A_rk, _load_rows(v_ptr + z, t0, t1, h, H, N, L), input_precision=PREC)
+    tl.store(_tile(y0_ptr, ch, L, N), Y0)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _sqy_kernel(
+    r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr,  # [tokens, H, N]
+    w_ptr, u_ptr,  # [chunks, H, L, N] float32
+    q_ptr, y0_ptr,  # [chunks, H, L, N] float32 out
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
+    H,
+    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
+):
+    """Q and Y0 per chunk and head, for _sprep_kernel with SPLIT_QY."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
+    _chunk_qy(r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, q_ptr, y0_ptr, t0, t1, h, H,
+              c.to(tl.int64) * H + h, N, L, PREC)
+
+
 @triton.jit(do_not_specialize=["H"])
 def _sprep_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
@@ -500,11 +564,14 @@ def _sprep_kernel(
     gl_ptr,  # [chunks, H, N] out
     m_ptr, d_ptr,  # [chunks, H, N, N] out
     q_ptr, y0_ptr, w_ptr, u_ptr,  # [chunks, H, L, N] out
-    ti_ptr,  # [chunks, H, L, L] out (only with STORE_BWD)
+    ti_ptr,  # [chunks, H, L, L]: out with STORE_BWD, in with SPLIT_INV
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, STORE_BWD: tl.constexpr,
+    SPLIT_INV: tl.constexpr, SPLIT_QY: tl.constexpr,
 ):
-    """Per chunk and head, the whole key side: gL, M = W^T be, D = V^T ke + U^T be, Q, Y0."""
+    """Per chunk and head, the whole key side: gL, W, U, M = W^T be, D = V^T ke + U^T be, and
+    unless SPLIT_QY (then _sqy_kernel does) Q, Y0 (the inputs are reloaded, cache hits,
+    rather than kept live across the kernel)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     ch = c.to(tl.int64) * H + h
@@ -513,15 +580,10 @@ def _sprep_kernel(
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
 
-    # A_ab and its inverse first, with nothing else live; the inputs are reloaded (cache hits)
-    # and their scalings recomputed where needed rather than kept live across the kernel
-    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
-    lam = tl.cumsum(lw, axis=0)
-    A_ab = tl.dot(
-        _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw),
-        tl.trans(_load_rows(b_ptr, t0, t1, h, H, N, L) * tl.exp(-lam)), input_precision=PREC,
-    )
-    Ti = _unit_lower_inverse(tl.where(strict, A_ab, 0.0), offs_t, L, LOG2L, PREC)
+    if SPLIT_INV:  # (I - A_ab)^{-1} made by _sinv_kernel
+        Ti = tl.load(_tile(ti_ptr, ch, L, L))
+    else:
+        Ti = _chunk_inverse(lw_ptr, a_ptr, b_ptr, t0, t1, h, H, N, L, LOG2L, PREC)
     z = _after(Ti)  # (each step's loads wait for the step before: ``_after``)
     lw = _load_rows(lw_ptr + z, t0, t1, h, H, N, L)
     lam = tl.cumsum(lw, axis=0)
@@ -533,7 +595,7 @@ def _sprep_kernel(
     p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
     U = tl.dot(Ti, tl.dot(tl.where(strict, A_ak, 0.0), tl.load(p, mask=m, other=0.0).to(tl.float32), input_precision=PREC), input_precision=PREC)
     tl.store(_tile(u_ptr, ch, L, N), U)
-    if STORE_BWD:
+    if STORE_BWD and not SPLIT_INV:
         tl.store(_tile(ti_ptr, ch, L, L), Ti)
     # M = W^T be, D = U^T be + V^T ke
     z = _after(U)
@@ -546,16 +608,8 @@ def _sprep_kernel(
     ke = _scaled_cols(k_ptr + z, lam_last[None, :] - lam, t0, t1, h, H, N, L, 0, N)
     D += tl.dot(tl.trans(_load_rows(v_ptr + z, t0, t1, h, H, N, L)), ke, input_precision=PREC)
     tl.store(_tile(d_ptr, ch, N, N), D)
-    # Q = rq + A_rb W, Y0 = A_rb U + A_rk V (W, U read back from the scratch just written)
-    z = _after(D)
-    rq = _scaled_cols(r_ptr + z, lam, t0, t1, h, H, N, L, 0, N)
-    A_rb = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
-    tl.store(_tile(q_ptr, ch, L, N), rq + tl.dot(A_rb, tl.load(_tile(w_ptr + z, ch, L, N)), input_precision=PREC))
-    Y0 = tl.dot(A_rb, tl.load(_tile(u_ptr + z, ch, L, N)), input_precision=PREC)
-    z = _after(Y0)
-    A_rk = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
-    Y0 += tl.dot(A_rk, _load_rows(v_ptr + z, t0, t1, h, H, N, L), input_precision=PREC)
-    tl.store(_tile(y0_ptr, ch, L, N), Y0)
+    if not SPLIT_QY:
+        _chunk_qy(r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, w_ptr + _after(D), u_ptr, q_ptr, y0_ptr, t0, t1, h, H, ch, N, L, PREC)
     tl.store(gl_ptr + ch * N + tl.arange(0, N), gL)
 
 
@@ -1007,11 +1061,18 @@ def wkv7_forward(
         y0 = _empty((nc, H, L, N), torch.float32, r.device)
         w = _empty((nc, H, L, N), torch.float32, r.device)
         u = _empty((nc, H, L, N), torch.float32, r.device)
-        ti = _empty((nc, H, L, L), torch.float32, r.device) if need_bwd else q
+        split_inv = cfg["split_inverse"]
+        ti = _empty((nc, H, L, L), torch.float32, r.device) if need_bwd or split_inv else q
+        log2l = int(math.log2(L))
+        if split_inv:
+            _sinv_kernel[(nc, H)](log_w, a, b, *tabs, ti, H, N=N, L=L, LOG2L=log2l, PREC=prec, num_warps=4)
         _sprep_kernel[(nc, H)](
             r, log_w, k, v, a, b, *tabs, gl, m, d, q, y0, w, u, ti, H,
-            N=N, L=L, LOG2L=int(math.log2(L)), PREC=prec, STORE_BWD=need_bwd, num_warps=cfg["num_warps"] or 8,
+            N=N, L=L, LOG2L=log2l, PREC=prec, STORE_BWD=need_bwd, SPLIT_INV=split_inv, SPLIT_QY=cfg["split_qy"],
+            num_warps=cfg["num_warps"] or 4,
         )
+        if cfg["split_qy"]:
+            _sqy_kernel[(nc, H)](r, log_w, k, v, b, w, u, q, y0, *tabs, H, N=N, L=L, PREC=prec, num_warps=4)
         states, sT = _scan(state, gl, m, d, table, H, N, reverse=False, **scan)
         bv = cfg["block_v"] or N
         _check_config(N, None, bv, prec)
@@ -1147,6 +1208,8 @@ def wkv7_triton(
     bwd_block_v: int | None = None,
     bwd_num_warps: int | None = None,
     bwd_key_split: bool = True,
+    split_inverse: bool = False,
+    split_qy: bool = False,
     bwd_key_num_warps: int | None = None,
     scan_block_v: int | None = None,
     scan_num_warps: int | None = None,
@@ -1178,9 +1241,11 @@ def wkv7_triton(
     B, T, H, N = r.shape
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
+    if impl is None:  # "stored" for the tensor-core path at the head sizes it takes
+        impl = "stored" if precision != "ieee" and N in STORED_HEAD_SIZES else "recompute"
     if chunk_size is None:
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
-        chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
+        chunk_size = DEFAULT_CHUNK_STORED if impl == "stored" else DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
     _check_config(N, chunk_size, None, precision, impl)
     _check_config(N, None, None, scan_precision)
@@ -1194,8 +1259,9 @@ def wkv7_triton(
         table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
-        bwd_num_warps=bwd_num_warps, bwd_key_split=bwd_key_split, bwd_key_num_warps=bwd_key_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision, impl=impl or DEFAULT_IMPL,
+        bwd_num_warps=bwd_num_warps, bwd_key_split=bwd_key_split, bwd_key_num_warps=bwd_key_num_warps,
+        split_inverse=split_inverse, split_qy=split_qy, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
+        precision=precision, scan_precision=scan_precision, impl=impl,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
