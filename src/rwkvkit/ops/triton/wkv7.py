@@ -578,7 +578,6 @@ def _sprep_kernel(
     offs_t = tl.arange(0, L)
     t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
     strict = offs_t[:, None] > offs_t[None, :]
-    incl = offs_t[:, None] >= offs_t[None, :]
 
     if SPLIT_INV:  # (I - A_ab)^{-1} made by _sinv_kernel
         Ti = tl.load(_tile(ti_ptr, ch, L, L))
