@@ -145,14 +145,6 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                 configs.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
     for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
         configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
-    # impl "stored" (the key side built once per chunk, kept in scratch): chunk; warps of the prep
-    # kernel, of the backward's value-side kernel and of its key side (two kernels); the inverse
-    # and Q, Y0 in kernels of their own
-    configs.append(dict(impl="recompute"))
-    for L, w, bw, kw, extra in ((64, 4, 4, 8, {}), (64, 4, 4, 4, {}), (64, 8, 4, 8, {}), (64, 4, 8, 8, {}),
-                                (64, 4, 4, 8, dict(split_inverse=True, split_qy=True)), (32, 4, 4, 8, {}),
-                                (32, 4, 4, 4, {})):
-        configs.append(dict(impl="stored", chunk_size=L, num_warps=w, bwd_num_warps=bw, bwd_key_num_warps=kw, **extra))
     return configs
 
 
@@ -168,8 +160,7 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  bwd_key_num_warps=int, scan_block_v=int, scan_num_warps=int, precision=PRECISIONS,
-                  scan_precision=PRECISIONS, impl=("stored", "recompute")),
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS),
     sweep_configs=wkv7_sweep_configs,
 )
 

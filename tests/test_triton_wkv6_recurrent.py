@@ -19,6 +19,21 @@ from rwkvkit.ops import wkv6_reference
 from rwkvkit.ops.triton.wkv6 import wkv6_recurrent
 
 
+def test_package_entry_points_stay_functions():
+    """The dispatcher calls ``ops.triton.wkv6_recurrent`` & co. once the kernel modules are
+    imported: no submodule may share a name with them (a ``wkv6_recurrent.py`` did, and the
+    package attribute became that module: the first GPU run's dispatcher failures)."""
+    import importlib
+    import pkgutil
+
+    from rwkvkit.ops import triton as triton_ops
+
+    for module in pkgutil.iter_modules(triton_ops.__path__):
+        importlib.import_module(f"rwkvkit.ops.triton.{module.name}")
+    for name in triton_ops.__all__:
+        assert callable(getattr(triton_ops, name)) and not isinstance(getattr(triton_ops, name), type(triton_ops)), name
+
+
 @pytest.mark.parametrize("T", [1, 5, 16])
 @pytest.mark.parametrize("decay", ["realistic", "mixed"])
 def test_matches_reference(seed, T, decay):

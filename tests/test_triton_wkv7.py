@@ -56,20 +56,8 @@ def run_and_compare(x, *, dtype, logw_dtype=None, **kw):
 
 @pytest.mark.parametrize("T", [1, 17, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("impl", ["stored", "recompute"])
-def test_small_matches_reference(seed, T, dtype, impl):
-    N = 32 if impl == "stored" else 16  # (the smallest head size of each)
-    run_and_compare(make_inputs(1, T, 2, N), dtype=dtype, chunk_size=16, impl=impl)
-
-
-@pytest.mark.parametrize("chunk_size", [32, 64])
-def test_small_stored_big_chunks(seed, chunk_size):
-    """impl "stored" at its chunk sizes: bf16 inputs, float32 log_w, a partial last chunk,
-    output and gradient value blocks (block_v, bwd_block_v), the key side in two kernels."""
-    run_and_compare(
-        make_inputs(2, chunk_size + 9, 1, 32), dtype=torch.bfloat16, logw_dtype=torch.float32, impl="stored",
-        chunk_size=chunk_size, block_v=16, bwd_block_v=16, bwd_key_split=True,
-    )
+def test_small_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16)
 
 
 def test_small_chunk32_value_blocks_no_state(seed):
@@ -91,12 +79,10 @@ def test_small_mixed_dtypes(seed):
 
 
 def test_every_output_element_written(seed, monkeypatch):
-    """Outputs, scratch and gradient buffers start as NaN: the kernels must write every element."""
+    """Outputs and gradient buffers start as NaN: the kernels must overwrite every element."""
     poison_buffers(monkeypatch, kernels)
     run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16)
     run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16)
-    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16,
-                    impl="stored", bwd_key_split=True)
 
 
 def test_only_one_output_used(seed):
@@ -116,13 +102,13 @@ def test_state_not_modified_and_out_dtype(seed):
     assert y16.dtype == torch.float32
 
 
-def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kernel_kw):
+def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
     """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward."""
     xs = [make_inputs(1, n, H, N) for n in lengths]
     packed = [torch.cat([x[i] for x in xs], dim=1).to(DEVICE, dtype).requires_grad_() for i in range(6)]
     s0 = torch.cat([x[6] for x in xs]).to(DEVICE).requires_grad_()
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
-    kw = dict(kernel_kw) if chunk_size is None else {"chunk_size": chunk_size, **kernel_kw}
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     y, s = wkv7_triton(*packed, s0, cu_seqlens=cu, **kw)
     assert y.shape == packed[0].shape and s.shape == s0.shape
     gy, gs = torch.randn_like(y, dtype=torch.float32), torch.randn_like(s)
@@ -141,10 +127,9 @@ def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kernel_kw
         assert rel_err(got[6][i : i + 1], g1[6]) < rtol, f"sequence {i}, grad state"
 
 
-@pytest.mark.parametrize("impl", ["stored", "recompute"])
-def test_varlen_matches_one_by_one(seed, impl):
+def test_varlen_matches_one_by_one(seed):
     """Lengths not multiples of the chunk, one of a single token, one empty."""
-    varlen_case([5, 0, 21, 1, 16], 1, 32 if impl == "stored" else 16, dtype=torch.float32, chunk_size=16, impl=impl)
+    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16)
 
 
 def test_varlen_rejects_bad_offsets():
@@ -244,10 +229,6 @@ def test_rejects_bad_arguments():
         wkv7_triton(*[t.double() for t in x])
     with pytest.raises(ValueError, match="state"):
         wkv7_triton(*x, torch.zeros(1, 1, 8, 8, device=DEVICE))
-    with pytest.raises(ValueError, match="impl"):
-        wkv7_triton(*x, impl="fast")
-    with pytest.raises(ValueError, match="head size in"):
-        wkv7_triton(*x, impl="stored")
 
 
 # --- GPU tests ------------------------------------------------------------------------------
@@ -312,48 +293,6 @@ def test_large_shape_vs_chunked(seed, dtype):
     """B=2, T=4096, H=4, N=64 against the float32 PyTorch chunked form (autograd) on the same
     (rounded) inputs: outputs, final state and all gradients."""
     compare_with_chunked(wkv7_triton, wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64), [dtype] * 6)
-
-
-@gpu_only
-@pytest.mark.parametrize("T", [1, 64, 100, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stored_matches_reference(seed, T, dtype):
-    run_and_compare(make_inputs(2, T, 3, 64), dtype=dtype, impl="stored", chunk_size=64)
-
-
-@gpu_only
-@pytest.mark.parametrize("chunk_size", [16, 32])
-def test_stored_other_chunk_sizes(seed, chunk_size):
-    run_and_compare(make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, impl="stored", chunk_size=chunk_size)
-
-
-@gpu_only
-@pytest.mark.parametrize("decay", ["near_one", "tiny", "at_clamp"])
-def test_stored_decay_extremes(seed, decay):
-    run_and_compare(make_inputs(2, 256, 2, 64, decay=decay), dtype=torch.bfloat16, impl="stored", chunk_size=64)
-
-
-@gpu_only
-def test_stored_fp16_mixed_and_blocks(seed):
-    run_and_compare(make_inputs(2, 130, 3, 64), dtype=torch.float16, impl="stored", chunk_size=64)
-    run_and_compare(
-        make_inputs(2, 100, 3, 64), dtype=torch.bfloat16, logw_dtype=torch.float32, impl="stored", chunk_size=64,
-        block_v=32, bwd_block_v=32, bwd_key_split=True, scan_block_v=16,
-    )
-
-
-@gpu_only
-def test_stored_head_size_32(seed):
-    run_and_compare(make_inputs(2, 77, 2, 32), dtype=torch.bfloat16, impl="stored", chunk_size=64)
-
-
-@gpu_only
-def test_stored_varlen_and_large_shape(seed):
-    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=torch.bfloat16, rtol=1e-5, impl="stored", chunk_size=64)
-    compare_with_chunked(
-        wkv7_triton, wkv7_chunked, NAMES, make_inputs(2, 4096, 4, 64), [torch.bfloat16] * 6, impl="stored",
-        chunk_size=64,
-    )
 
 
 @gpu_only

@@ -80,14 +80,14 @@ def compare_one_output_used(kernel, reference, names, x, *, not_in_state, **kw):
             assert rel_err(g, g_ref) < 1e-4, f"output {pick}, grad {name}"
 
 
-def compare_with_chunked(kernel, chunked, names, x, dtypes, **kw):
-    """On CUDA, ``kernel`` (with keywords ``kw``) against the float32 PyTorch chunked form
-    (autograd) on the same inputs ``x`` rounded to ``dtypes`` (the state stays float32):
-    outputs, final state and all gradients, within TOL of the first dtype."""
+def compare_with_chunked(kernel, chunked, names, x, dtypes):
+    """On CUDA, ``kernel`` against the float32 PyTorch chunked form (autograd) on the same
+    inputs ``x`` rounded to ``dtypes`` (the state stays float32): outputs, final state and all
+    gradients, within TOL of the first dtype."""
     *inp, s0 = [t.cuda() for t in x]
     ours = [t.to(dt).requires_grad_() for t, dt in zip(inp, dtypes)] + [s0.clone().requires_grad_()]
     ref_in = [t.detach().float().requires_grad_() for t in ours]
-    y, s = kernel(*ours, **kw)
+    y, s = kernel(*ours)
     y_ref, s_ref = chunked(*ref_in)
     gy, gs = torch.randn_like(y_ref), torch.randn_like(s_ref)
     got = torch.autograd.grad((y.float() * gy).sum() + (s * gs).sum(), ours)

@@ -81,11 +81,6 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 # backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
 DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
-IMPLS = ("stored", "recompute")
-# impl "stored" at head size 16 hit an illegal memory access on an H100 (Triton 3.6; not yet
-# understood) and at 128 its [L, 128] tiles spill: those sizes take "recompute"
-STORED_HEAD_SIZES = (32, 64)
-DEFAULT_CHUNK_STORED = 64
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
@@ -425,476 +420,6 @@ def _bwd_chunks_kernel(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# "stored" kernels: the key side is built once per chunk (by _sprep) and what the later passes
-# need is kept in float32 scratch laid out per chunk ([chunks, H, L, N] / [chunks, H, L, L]), so
-# that every later kernel is a handful of whole-chunk products (no inverse, no A_ab).
-#   forward:  _sprep (gL, M, D; Q, Y0; and for the backward Ti, W, U) -> _scan -> _sout (Y = Q S0^T + Y0)
-#   backward: _se (E = dY^T Q) -> _scan reversed -> _sbwd_value (dX, dv) -> _sbwd_key (dr, dlog_w, dk, da, db)
-# Q = rq + A_rb W and Y0 = A_rk V + A_rb U, so Y = rq S0^T + A_rk V + A_rb (W S0^T + U) as above.
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L: tl.constexpr):
-    """First token of chunk ``c`` and the end of its sequence (a chunk never crosses it)."""
-    seq = tl.load(chunk_seq_ptr + c)
-    return tl.load(cu_ptr + seq) + (c - tl.load(chunk_cu_ptr + seq)) * L, tl.load(cu_ptr + seq + 1)
-
-
-@triton.jit
-def _rows(ptr, start, end, h, H, N: tl.constexpr, L: tl.constexpr, C0, BC: tl.constexpr):
-    """Pointers to the [L, BC] rows start.. (columns C0..) of head h of a [tokens, H, N] tensor
-    and the mask of the rows before ``end``: a scalar 64-bit base plus 32-bit tile offsets."""
-    offs_t = tl.arange(0, L)
-    base = ptr + (start.to(tl.int64) * H + h) * N + C0
-    return base + (offs_t[:, None] * (H * N) + tl.arange(0, BC)[None, :]), (start + offs_t < end)[:, None]
-
-
-@triton.jit
-def _load_rows(ptr, start, end, h, H, N: tl.constexpr, L: tl.constexpr):
-    p, m = _rows(ptr, start, end, h, H, N, L, 0, N)
-    return tl.load(p, mask=m, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_rows(ptr, x, start, end, h, H, N: tl.constexpr, L: tl.constexpr):
-    p, m = _rows(ptr, start, end, h, H, N, L, 0, N)
-    tl.store(p, x.to(ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _after(x):
-    """An int32 zero computed from the tile ``x``. Added to a pointer, it keeps the loads through
-    that pointer from being issued before ``x`` exists: the compiler otherwise issues every
-    load of a kernel up front, and all those tiles are then live at once and spill. (On the GPU
-    a NaN or inf converts to 0 too; the interpreter never sees one here.)"""
-    return (tl.sum(tl.sum(x, axis=1), axis=0) * 0.0).to(tl.int32)
-
-
-@triton.jit
-def _scaled_cols(ptr, e, start, end, h, H, N: tl.constexpr, L: tl.constexpr, C0, BC: tl.constexpr):
-    """The [L, BC] rows of a [tokens, H, N] input (columns C0..) times exp(e), in float32."""
-    p, m = _rows(ptr, start, end, h, H, N, L, C0, BC)
-    return tl.load(p, mask=m, other=0.0).to(tl.float32) * tl.exp(e)
-
-
-@triton.jit
-def _block(ptr, ch, R: tl.constexpr, C: tl.constexpr, R0, BR: tl.constexpr, C0, BC: tl.constexpr):
-    """Pointers to the [BR, BC] block at (R0, C0) of the [R, C] float32 scratch tile of
-    chunk-head ``ch`` in a [chunks, H, R, C] tensor."""
-    base = ptr + ch * (R * C) + R0 * C + C0
-    return base + (tl.arange(0, BR)[:, None] * C + tl.arange(0, BC)[None, :])
-
-
-@triton.jit
-def _tile(ptr, ch, R: tl.constexpr, C: tl.constexpr):
-    """Pointers to the whole [R, C] scratch tile of chunk-head ``ch``."""
-    return _block(ptr, ch, R, C, 0, R, 0, C)
-
-
-@triton.jit
-def _chunk_inverse(lw_ptr, a_ptr, b_ptr, t0, t1, h, H, N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr,
-                   PREC: tl.constexpr):
-    """(I - A_ab)^{-1} of the chunk starting at token t0, A_ab = tril_strict(aq bi^T)."""
-    offs_t = tl.arange(0, L)
-    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
-    lam = tl.cumsum(lw, axis=0)
-    A_ab = tl.dot(
-        _load_rows(a_ptr, t0, t1, h, H, N, L) * tl.exp(lam - lw),
-        tl.trans(_load_rows(b_ptr, t0, t1, h, H, N, L) * tl.exp(-lam)), input_precision=PREC,
-    )
-    return _unit_lower_inverse(tl.where(offs_t[:, None] > offs_t[None, :], A_ab, 0.0), offs_t, L, LOG2L, PREC)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _sinv_kernel(
-    lw_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    ti_ptr,  # [chunks, H, L, L] out
-    H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
-):
-    """(I - A_ab)^{-1} per chunk and head, for _sprep_kernel with SPLIT_INV."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    Ti = _chunk_inverse(lw_ptr, a_ptr, b_ptr, t0, t1, h, H, N, L, LOG2L, PREC)
-    tl.store(_tile(ti_ptr, c.to(tl.int64) * H + h, L, L), Ti)
-
-
-@triton.jit
-def _chunk_qy(r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, q_ptr, y0_ptr, t0, t1, h, H, ch,
-              N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
-    """Q = rq + A_rb W and Y0 = A_rb U + A_rk V of one chunk and head (W, U from the scratch)."""
-    offs_t = tl.arange(0, L)
-    incl = offs_t[:, None] >= offs_t[None, :]
-    lam = tl.cumsum(_load_rows(lw_ptr, t0, t1, h, H, N, L), axis=0)
-    rq = _scaled_cols(r_ptr, lam, t0, t1, h, H, N, L, 0, N)
-    A_rb = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(b_ptr, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
-    tl.store(_tile(q_ptr, ch, L, N), rq + tl.dot(A_rb, tl.load(_tile(w_ptr, ch, L, N)), input_precision=PREC))
-    Y0 = tl.dot(A_rb, tl.load(_tile(u_ptr, ch, L, N)), input_precision=PREC)
-    z = _after(Y0)
-    A_rk = tl.where(incl, tl.dot(rq, tl.trans(_scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC), 0.0)
-    Y0 += tl.dot(A_rk, _load_rows(v_ptr + z, t0, t1, h, H, N, L), input_precision=PREC)
-    tl.store(_tile(y0_ptr, ch, L, N), Y0)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _sqy_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr,  # [tokens, H, N]
-    w_ptr, u_ptr,  # [chunks, H, L, N] float32
-    q_ptr, y0_ptr,  # [chunks, H, L, N] float32 out
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
-):
-    """Q and Y0 per chunk and head, for _sprep_kernel with SPLIT_QY."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    _chunk_qy(r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, w_ptr, u_ptr, q_ptr, y0_ptr, t0, t1, h, H,
-              c.to(tl.int64) * H + h, N, L, PREC)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _sprep_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    gl_ptr,  # [chunks, H, N] out
-    m_ptr, d_ptr,  # [chunks, H, N, N] out
-    q_ptr, y0_ptr, w_ptr, u_ptr,  # [chunks, H, L, N] out
-    ti_ptr,  # [chunks, H, L, L]: out with STORE_BWD, in with SPLIT_INV
-    H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, STORE_BWD: tl.constexpr,
-    SPLIT_INV: tl.constexpr, SPLIT_QY: tl.constexpr,
-):
-    """Per chunk and head, the whole key side: gL, W, U, M = W^T be, D = V^T ke + U^T be, and
-    unless SPLIT_QY (then _sqy_kernel does) Q, Y0 (the inputs are reloaded, cache hits,
-    rather than kept live across the kernel)."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    ch = c.to(tl.int64) * H + h
-    offs_t = tl.arange(0, L)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    strict = offs_t[:, None] > offs_t[None, :]
-
-    if SPLIT_INV:  # (I - A_ab)^{-1} made by _sinv_kernel
-        Ti = tl.load(_tile(ti_ptr, ch, L, L))
-    else:
-        Ti = _chunk_inverse(lw_ptr, a_ptr, b_ptr, t0, t1, h, H, N, L, LOG2L, PREC)
-    z = _after(Ti)  # (each step's loads wait for the step before: ``_after``)
-    lw = _load_rows(lw_ptr + z, t0, t1, h, H, N, L)
-    lam = tl.cumsum(lw, axis=0)
-    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * tl.exp(lam - lw)
-    A_ak = tl.dot(aq, tl.trans(_scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)), input_precision=PREC)
-    tl.store(_tile(w_ptr, ch, L, N), tl.dot(Ti, aq, input_precision=PREC))  # W [L, N]
-    # (big tiles go to the scratch as soon as they are made and are read back where needed)
-    z = _after(A_ak)
-    p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
-    U = tl.dot(Ti, tl.dot(tl.where(strict, A_ak, 0.0), tl.load(p, mask=m, other=0.0).to(tl.float32), input_precision=PREC), input_precision=PREC)
-    tl.store(_tile(u_ptr, ch, L, N), U)
-    if STORE_BWD and not SPLIT_INV:
-        tl.store(_tile(ti_ptr, ch, L, L), Ti)
-    # M = W^T be, D = U^T be + V^T ke
-    z = _after(U)
-    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-    gL = tl.exp(lam_last)
-    be = _scaled_cols(b_ptr + z, lam_last[None, :] - lam, t0, t1, h, H, N, L, 0, N)
-    D = tl.dot(tl.trans(U), be, input_precision=PREC)
-    tl.store(_tile(m_ptr, ch, N, N), tl.dot(tl.trans(tl.load(_tile(w_ptr + z, ch, L, N))), be, input_precision=PREC))
-    z = _after(D)
-    ke = _scaled_cols(k_ptr + z, lam_last[None, :] - lam, t0, t1, h, H, N, L, 0, N)
-    D += tl.dot(tl.trans(_load_rows(v_ptr + z, t0, t1, h, H, N, L)), ke, input_precision=PREC)
-    tl.store(_tile(d_ptr, ch, N, N), D)
-    if not SPLIT_QY:
-        _chunk_qy(r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, w_ptr + _after(D), u_ptr, q_ptr, y0_ptr, t0, t1, h, H, ch, N, L, PREC)
-    tl.store(gl_ptr + ch * N + tl.arange(0, N), gL)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _sout_kernel(
-    q_ptr, y0_ptr,  # [chunks, H, L, N] float32
-    states_ptr,  # [chunks, H, N, N] float32
-    y_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """Y = Q S0^T + Y0 for one chunk, head and value block."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    ch = c.to(tl.int64) * H + h
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    S = tl.load(_block(states_ptr, ch, N, N, i_v * BV, BV, 0, N))
-    Y = tl.dot(tl.load(_tile(q_ptr, ch, L, N)), tl.trans(S), input_precision=PREC)
-    Y += tl.load(_block(y0_ptr, ch, L, N, 0, L, i_v * BV, BV))
-    p, m = _rows(y_ptr, t0, t1, h, H, N, L, i_v * BV, BV)
-    tl.store(p, Y.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _se_kernel(
-    q_ptr,  # [chunks, H, L, N] float32
-    dy_ptr,  # [tokens, H, N]
-    e_ptr,  # [chunks, H, N, N] float32 out
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """E = dY^T Q for one chunk, head and value block."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    ch = c.to(tl.int64) * H + h
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    p, m = _rows(dy_ptr, t0, t1, h, H, N, L, i_v * BV, BV)
-    dY = tl.load(p, mask=m, other=0.0).to(tl.float32)
-    E = tl.dot(tl.trans(dY), tl.load(_tile(q_ptr, ch, L, N)), input_precision=PREC)
-    tl.store(_block(e_ptr, ch, N, N, i_v * BV, BV, 0, N), E)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _sbwd_value_kernel(
-    r_ptr, lw_ptr, k_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
-    dstates_ptr,  # [chunks, H, N, N] float32: dS leaving each chunk
-    ti_ptr,  # [chunks, H, L, L] float32
-    dx_ptr,  # [chunks, H, L, N] float32 out
-    dv_ptr,  # [tokens, H, N] out
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
-):
-    """dSA = be dS^T + A_rb^T dY, dX = Ti^T dSA, dv = ke dS^T + A_rk^T dY + A_ak^T dX."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    ch = c.to(tl.int64) * H + h
-    offs_t = tl.arange(0, L)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-    strict = offs_t[:, None] > offs_t[None, :]
-    incl = offs_t[:, None] >= offs_t[None, :]
-
-    lw = _load_rows(lw_ptr, t0, t1, h, H, N, L)
-    lam = tl.cumsum(lw, axis=0)
-    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
-    dS = tl.load(_tile(dstates_ptr, ch, N, N))
-    # dSA = be dS^T + A_rb^T dY, dX = Ti^T dSA (each step's loads wait for the step before)
-    bi = _scaled_cols(b_ptr, -lam, t0, t1, h, H, N, L, 0, N)
-    dSA = tl.dot(bi * gL[None, :], tl.trans(dS), input_precision=PREC)
-    z = _after(dSA)
-    rq = _scaled_cols(r_ptr + z, lam, t0, t1, h, H, N, L, 0, N)
-    A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-    p, m = _rows(dy_ptr + z, t0, t1, h, H, N, L, 0, N)
-    dY = tl.load(p, mask=m, other=0.0)  # in its own dtype while live
-    dSA += tl.dot(tl.trans(A_rb), dY.to(tl.float32), input_precision=PREC)
-    z = _after(dSA)
-    dX = tl.dot(tl.trans(tl.load(_tile(ti_ptr + z, ch, L, L))), dSA, input_precision=PREC)
-    tl.store(_tile(dx_ptr, ch, L, N), dX)
-    # dv = ke dS^T + A_rk^T dY + A_ak^T dX
-    z = _after(dX)
-    ki = _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N)
-    dv = tl.dot(ki * gL[None, :], tl.trans(dS), input_precision=PREC)
-    dv += tl.dot(tl.trans(tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)), dY.to(tl.float32), input_precision=PREC)
-    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * tl.exp(lam - lw)
-    dv += tl.dot(tl.trans(tl.where(strict, tl.dot(aq, tl.trans(ki), input_precision=PREC), 0.0)), dX, input_precision=PREC)
-    _store_rows(dv_ptr, dv, t0, t1, h, H, N, L)
-
-
-@triton.jit(do_not_specialize=["H"])
-def _sbwd_key_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    w_ptr, u_ptr, dx_ptr,  # [chunks, H, L, N] float32
-    dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N] out
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H,
-    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
-):
-    """Every gradient on the key side in one program per chunk and head: SA = W S0^T + U, dke,
-    dbe, then the r side (dA_rk = dY V^T, dA_rb = dY SA^T: drq and their share of dki, dbi) and
-    the a side (dA_ak = dX V^T, dA_ab = dX SA^T: daq and theirs), and through the scalings dr,
-    dlog_w, dk, da, db. (Each step's loads wait for the step before: ``_after``.)"""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    ch = c.to(tl.int64) * H + h
-    offs_t = tl.arange(0, L)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-
-    lam = tl.cumsum(_load_rows(lw_ptr, t0, t1, h, H, N, L), axis=0)
-    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
-    S = tl.load(_tile(states_ptr, ch, N, N))  # [V, K]
-    dS = tl.load(_tile(dstates_ptr, ch, N, N))
-    dlam_last = tl.sum(dS * S, axis=0) * gL  # dgL gL; + colsum(dke ke + dbe be) below
-    z = _after(dS)
-    SA = tl.dot(tl.load(_tile(w_ptr + z, ch, L, N)), tl.trans(S), input_precision=PREC)
-    SA += tl.load(_tile(u_ptr + z, ch, L, N))  # [L, V]
-    z = _after(SA)
-    p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
-    v = tl.load(p, mask=m, other=0.0)  # in its own dtype while live
-    # dk and db are accumulated as dk / gi = dke gL + dki and db / gi = dbe gL + dbi
-    dk = tl.dot(v.to(tl.float32), dS, input_precision=PREC) * gL[None, :]
-    db = tl.dot(SA, dS, input_precision=PREC) * gL[None, :]
-    z = _after(db)
-    dlam_last += tl.sum(dk * _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
-    dlam_last += tl.sum(db * _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
-
-    # the r side
-    incl = offs_t[:, None] >= offs_t[None, :]
-    dY = _load_rows(dy_ptr + z, t0, t1, h, H, N, L)
-    drq = tl.dot(dY, S, input_precision=PREC)
-    dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
-    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v.to(tl.float32)), input_precision=PREC), 0.0)
-    z = _after(dA_rk)
-    drq += tl.dot(dA_rb, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    drq += tl.dot(dA_rk, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    g = tl.exp(lam)
-    _store_rows(dr_ptr, drq * g, t0, t1, h, H, N, L)
-    rq = _load_rows(r_ptr + z, t0, t1, h, H, N, L) * g
-    dlam = drq * rq  # dLam = dr r - dk k - db b (+ dLam' = da a, separately)
-    db += tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
-    dk += tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
-
-    # the a side
-    z = _after(dk)
-    dX = tl.load(_tile(dx_ptr + z, ch, L, N))
-    strict = offs_t[:, None] > offs_t[None, :]
-    daq = tl.dot(dX, tl.load(_tile(states_ptr + z, ch, N, N)), input_precision=PREC)
-    dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
-    dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v.to(tl.float32)), input_precision=PREC), 0.0)
-    z = _after(dA_ak)
-    daq += tl.dot(dA_ab, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    daq += tl.dot(dA_ak, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    gp = tl.exp(lam - _load_rows(lw_ptr + z, t0, t1, h, H, N, L))
-    _store_rows(da_ptr, daq * gp, t0, t1, h, H, N, L)
-    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * gp
-    dlamp = daq * aq  # dLam' = da a
-    db += tl.dot(tl.trans(dA_ab), aq, input_precision=PREC)
-    dk += tl.dot(tl.trans(dA_ak), aq, input_precision=PREC)
-    gi = tl.exp(-lam)
-    dk *= gi
-    db *= gi
-    _store_rows(dk_ptr, dk, t0, t1, h, H, N, L)
-    _store_rows(db_ptr, db, t0, t1, h, H, N, L)
-    z = _after(db)
-    dlam -= dk * _load_rows(k_ptr + z, t0, t1, h, H, N, L) + db * _load_rows(b_ptr + z, t0, t1, h, H, N, L)
-    dlw = tl.cumsum(dlam + dlamp, axis=0, reverse=True) - dlamp + dlam_last[None, :]
-    _store_rows(dlw_ptr, dlw, t0, t1, h, H, N, L)
-
-
-@triton.jit(do_not_specialize=["H", "acc_stride"])
-def _sbwd_r_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
-    w_ptr, u_ptr,  # [chunks, H, L, N] float32
-    dr_ptr,  # [tokens, H, N] out
-    acc_ptr,  # [3, chunks, H, L, N] float32 out: dk / gi and db / gi so far, dLam so far
-    dll_ptr,  # [chunks, H, N] float32 out: dLam_L
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H, acc_stride,
-    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
-):
-    """The key side's first half: dke, dbe and the r side (dA_rk = dY V^T, dA_rb = dY SA^T,
-    SA = W S0^T + U): dr, and dk / gi = dke gL + dA_rk^T rq, db / gi = dbe gL + dA_rb^T rq,
-    dLam = dr r and dLam_L for ``_sbwd_a_kernel`` (float32 scratch)."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    ch = c.to(tl.int64) * H + h
-    offs_t = tl.arange(0, L)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-
-    lam = tl.cumsum(_load_rows(lw_ptr, t0, t1, h, H, N, L), axis=0)
-    gL = tl.exp(tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0))
-    S = tl.load(_tile(states_ptr, ch, N, N))  # [V, K]
-    dS = tl.load(_tile(dstates_ptr, ch, N, N))
-    dll = tl.sum(dS * S, axis=0) * gL  # dgL gL; + colsum(dke ke + dbe be) below
-    z = _after(dS)
-    SA = tl.dot(tl.load(_tile(w_ptr + z, ch, L, N)), tl.trans(S), input_precision=PREC)
-    SA += tl.load(_tile(u_ptr + z, ch, L, N))
-    z = _after(SA)
-    p, m = _rows(v_ptr + z, t0, t1, h, H, N, L, 0, N)
-    v = tl.load(p, mask=m, other=0.0)  # in its own dtype while live
-    dk = tl.dot(v.to(tl.float32), dS, input_precision=PREC) * gL[None, :]  # dke gL
-    tl.store(_tile(acc_ptr, ch, L, N), dk)
-    dll += tl.sum(dk * _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
-    db = tl.dot(SA, dS, input_precision=PREC) * gL[None, :]  # dbe gL
-    tl.store(_tile(acc_ptr + acc_stride, ch, L, N), db)
-    z = _after(db)
-    dll += tl.sum(db * _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), axis=0)
-    tl.store(dll_ptr + ch * N + tl.arange(0, N), dll)
-
-    incl = offs_t[:, None] >= offs_t[None, :]
-    dY = _load_rows(dy_ptr + z, t0, t1, h, H, N, L)
-    drq = tl.dot(dY, S, input_precision=PREC)
-    dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
-    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v.to(tl.float32)), input_precision=PREC), 0.0)
-    z = _after(dA_rk)
-    drq += tl.dot(dA_rb, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    drq += tl.dot(dA_rk, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    g = tl.exp(lam)
-    _store_rows(dr_ptr, drq * g, t0, t1, h, H, N, L)
-    rq = _load_rows(r_ptr + z, t0, t1, h, H, N, L) * g
-    tl.store(_tile(acc_ptr + 2 * acc_stride, ch, L, N), drq * rq)  # dLam: dr r
-    z = _after(rq)
-    db = tl.load(_tile(acc_ptr + acc_stride + z, ch, L, N)) + tl.dot(tl.trans(dA_rb), rq, input_precision=PREC)
-    tl.store(_tile(acc_ptr + acc_stride, ch, L, N), db)
-    dk = tl.load(_tile(acc_ptr + z, ch, L, N)) + tl.dot(tl.trans(dA_rk), rq, input_precision=PREC)
-    tl.store(_tile(acc_ptr, ch, L, N), dk)
-
-
-@triton.jit(do_not_specialize=["H", "acc_stride"])
-def _sbwd_a_kernel(
-    lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr,  # [chunks, H, N, N] float32
-    w_ptr, u_ptr, dx_ptr,  # [chunks, H, L, N] float32
-    acc_ptr,  # [3, chunks, H, L, N] float32, from _sbwd_r_kernel
-    dll_ptr,  # [chunks, H, N] float32, from _sbwd_r_kernel
-    dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [tokens, H, N] out
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H, acc_stride,
-    N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr,
-):
-    """The key side's second half: the a side (dA_ak = dX V^T, dA_ab = dX SA^T): da, then dk,
-    db and dlog_w with the first half's sums. (Each step's loads wait for the step before:
-    ``_after``.)"""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    ch = c.to(tl.int64) * H + h
-    offs_t = tl.arange(0, L)
-    t0, t1 = _chunk_span(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, L)
-
-    S = tl.load(_tile(states_ptr, ch, N, N))  # [V, K]
-    SA = tl.dot(tl.load(_tile(w_ptr, ch, L, N)), tl.trans(S), input_precision=PREC) + tl.load(_tile(u_ptr, ch, L, N))
-    dX = tl.load(_tile(dx_ptr + _after(SA), ch, L, N))
-    daq = tl.dot(dX, S, input_precision=PREC)
-    strict = offs_t[:, None] > offs_t[None, :]
-    dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
-    z = _after(dA_ab)
-    dA_ak = tl.where(strict, tl.dot(dX, tl.trans(_load_rows(v_ptr + z, t0, t1, h, H, N, L)), input_precision=PREC), 0.0)
-    z = _after(dA_ak)
-    lw = _load_rows(lw_ptr + z, t0, t1, h, H, N, L)
-    lam = tl.cumsum(lw, axis=0)
-    daq += tl.dot(dA_ab, _scaled_cols(b_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    daq += tl.dot(dA_ak, _scaled_cols(k_ptr + z, -lam, t0, t1, h, H, N, L, 0, N), input_precision=PREC)
-    gp = tl.exp(lam - lw)
-    _store_rows(da_ptr, daq * gp, t0, t1, h, H, N, L)
-    aq = _load_rows(a_ptr + z, t0, t1, h, H, N, L) * gp
-    dlamp = daq * aq  # dLam' = da a
-    z = _after(dlamp)
-    gi = tl.exp(-lam)
-    db = (tl.load(_tile(acc_ptr + acc_stride + z, ch, L, N)) + tl.dot(tl.trans(dA_ab), aq, input_precision=PREC)) * gi
-    _store_rows(db_ptr, db, t0, t1, h, H, N, L)
-    dk = (tl.load(_tile(acc_ptr + z, ch, L, N)) + tl.dot(tl.trans(dA_ak), aq, input_precision=PREC)) * gi
-    _store_rows(dk_ptr, dk, t0, t1, h, H, N, L)
-    # dLam = dr r - dk k - db b
-    z = _after(dk)
-    dlam = tl.load(_tile(acc_ptr + 2 * acc_stride + z, ch, L, N))
-    dlam -= dk * _load_rows(k_ptr + z, t0, t1, h, H, N, L) + db * _load_rows(b_ptr + z, t0, t1, h, H, N, L)
-    dll = tl.load(dll_ptr + ch * N + tl.arange(0, N))
-    dlw = tl.cumsum(dlam + dlamp, axis=0, reverse=True) - dlamp + dll[None, :]
-    _store_rows(dlw_ptr, dlw, t0, t1, h, H, N, L)
-
-
 @triton.jit(do_not_specialize=["T", "H"])
 def _recurrent_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
@@ -1011,16 +536,12 @@ def _auto_warps(block_v: int, N: int) -> int:
     return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
 
 
-def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str, impl: str | None = None) -> None:
+def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
     """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
     if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
     if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
         raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"wkv7_triton: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "stored" and N not in STORED_HEAD_SIZES:
-        raise ValueError(f"wkv7_triton: impl 'stored' needs a head size in {STORED_HEAD_SIZES}, got {N}")
     if precision not in PRECISIONS:
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
@@ -1040,104 +561,53 @@ def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, blo
 
 
 def wkv7_forward(
-    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, need_bwd: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], what the backward needs)`` (the last empty
-    unless ``need_bwd``)."""
+    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL)``."""
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
-    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    gl = _empty((nc, H, N), torch.float32, r.device)
-    m = _empty((nc, H, N, N), torch.float32, r.device)
-    d = _empty((nc, H, N, N), torch.float32, r.device)
-    scan = dict(block_v=cfg["scan_block_v"], num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"])
-    y = _empty(r.shape, out_dtype, r.device)
-    if cfg["impl"] == "stored":
-        _check_config(N, L, None, prec)
-        q = _empty((nc, H, L, N), torch.float32, r.device)
-        y0 = _empty((nc, H, L, N), torch.float32, r.device)
-        w = _empty((nc, H, L, N), torch.float32, r.device)
-        u = _empty((nc, H, L, N), torch.float32, r.device)
-        split_inv = cfg["split_inverse"]
-        ti = _empty((nc, H, L, L), torch.float32, r.device) if need_bwd or split_inv else q
-        log2l = int(math.log2(L))
-        if split_inv:
-            _sinv_kernel[(nc, H)](log_w, a, b, *tabs, ti, H, N=N, L=L, LOG2L=log2l, PREC=prec, num_warps=4)
-        _sprep_kernel[(nc, H)](
-            r, log_w, k, v, a, b, *tabs, gl, m, d, q, y0, w, u, ti, H,
-            N=N, L=L, LOG2L=log2l, PREC=prec, STORE_BWD=need_bwd, SPLIT_INV=split_inv, SPLIT_QY=cfg["split_qy"],
-            num_warps=cfg["num_warps"] or 4,
-        )
-        if cfg["split_qy"]:
-            _sqy_kernel[(nc, H)](r, log_w, k, v, b, w, u, q, y0, *tabs, H, N=N, L=L, PREC=prec, num_warps=4)
-        states, sT = _scan(state, gl, m, d, table, H, N, reverse=False, **scan)
-        bv = cfg["block_v"] or N
-        _check_config(N, None, bv, prec)
-        _sout_kernel[(nc, H, N // bv)](q, y0, states, y, *tabs, H, N=N, L=L, BV=bv, PREC=prec, num_warps=4)
-        return y, sT, ((states, m, gl, q, w, u, ti) if need_bwd else ())
     bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
     _check_config(N, L, bv, prec)
     meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
+    gl = _empty((nc, H, N), torch.float32, r.device)
+    m = _empty((nc, H, N, N), torch.float32, r.device)
+    d = _empty((nc, H, N, N), torch.float32, r.device)
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, N // bv)
     _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, H, **meta)
-    states, sT = _scan(state, gl, m, d, table, H, N, reverse=False, **scan)
+    states, sT = _scan(
+        state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
+        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
+    )
+    y = _empty(r.shape, out_dtype, r.device)
     _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, H, **meta)
-    return y, sT, ((states, m, gl) if need_bwd else ())
+    return y, sT, states, m, gl
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, saved, dy, dsT, table: ChunkTable, cfg: dict
+    r, log_w, k, v, a, b, states, m, gl, dy, dsT, table: ChunkTable, cfg: dict
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels (``saved``: what ``wkv7_forward`` returned for it). Returns
-    ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
-    dstate0 [S, H, N, N] in float32."""
+    """Launch the backward kernels. Returns ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the
+    input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
-    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    scan = dict(block_v=cfg["scan_block_v"], num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"])
-    e = _empty((nc, H, N, N), torch.float32, r.device)
-    if cfg["impl"] == "stored":
-        states, m, gl, q, w, u, ti = saved
-        bv = cfg["bwd_block_v"] or N
-        _check_config(N, L, bv, prec)
-        _se_kernel[(nc, H, N // bv)](q, dy, e, *tabs, H, N=N, L=L, BV=bv, PREC=prec, num_warps=4)
-        dstates, ds0 = _scan(dsT, gl, m, e, table, H, N, reverse=True, **scan)
-        dx = _empty((nc, H, L, N), torch.float32, r.device)
-        dv = _empty(r.shape, v.dtype, r.device)
-        _sbwd_value_kernel[(nc, H)](
-            r, log_w, k, a, b, dy, dstates, ti, dx, dv, *tabs, H, N=N, L=L, PREC=prec,
-            num_warps=cfg["bwd_num_warps"] or 4,
-        )
-        dr, dlw, dk, da, db = (_empty(x.shape, x.dtype, x.device) for x in (r, log_w, k, a, b))
-        meta = dict(N=N, L=L, PREC=prec, num_warps=cfg["bwd_key_num_warps"] or 8)
-        if cfg["bwd_key_split"]:  # the key side in two kernels, sums passed in scratch
-            acc = _empty((3, nc, H, L, N), torch.float32, r.device)
-            dll = _empty((nc, H, N), torch.float32, r.device)
-            stride = nc * H * L * N
-            _sbwd_r_kernel[(nc, H)](
-                r, log_w, k, v, b, dy, states, dstates, w, u, dr, acc, dll, *tabs, H, stride, **meta
-            )
-            _sbwd_a_kernel[(nc, H)](
-                log_w, k, v, a, b, states, w, u, dx, acc, dll, dlw, dk, da, db, *tabs, H, stride, **meta
-            )
-        else:
-            _sbwd_key_kernel[(nc, H)](
-                r, log_w, k, v, a, b, dy, states, dstates, w, u, dx, dr, dlw, dk, da, db, *tabs, H, **meta
-            )
-        return dr, dlw, dk, dv, da, db, ds0
-    states, m, gl = saved
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
     _check_config(N, L, bv, prec)
     nv = N // bv
     meta = dict(
         N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N)
     )
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     grid = (nc, H, nv)
+    e = _empty((nc, H, N, N), torch.float32, r.device)
     _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, H, **meta)
-    dstates, ds0 = _scan(dsT, gl, m, e, table, H, N, reverse=True, **scan)
+    dstates, ds0 = _scan(
+        dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
+        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
+    )
     inputs = (r, log_w, k, a, b)
     if nv == 1:
         parts = [_empty((1, *r.shape), x.dtype, r.device) for x in inputs]
@@ -1159,19 +629,20 @@ def wkv7_backward(
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
-        need_bwd = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
-        y, sT, saved = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, need_bwd)
-        if need_bwd:
-            ctx.save_for_backward(r, log_w, k, v, a, b, *saved)
+        y, sT, states, m, gl = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype)
+        if any(ctx.needs_input_grad[:7]):  # (grad mode is off inside forward)
+            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, *saved = ctx.saved_tensors
+        r, log_w, k, v, a, b, states, m, gl = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
-        dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(r, log_w, k, v, a, b, saved, dy, dsT, ctx.table, ctx.cfg)
+        dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
+            r, log_w, k, v, a, b, states, m, gl, dy, dsT, ctx.table, ctx.cfg
+        )
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
 
 
@@ -1206,15 +677,10 @@ def wkv7_triton(
     num_warps: int | None = None,
     bwd_block_v: int | None = None,
     bwd_num_warps: int | None = None,
-    bwd_key_split: bool = True,
-    split_inverse: bool = False,
-    split_qy: bool = False,
-    bwd_key_num_warps: int | None = None,
     scan_block_v: int | None = None,
     scan_num_warps: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
-    impl: str | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -1240,13 +706,11 @@ def wkv7_triton(
     B, T, H, N = r.shape
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
-    if impl is None:  # "stored" for the tensor-core path at the head sizes it takes
-        impl = "stored" if precision != "ieee" and N in STORED_HEAD_SIZES else "recompute"
     if chunk_size is None:
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
-        chunk_size = DEFAULT_CHUNK_STORED if impl == "stored" else DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
+        chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
     scan_precision = scan_precision or precision
-    _check_config(N, chunk_size, None, precision, impl)
+    _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
     if T == 0 or n_seqs == 0:
@@ -1258,9 +722,8 @@ def wkv7_triton(
         table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
-        bwd_num_warps=bwd_num_warps, bwd_key_split=bwd_key_split, bwd_key_num_warps=bwd_key_num_warps,
-        split_inverse=split_inverse, split_qy=split_qy, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision, impl=impl,
+        bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
+        precision=precision, scan_precision=scan_precision,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()

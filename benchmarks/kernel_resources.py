@@ -1,0 +1,95 @@
+"""Offline sm_90 build of one of our Triton kernels: registers, spill stack and MMA kinds per
+thread, without a GPU (benchmarks/NOTES.md quotes these builds).
+
+    python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv7:_bwd_chunks_kernel N=64 L=16 LOG2L=4 BV=64
+    python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv6:_wkv6_recurrent_kernel --warps 2 N=64 BV=32
+
+KEY=VALUE sets a constexpr (ints, True/False, strings such as PREC=tf32). Pointer arguments are
+float32 unless named in --bf16 (default: the usual input and gradient names); the chunk tables
+(cu_ptr, chunk_cu_ptr, chunk_seq_ptr) are int32; every pointer is marked 16-byte aligned, as launches
+specialise them. Uses the ptxas and cuobjdump that ship with Triton. The figures are indicative:
+a build of this Triton for sm_90, not necessarily the GPU machine's Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BF16_DEFAULT = "r_ptr,k_ptr,v_ptr,a_ptr,b_ptr,dy_ptr,y_ptr,dr_ptr,dk_ptr,dv_ptr,da_ptr,db_ptr"
+INT_TABLES = ("cu_ptr", "chunk_cu_ptr", "chunk_seq_ptr")
+
+
+def constexpr_value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in INT_TABLES:
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*bf16" if name in bf16 else "*fp32"
+        else:
+            signature[name] = "i32"
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n.endswith("_ptr")}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 64),
+                            options=dict(num_warps=warps, num_stages=stages))
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return {
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "spill_stores": sass.count(" STL"),
+        "shared_bytes": kernel.metadata.shared,
+        "wgmma": sass.count("HGMMA"),
+        "mma_sync": sass.count("HMMA"),
+        "barriers": sass.count("BAR.SYNC"),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kernel", help="module:function, e.g. rwkvkit.ops.triton.wkv7:_prep_kernel")
+    p.add_argument("constexprs", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--bf16", default=BF16_DEFAULT, help="pointer arguments holding bf16 (comma-separated)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    module, _, name = args.kernel.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    constexprs = {}
+    for item in args.constexprs:
+        key, _, value = item.partition("=")
+        if key not in fn.arg_names:
+            p.error(f"{name} has no argument {key!r} (arguments: {', '.join(fn.arg_names)})")
+        constexprs[key] = constexpr_value(value)
+    result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages)
+    print(f"{name} warps={args.warps} {constexprs}: {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
