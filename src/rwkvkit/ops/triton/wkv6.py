@@ -124,6 +124,7 @@ import triton
 import triton.language as tl
 
 from .chunk_table import ChunkTable, varlen_table
+from .recurrent import launch, state_block
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
@@ -1137,17 +1138,7 @@ def _wkv6_recurrent_kernel(
     T, H, lw_sb, lw_st, lw_sh,
     N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
 ):
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    h = i_bh % H
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = i_bh * N * N + offs_v[:, None] * N + offs_k[None, :]
-    if HAS_S0:
-        S = tl.load(s0_ptr + s_offs)
-    else:
-        S = tl.zeros([BV, N], dtype=tl.float32)
+    i_b, h, offs_k, offs_v, s_offs, S = state_block(s0_ptr, H, N, BV, HAS_S0)
     u = tl.load(u_ptr + h * N + offs_k).to(tl.float32)
     lw_row = i_b * lw_sb + h * lw_sh
     for t in range(T):
@@ -1184,17 +1175,11 @@ def wkv6_recurrent(
     """
     B, T, H, N = check_inputs("wkv6_recurrent", r, log_w, k, v, u)
     check_state("wkv6_recurrent", state, B, H, N)
-    if inplace and (state is None or state.dtype != torch.float32 or not state.is_contiguous()):
-        raise ValueError("wkv6_recurrent: inplace needs a contiguous float32 state")
+    s0, sT, y, grid, meta = launch("wkv6_recurrent", state, inplace, B, T, H, N, out_dtype or r.dtype, r.device, _empty)
     r, k, v, u = (x.contiguous() for x in (r, k, v, u))
     if log_w.stride(-1) != 1:
         log_w = log_w.contiguous()
-    s0 = None if state is None else state.float().contiguous()
-    sT = state if inplace else torch.empty((B, H, N, N), dtype=torch.float32, device=r.device)
-    y = torch.empty((B, T, H, N), dtype=out_dtype or r.dtype, device=r.device)
-    bv = min(N, 32)
-    _wkv6_recurrent_kernel[(B * H, N // bv)](
-        r, log_w, k, v, u, s0 if s0 is not None else sT, y, sT, T, H, *_lw_strides(log_w),
-        N=N, BV=bv, HAS_S0=s0 is not None, num_warps=4 if N * bv >= 2048 else 2,
+    _wkv6_recurrent_kernel[grid](
+        r, log_w, k, v, u, s0 if s0 is not None else sT, y, sT, T, H, *_lw_strides(log_w), **meta
     )
     return y, sT

@@ -72,6 +72,7 @@ import triton
 import triton.language as tl
 
 from .chunk_table import ChunkTable, dense_table, varlen_table
+from .recurrent import launch, state_block
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_HEAD_SIZES = (16, 32, 64, 128)
@@ -430,17 +431,7 @@ def _recurrent_kernel(
     N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
 ):
     """Step by step, as the reference: S <- S diag(w) + (S a) b^T + v k^T, y = S r."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_b = i_bh // H
-    h = i_bh % H
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = i_bh * N * N + offs_v[:, None] * N + offs_k[None, :]
-    if HAS_S0:
-        S = tl.load(s0_ptr + s_offs)
-    else:
-        S = tl.zeros([BV, N], dtype=tl.float32)
+    i_b, h, offs_k, offs_v, s_offs, S = state_block(s0_ptr, H, N, BV, HAS_S0)
     for t in range(T):
         row = ((i_b * T + t) * H + h) * N
         r = tl.load(r_ptr + row + offs_k).to(tl.float32)
@@ -751,16 +742,8 @@ def wkv7_recurrent(
     xs = (r, log_w, k, v, a, b)
     _check_inputs("wkv7_recurrent", xs, state, r.shape[0])
     B, T, H, N = r.shape
-    if inplace and (state is None or state.dtype != torch.float32 or not state.is_contiguous()):
-        raise ValueError("wkv7_recurrent: inplace needs a contiguous float32 state")
-    xs = [x.contiguous() for x in xs]
-    s0 = None if state is None else state.float().contiguous()
-    sT = state if inplace else _empty((B, H, N, N), torch.float32, r.device)
-    y = _empty((B, T, H, N), out_dtype or r.dtype, r.device)
-    bv = min(N, 32)
-    _recurrent_kernel[(B * H, N // bv)](
-        *xs, s0 if s0 is not None else sT, y, sT, T, H, N=N, BV=bv, HAS_S0=s0 is not None, num_warps=4 if N * bv >= 2048 else 2,
-    )
+    s0, sT, y, grid, meta = launch("wkv7_recurrent", state, inplace, B, T, H, N, out_dtype or r.dtype, r.device, _empty)
+    _recurrent_kernel[grid](*[x.contiguous() for x in xs], s0 if s0 is not None else sT, y, sT, T, H, **meta)
     return y, sT
 
 
