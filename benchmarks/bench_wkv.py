@@ -132,6 +132,15 @@ def wkv7_fla():
     return fns, note
 
 
+def yes_no(text: str) -> bool:
+    """A boolean kernel setting on the command line: 1/0, yes/no, true/false."""
+    if text.lower() in ("1", "yes", "true"):
+        return True
+    if text.lower() in ("0", "no", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0, yes/no or true/false, got {text!r}")
+
+
 def wkv7_sweep_configs(quick: bool) -> list[dict]:
     """Parallel kernels: chunk size, value block and warps; the scan: its block, warps and
     precision (the knobs are independent: read the per-kernel times)."""
@@ -145,6 +154,7 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                 configs.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
     for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
         configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
+    configs += [dict(store_inverse=False), dict(store_inverse=True)]  # the default, then with the stored inverse
     return configs
 
 
@@ -160,7 +170,8 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS),
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS,
+                  store_inverse=yes_no),
     sweep_configs=wkv7_sweep_configs,
 )
 

@@ -56,8 +56,9 @@ def run_and_compare(x, *, dtype, logw_dtype=None, **kw):
 
 @pytest.mark.parametrize("T", [1, 17, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_matches_reference(seed, T, dtype):
-    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16)
+@pytest.mark.parametrize("store_inverse", [False, True])
+def test_small_matches_reference(seed, T, dtype, store_inverse):
+    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16, store_inverse=store_inverse)
 
 
 def test_small_chunk32_value_blocks_no_state(seed):
@@ -83,12 +84,15 @@ def test_every_output_element_written(seed, monkeypatch):
     poison_buffers(monkeypatch, kernels)
     run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16)
     run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16)
+    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16,
+                    store_inverse=True)
 
 
 def test_only_one_output_used(seed):
     """Backward with only y or only the final state in the loss (the other gradient is None)."""
-    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
-                            chunk_size=16)
+    for store_inverse in (False, True):
+        compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
+                                chunk_size=16, store_inverse=store_inverse)
 
 
 def test_state_not_modified_and_out_dtype(seed):
@@ -102,13 +106,13 @@ def test_state_not_modified_and_out_dtype(seed):
     assert y16.dtype == torch.float32
 
 
-def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
+def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kernel_kw):
     """Packed sequences (cu_seqlens) against each sequence run alone, forward and backward."""
     xs = [make_inputs(1, n, H, N) for n in lengths]
     packed = [torch.cat([x[i] for x in xs], dim=1).to(DEVICE, dtype).requires_grad_() for i in range(6)]
     s0 = torch.cat([x[6] for x in xs]).to(DEVICE).requires_grad_()
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
-    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    kw = dict(kernel_kw) if chunk_size is None else {"chunk_size": chunk_size, **kernel_kw}
     y, s = wkv7_triton(*packed, s0, cu_seqlens=cu, **kw)
     assert y.shape == packed[0].shape and s.shape == s0.shape
     gy, gs = torch.randn_like(y, dtype=torch.float32), torch.randn_like(s)
@@ -127,9 +131,10 @@ def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4):
         assert rel_err(got[6][i : i + 1], g1[6]) < rtol, f"sequence {i}, grad state"
 
 
-def test_varlen_matches_one_by_one(seed):
+@pytest.mark.parametrize("store_inverse", [False, True])
+def test_varlen_matches_one_by_one(seed, store_inverse):
     """Lengths not multiples of the chunk, one of a single token, one empty."""
-    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16)
+    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16, store_inverse=store_inverse)
 
 
 def test_varlen_rejects_bad_offsets():
@@ -280,6 +285,14 @@ def test_mixed_dtypes_and_value_blocks(seed):
 @pytest.mark.parametrize("precision, tol", [("tf32", 6e-3), ("tf32x3", 1e-4)])
 def test_tensor_core_precisions_fp32(seed, precision, tol):
     run_and_compare(make_inputs(2, 200, 2, 64), dtype=torch.float32, precision=precision, tol=tol)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_inverse(seed, dtype):
+    """The stored inverse at the default settings, a partial chunk, float32 log_w for bf16."""
+    run_and_compare(make_inputs(2, 100, 3, 64), dtype=dtype, logw_dtype=torch.float32, store_inverse=True)
+    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=dtype, rtol=1e-5, store_inverse=True)
 
 
 @gpu_only
