@@ -6,6 +6,7 @@
 #   STEP=wkv7  bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --op wkv7 (ours, fla, fla-layer)
 #   STEP=wkv6  bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --op wkv6 (ours, fla)
 #   STEP=train bash benchmarks/gpu_kernels_check.sh   # bench_train_step.py (ours, fla, chunked)
+#   STEP=sweep SWEEP_ONLY=store_inverse bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --sweep rows
 #
 # fla autotunes every kernel at every new shape and, at B=8, T=4096, H=32, that alone can take
 # longer than one call. Triton keeps each tuned kernel's choice as <TRITON_CACHE_DIR>/<hash>/
@@ -29,7 +30,9 @@ case "${STEP:-}" in
   wkv7)  timeout "$budget" python3 benchmarks/bench_wkv.py --op wkv7 --out "$out/bench_wkv7.json" 2>&1 | tail -30 ;;
   wkv6)  timeout "$budget" python3 benchmarks/bench_wkv.py --op wkv6 --out "$out/bench_wkv6.json" 2>&1 | tail -30 ;;
   train) timeout "$budget" python3 benchmarks/bench_train_step.py --out "$out/train_step.json" 2>&1 | tail -20 ;;
-  *) echo "STEP must be tests, wkv7, wkv6 or train" >&2; exit 2 ;;
+  sweep) timeout "$budget" python3 benchmarks/bench_wkv.py --op "${OP:-wkv7}" --sweep --sweep-only "${SWEEP_ONLY:-}" \
+           --out "$out/sweep_${OP:-wkv7}.json" 2>&1 | grep -v '^   {' | tail -20 ;;
+  *) echo "STEP must be tests, wkv7, wkv6, train or sweep" >&2; exit 2 ;;
 esac
 find "$TRITON_CACHE_DIR" -name '*.autotune.json' | tar czf "$out/fla_autotune.tgz" -T -
 echo "# $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotune files packed into $out/fla_autotune.tgz"
