@@ -13,7 +13,7 @@
 # <kernel>.autotune.json (the hash covers Triton, the GPU target, the source and the key, not the
 # machine), so this script points TRITON_CACHE_DIR at runs/triton_cache (git-ignored: carry it
 # to the device) and packs the JSON files into $OUT_DIR/fla_autotune.tgz after each step; unpack
-# that archive in the repository root before the next call. A step cut off while tuning keeps
+# that archive into runs/triton_cache before the next call (tar xzf ... -C runs/triton_cache). A step cut off while tuning keeps
 # what it tuned. Results (JSON) go to $OUT_DIR (default runs/gpu_kernels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +34,6 @@ case "${STEP:-}" in
            --out "$out/sweep_${OP:-wkv7}.json" 2>&1 | grep -v '^   {' | tail -20 ;;
   *) echo "STEP must be tests, wkv7, wkv6, train or sweep" >&2; exit 2 ;;
 esac
-find "$TRITON_CACHE_DIR" -name '*.autotune.json' | tar czf "$out/fla_autotune.tgz" -T -
+# (paths relative to the cache: unpack with tar xzf fla_autotune.tgz -C runs/triton_cache)
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf - -T -) > "$out/fla_autotune.tgz"
 echo "# $(find "$TRITON_CACHE_DIR" -name '*.autotune.json' | wc -l) autotune files packed into $out/fla_autotune.tgz"

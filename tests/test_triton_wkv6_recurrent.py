@@ -85,10 +85,10 @@ def test_rejects_bad_arguments():
 
 @gpu_only
 def test_dispatcher_takes_it_for_decoding(seed, monkeypatch):
-    """ops.wkv6 on CUDA (RWKVKIT_WKV6_RECURRENT=1, the default): a few tokens without gradients go
-    through the decoding kernel (the same numbers as calling it), with gradients through the
-    chunked kernels."""
-    monkeypatch.setenv("RWKVKIT_WKV6_RECURRENT", "1")
+    """ops.wkv6 on CUDA: by default a few tokens without gradients go through the decoding
+    kernel (the same numbers as calling it), not with RWKVKIT_WKV6_RECURRENT=0, and with
+    gradients through the chunked kernels."""
+    monkeypatch.delenv("RWKVKIT_WKV6_RECURRENT", raising=False)  # the default
     calls = []
     from rwkvkit.ops import triton as triton_ops
 
@@ -99,6 +99,11 @@ def test_dispatcher_takes_it_for_decoding(seed, monkeypatch):
         y, s = ops.wkv6(r, log_w, k, v, u, s0)
     assert calls and torch.equal(y, wkv6_recurrent(r, log_w, k, v, u, s0)[0])
     calls.clear()
+    monkeypatch.setenv("RWKVKIT_WKV6_RECURRENT", "0")
+    with torch.no_grad():
+        ops.wkv6(r, log_w, k, v, u, s0)
+    assert not calls
+    monkeypatch.delenv("RWKVKIT_WKV6_RECURRENT")
     r.requires_grad_()
     y, _ = ops.wkv6(r, log_w, k, v, u, s0)
     assert not calls and y.requires_grad

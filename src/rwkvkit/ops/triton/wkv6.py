@@ -1123,8 +1123,9 @@ def wkv6_triton(
 #     y_t = S r_t + (sum_j r_t[j] u[j] k_t[j]) v_t,    S <- S diag(w_t) + v_t k_t^T
 # (``ops.reference.wkv6_step``). One program per (batch*head, value block) keeps its [BV, N]
 # rows of S in registers for all T steps, so the state is read and written once per call
-# whatever T is; the chunked kernels above would write a state per chunk and run four kernels. Everything is float32 inside; ``log_w`` is read through its strides (RWKV-5.2's
-# per-head decay as a stride-0 view over B and T).
+# whatever T is; the chunked kernels above would write a state per chunk and run four kernels.
+# Everything is float32 inside; ``log_w`` is read through its strides (RWKV-5.2's per-head decay
+# as a stride-0 view over B and T).
 # --------------------------------------------------------------------------------------------
 
 
