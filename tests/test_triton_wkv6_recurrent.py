@@ -9,7 +9,7 @@ Runs on CUDA, or on the CPU under the Triton interpreter with RWKVKIT_TRITON_INT
 
 import pytest
 import torch
-from triton_checks import DEVICE, gpu_only  # before the kernels: sets up the interpreter, or skips
+from triton_checks import DEVICE, assert_decoding_unchanged_by, gpu_only  # before the kernels: sets up the interpreter, or skips
 
 from conftest import rel_err
 from test_ops_wkv6 import wkv6_inputs
@@ -114,17 +114,4 @@ def test_dispatcher_takes_it_for_decoding(seed, monkeypatch):
 def test_model_decoding_with_the_kernel(seed, arch, monkeypatch):
     """RWKV-5.2 / RWKV-6 decoding (model.step_, float32) with RWKVKIT_WKV6_RECURRENT=1 equals
     decoding without it."""
-    from rwkvkit.config import ModelConfig
-    from rwkvkit.models import model_class
-
-    model = model_class(arch)(ModelConfig(arch=arch, n_layer=2, n_embd=128, vocab_size=300, head_size=64))
-    model = model.to(DEVICE).eval()
-    tokens = torch.randint(0, 300, (6, 2), device=DEVICE)
-    runs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("RWKVKIT_WKV6_RECURRENT", flag)
-        state = model.init_state(2)
-        runs.append(([model.step_(t, state).clone() for t in tokens], state))
-    (l0, s0), (l1, s1) = runs
-    assert rel_err(torch.stack(l1), torch.stack(l0)) < 1e-5
-    assert rel_err(s1.wkv, s0.wkv) < 1e-5
+    assert_decoding_unchanged_by(monkeypatch, "RWKVKIT_WKV6_RECURRENT", arch, 2)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
     DEVICE,
+    assert_decoding_unchanged_by,
     compare_one_output_used,
     compare_with_chunked,
     compare_with_reference,
@@ -208,20 +209,7 @@ def test_timemix_step_kernel_matches_ops(seed, gate, dtype):
 @gpu_only
 def test_model_step_with_fused_kernel(seed, monkeypatch):
     """RWKV-7 decoding with RWKVKIT_FUSED_STEP=1 equals the unfused step (float32 model)."""
-    from rwkvkit.config import ModelConfig
-    from rwkvkit.models import model_class
-
-    model = model_class("rwkv7")(ModelConfig(arch="rwkv7", n_layer=3, n_embd=128, vocab_size=300, head_size=64))
-    model = model.to(DEVICE).eval()
-    tokens = torch.randint(0, 300, (6, 2), device=DEVICE)
-    runs = []
-    for fused in ("0", "1"):
-        monkeypatch.setenv("RWKVKIT_FUSED_STEP", fused)
-        state = model.init_state(2)
-        runs.append(([model.step_(t, state).clone() for t in tokens], state))
-    (l0, s0), (l1, s1) = runs
-    assert rel_err(torch.stack(l1), torch.stack(l0)) < 1e-5
-    assert rel_err(s1.wkv, s0.wkv) < 1e-5
+    assert_decoding_unchanged_by(monkeypatch, "RWKVKIT_FUSED_STEP", "rwkv7", 3)
 
 
 def test_rejects_bad_arguments():

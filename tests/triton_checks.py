@@ -99,6 +99,25 @@ def compare_with_chunked(kernel, chunked, names, x, dtypes):
         assert rel_err(g, g_ref) < tol, f"grad {name}: {rel_err(g, g_ref):.2e}"
 
 
+def assert_decoding_unchanged_by(monkeypatch, env: str, arch: str, n_layer: int) -> None:
+    """A small float32 ``arch`` model decoding 6 tokens (model.step_, batch 2) gives the same
+    logits and final WKV state with the environment switch ``env`` at "0" and at "1"."""
+    from rwkvkit.config import ModelConfig
+    from rwkvkit.models import model_class
+
+    model = model_class(arch)(ModelConfig(arch=arch, n_layer=n_layer, n_embd=128, vocab_size=300, head_size=64))
+    model = model.to(DEVICE).eval()
+    tokens = torch.randint(0, 300, (6, 2), device=DEVICE)
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv(env, flag)
+        state = model.init_state(2)
+        runs.append(([model.step_(t, state).clone() for t in tokens], state))
+    (l0, s0), (l1, s1) = runs
+    assert rel_err(torch.stack(l1), torch.stack(l0)) < 1e-5
+    assert rel_err(s1.wkv, s0.wkv) < 1e-5
+
+
 def poison_buffers(monkeypatch, kernels) -> None:
     """Make the kernels module's outputs and gradient buffers start as NaN (they are allocated
     by its ``_empty``), so that a test sees any element a kernel fails to write."""
