@@ -132,15 +132,6 @@ def wkv7_fla():
     return fns, note
 
 
-def yes_no(text: str) -> bool:
-    """A boolean kernel setting on the command line: 1/0, yes/no, true/false."""
-    if text.lower() in ("1", "yes", "true"):
-        return True
-    if text.lower() in ("0", "no", "false"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/0, yes/no or true/false, got {text!r}")
-
-
 def wkv7_sweep_configs(quick: bool) -> list[dict]:
     """Parallel kernels: chunk size, value block and warps; the scan: its block, warps and
     precision (the knobs are independent: read the per-kernel times)."""
@@ -154,7 +145,8 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
                 configs.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
     for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
         configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
-    configs += [dict(store_inverse=False), dict(store_inverse=True)]  # the default, then with the stored inverse
+    for sbv, sw in ((64, 4), (64, 8), (32, 4), (32, 8)):  # the scans at the training chunk (the first: the default)
+        configs.append(dict(chunk_size=16, scan_block_v=sbv, scan_num_warps=sw))
     return configs
 
 
@@ -170,8 +162,7 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS,
-                  store_inverse=yes_no),
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS),
     sweep_configs=wkv7_sweep_configs,
 )
 
@@ -373,6 +364,8 @@ def kernel_times(fn, xs, s0, reps: int = 5) -> dict[str, float]:
     s_leaf = s0.detach().requires_grad_()
 
     def run():
+        for x in leaves + [s_leaf]:  # (as the timings: no accumulation into earlier gradients)
+            x.grad = None
         y, s = fn(leaves, s_leaf)
         torch.autograd.backward([y, s], [torch.ones_like(y), torch.ones_like(s)])
 

@@ -6,7 +6,7 @@
 #   STEP=wkv7  bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --op wkv7 (ours, fla, fla-layer)
 #   STEP=wkv6  bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --op wkv6 (ours, fla)
 #   STEP=train bash benchmarks/gpu_kernels_check.sh   # bench_train_step.py (ours, fla, chunked)
-#   STEP=sweep SWEEP_ONLY=store_inverse bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --sweep rows
+#   STEP=sweep SWEEP_ONLY=scan_block_v bash benchmarks/gpu_kernels_check.sh   # bench_wkv.py --sweep rows
 #
 # fla autotunes every kernel at every new shape and, at B=8, T=4096, H=32, that alone can take
 # longer than one call. Triton keeps each tuned kernel's choice as <TRITON_CACHE_DIR>/<hash>/

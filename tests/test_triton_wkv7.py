@@ -57,9 +57,8 @@ def run_and_compare(x, *, dtype, logw_dtype=None, **kw):
 
 @pytest.mark.parametrize("T", [1, 17, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("store_inverse", [False, True])
-def test_small_matches_reference(seed, T, dtype, store_inverse):
-    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16, store_inverse=store_inverse)
+def test_small_matches_reference(seed, T, dtype):
+    run_and_compare(make_inputs(1, T, 2, 16), dtype=dtype, chunk_size=16)
 
 
 def test_small_chunk32_value_blocks_no_state(seed):
@@ -85,15 +84,12 @@ def test_every_output_element_written(seed, monkeypatch):
     poison_buffers(monkeypatch, kernels)
     run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16)
     run_and_compare(make_inputs(1, 21, 2, 16), dtype=torch.bfloat16, chunk_size=16)
-    run_and_compare(make_inputs(2, 19, 1, 32), dtype=torch.float32, chunk_size=16, block_v=16, bwd_block_v=16,
-                    store_inverse=True)
 
 
 def test_only_one_output_used(seed):
     """Backward with only y or only the final state in the loss (the other gradient is None)."""
-    for store_inverse in (False, True):
-        compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
-                                chunk_size=16, store_inverse=store_inverse)
+    compare_one_output_used(wkv7_triton, wkv7_reference, NAMES, make_inputs(1, 18, 1, 16), not_in_state=("r",),
+                            chunk_size=16)
 
 
 def test_state_not_modified_and_out_dtype(seed):
@@ -132,10 +128,10 @@ def varlen_case(lengths, H, N, *, dtype, chunk_size=None, rtol=1e-4, **kernel_kw
         assert rel_err(got[6][i : i + 1], g1[6]) < rtol, f"sequence {i}, grad state"
 
 
-@pytest.mark.parametrize("store_inverse", [False, True])
-def test_varlen_matches_one_by_one(seed, store_inverse):
-    """Lengths not multiples of the chunk, one of a single token, one empty."""
-    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16, store_inverse=store_inverse)
+def test_varlen_matches_one_by_one(seed):
+    """Lengths not multiples of the chunk, one of a single token, one empty (also last)."""
+    varlen_case([5, 0, 21, 1, 16], 1, 16, dtype=torch.float32, chunk_size=16)
+    varlen_case([3, 17, 0], 1, 16, dtype=torch.float32, chunk_size=16, scan_block_v=16, bwd_block_v=16)
 
 
 def test_varlen_rejects_bad_offsets():
@@ -277,10 +273,10 @@ def test_tensor_core_precisions_fp32(seed, precision, tol):
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_inverse(seed, dtype):
-    """The stored inverse at the default settings, a partial chunk, float32 log_w for bf16."""
-    run_and_compare(make_inputs(2, 100, 3, 64), dtype=dtype, logw_dtype=torch.float32, store_inverse=True)
-    varlen_case([100, 1, 0, 64, 300], 3, 64, dtype=dtype, rtol=1e-5, store_inverse=True)
+def test_defaults_partial_chunk(seed, dtype):
+    """The default settings, a partial chunk, float32 log_w; packed, with an empty sequence last."""
+    run_and_compare(make_inputs(2, 100, 3, 64), dtype=dtype, logw_dtype=torch.float32)
+    varlen_case([100, 1, 0, 64, 300, 0], 3, 64, dtype=dtype, rtol=1e-5)
 
 
 @gpu_only

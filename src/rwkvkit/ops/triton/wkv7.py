@@ -38,25 +38,30 @@ and through the scalings (x_q = x e^{...}):
 Each formula was checked against float64 autograd through the step reference.
 
 Scan form. Substituting SA = W S0^T + U, with W = (I - A_ab)^{-1} aq and
-U = (I - A_ab)^{-1} A_ak V (neither depends on the state), the chunk's state update becomes
-    S_L = S0 diag(gL) + S0 M + D,     M = W^T be [key, key],  D = V^T ke + U^T be [value, key]
-and the gradient of the state entering the chunk
-    dS0 = dS_L diag(gL) + dS_L M^T + E,     E = dY^T Q,  Q = rq + A_rb W.
-So the only sequential work is a lean scan with one [value, key] x [key, key] product per
-chunk; everything else is parallel over chunks.
+U = (I - A_ab)^{-1} A_ak V (neither depends on the state), a chunk is
+    SA^T = S0 W^T + U^T,   Y = Q S0^T + P,   S_L = S0 diag(gL) + SA^T be + V^T ke,
+    Q = rq + A_rb W [L, key],   P = A_rk V + A_rb U [L, value],
+and the gradient of the state entering it
+    dS0 = dS_L diag(gL) + (dS_L be^T) W + dY^T Q.
+Everything but S0 and dS_L is per chunk and parallel: W, be, ke, Q, U, P ([L, N] each, built
+once) are the factors of the chunk's rank-L update. The scans carry S (dS) through the chunks
+with three [N, N] x [N, L] or [N, L] x [L, N] products per chunk, and the forward scan writes y
+itself; nothing is an [N, N] per-chunk matrix except the carried states the backward needs.
 
 Kernels (every one works on a table of chunks, so packed variable-length batches and dense
 [B, T] batches are one code path; a chunk never crosses a sequence boundary):
-    forward:  _prep (per chunk: gL, M, D) -> _scan (per sequence, head: the state entering
-              every chunk, and the final state) -> _out (per chunk: y from its entering state)
-    backward: _bwd_prep (per chunk: E) -> _scan in reverse (dS leaving every chunk, dS of the
-              initial state) -> _bwd_chunks (per chunk: every input gradient)
+    forward:  _prep (per chunk: gL, W, be, ke, Q, U, P; with a gradient, (I - A_ab)^{-1}) ->
+              _fwd_scan (per sequence, head, value block: y and the final state; with a
+              gradient, also the state entering every chunk and SA)
+    backward: _bwd_scan (per sequence, head, value block, chunks in reverse: the gradient of
+              the state leaving every chunk and of the initial state) -> _bwd_chunks (per
+              chunk: every input gradient, from the stored states, SA and inverse)
 and _recurrent, the step-by-step form for decoding (small T, no gradient), which may update
-the state in place. The scan keeps the diagonal part exact (S * gL) and takes the product
-with M in its own precision. The state entering every chunk is stored in float32
-([chunks, H, N, N]); M and gL are kept for the backward, so neither scan is run twice.
-Key-side input gradients summed over value blocks go through a float32 [NV, ...] buffer when
-there is more than one block.
+the state in place. The scans keep the diagonal part exact (S * gL) and take their products in
+their own precision. What the backward reads is float32: per token and head, the state entering
+its chunk (N^2 / L floats), SA, W, be, Q (N each) and the inverse (L); without a gradient only
+y and the final state are written. Key-side input gradients summed over value blocks go through
+a float32 [NV, ...] buffer when there is more than one block.
 
 Matmul precision: "ieee" (exact float32, CUDA cores), "tf32" (tensor cores; ~4e-4 relative
 error) or "tf32x3" (tensor cores, ~float32 accuracy at 3x the MMA work). Default: ieee for
@@ -105,11 +110,8 @@ def _unit_lower_inverse(A, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _chunk_keyside(
-    r, lw, k, a, b, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr = True
-):
-    """Everything in a chunk that does not depend on the state or on v. Without INVERSE the
-    returned Ti is a placeholder (the caller loads the inverse prep stored)."""
+def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, PREC: tl.constexpr):
+    """Everything in a chunk that does not depend on the state or on v, but A_ab."""
     lam = tl.cumsum(lw, axis=0)  # Lam_t, inclusive
     lamp = lam - lw  # Lam'_t = Lam_{t-1}
     lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)  # Lam_L  [N]
@@ -129,12 +131,7 @@ def _chunk_keyside(
     A_ak = tl.where(strict, tl.dot(aq, tl.trans(ki), input_precision=PREC), 0.0)
     A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
     A_rk = tl.where(incl, tl.dot(rq, tl.trans(ki), input_precision=PREC), 0.0)
-    if INVERSE:
-        A_ab = tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0)
-        Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
-    else:
-        Ti = A_rk  # placeholder
-    return g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti
+    return g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk
 
 
 @triton.jit
@@ -148,24 +145,26 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
 
 
 @triton.jit
-def _ti_offsets(c, h, offs_t, H, L: tl.constexpr):
-    """Offsets of chunk ``c``'s inverse (I - A_ab)^{-1} in a [chunks, H, L, L] float32 buffer."""
-    return (c.to(tl.int64) * H + h) * L * L + offs_t[:, None] * L + offs_t[None, :]
+def _tile(ptr, base, i: tl.constexpr, offs_t, offs_n, L: tl.constexpr, N: tl.constexpr):
+    """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, 3, L, N] buffer
+    (``base`` = chunk * H + head)."""
+    return tl.load(ptr + (base * 3 + i) * L * N + offs_t[:, None] * N + offs_n[None, :])
 
 
 @triton.jit(do_not_specialize=["H"])
 def _prep_kernel(
-    lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
+    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
     gl_ptr,  # [chunks, H, N] float32 out
-    m_ptr, d_ptr,  # [chunks, H, N, N] float32 out
+    kf_ptr,  # [chunks, H, 3, L, N] float32 out: W, be, Q (key columns)
+    vf_ptr,  # [chunks, H, 3, L, N] float32 out: ke (key columns), U, P (value columns)
     ti_ptr,  # [chunks, H, L, L] float32 out (if STORE_TI): (I - A_ab)^{-1}
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    STORE_TI: tl.constexpr = False,
+    STORE_TI: tl.constexpr,
 ):
-    """Per chunk: gL, M = W^T be and this value block's rows of D = V^T ke + U^T be (and, with
-    STORE_TI, the inverse for the kernels after the scan)."""
+    """Per chunk, everything the scans need that does not depend on the state: gL, the key-side
+    factors W, be, ke, Q and this value block's columns of U and P."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -174,188 +173,174 @@ def _prep_kernel(
     offs_v = i_v * BV + tl.arange(0, BV)
     row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     pk = row[:, None] + offs_k[None, :]
+    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + row[:, None] + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-
-    lam = tl.cumsum(lw, axis=0)
-    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-    aq = a * tl.exp(lam - lw)
-    gi = tl.exp(-lam)
-    ge = tl.exp(lam_last[None, :] - lam)
+    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk = _chunk_keyside(r, lw, k, a, b, offs_t, L, PREC)
     strict = offs_t[:, None] > offs_t[None, :]
-    A_ab = tl.where(strict, tl.dot(aq, tl.trans(b * gi), input_precision=PREC), 0.0)
-    A_ak = tl.where(strict, tl.dot(aq, tl.trans(k * gi), input_precision=PREC), 0.0)
-    Ti = _unit_lower_inverse(A_ab, offs_t, L, LOG2L, PREC)
-    be = b * ge
+    Ti = _unit_lower_inverse(
+        tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0), offs_t, L, LOG2L, PREC
+    )
     U = tl.dot(Ti, tl.dot(A_ak, v, input_precision=PREC), input_precision=PREC)  # [L, BV]
-    D = tl.dot(tl.trans(v), k * ge, input_precision=PREC) + tl.dot(tl.trans(U), be, input_precision=PREC)
-    base = (c.to(tl.int64) * H + h) * N
-    tl.store(d_ptr + base * N + offs_v[:, None] * N + offs_k[None, :], D)
+    P = tl.dot(A_rk, v, input_precision=PREC) + tl.dot(A_rb, U, input_precision=PREC)
+    base = c.to(tl.int64) * H + h
+    f_v = offs_t[:, None] * N + offs_v[None, :]
+    f_k = offs_t[:, None] * N + offs_k[None, :]
+    tl.store(vf_ptr + (base * 3 + 1) * L * N + f_v, U)
+    tl.store(vf_ptr + (base * 3 + 2) * L * N + f_v, P)
     if i_v == 0:
         W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
-        M = tl.dot(tl.trans(W), be, input_precision=PREC)  # [N, N]
-        tl.store(m_ptr + base * N + offs_k[:, None] * N + offs_k[None, :], M)
-        tl.store(gl_ptr + base + offs_k, tl.exp(lam_last))
+        tl.store(kf_ptr + base * 3 * L * N + f_k, W)
+        tl.store(kf_ptr + (base * 3 + 1) * L * N + f_k, be)
+        tl.store(kf_ptr + (base * 3 + 2) * L * N + f_k, rq + tl.dot(A_rb, W, input_precision=PREC))
+        tl.store(vf_ptr + base * 3 * L * N + f_k, ke)
+        tl.store(gl_ptr + base * N + offs_k, gL)
         if STORE_TI:
-            tl.store(ti_ptr + _ti_offsets(c, h, offs_t, H, L), Ti)
+            tl.store(ti_ptr + base * L * L + offs_t[:, None] * L + offs_t[None, :], Ti)
 
 
-@triton.jit(do_not_specialize=["H", "n_chunks"])
-def _scan_kernel(
-    s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
-    gl_ptr,  # [chunks, H, N] float32
-    m_ptr, d_ptr,  # [chunks, H, N, N] float32
-    states_ptr,  # [chunks, H, N, N] float32 out: the carried matrix before each chunk's update
-    sT_ptr,  # [seqs, H, N, N] float32 out
-    chunk_cu_ptr,
-    H, n_chunks,
-    N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, PREC: tl.constexpr,
-):
-    """The sequential part. Forward: S <- S diag(gL) + S M + D over the chunks in order, storing
-    the state entering each. REVERSE: dS <- dS diag(gL) + dS M^T + E over the chunks backwards,
-    storing the gradient of the state leaving each (``d_ptr`` holds E)."""
+@triton.jit
+def _scan_prologue(s0_ptr, cu_ptr, chunk_cu_ptr, H, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
+                   HAS_S0: tl.constexpr):
+    """One (sequence, head, value block) program of a scan: its chunks, rows and entering matrix."""
     i_sh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
     seq = i_sh // H
     h = i_sh % H
     c0 = tl.load(chunk_cu_ptr + seq)
     nc = tl.load(chunk_cu_ptr + seq + 1) - c0
+    t0 = tl.load(cu_ptr + seq)
+    t1 = tl.load(cu_ptr + seq + 1)
+    offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
     s_offs = offs_v[:, None] * N + offs_k[None, :]
-    if REVERSE:
-        m_offs = offs_k[None, :] * N + offs_k[:, None]  # M^T
-    else:
-        m_offs = offs_k[:, None] * N + offs_k[None, :]
     if HAS_S0:
         S = tl.load(s0_ptr + i_sh * N * N + s_offs)
     else:
         S = tl.zeros([BV, N], dtype=tl.float32)
+    return i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, S
 
-    # the next chunk's matrices are loaded one iteration ahead (their latency hides behind
-    # this chunk's product)
-    if REVERSE:
-        c = c0 + nc - 1
-    else:
-        c = c0
-    # (clamped into the table: the prefetch past the last chunk loads a valid, unused one)
-    base = tl.minimum(tl.maximum(c, 0), n_chunks - 1).to(tl.int64) * H + h
-    gl_n = tl.load(gl_ptr + base * N + offs_k)
-    m_n = tl.load(m_ptr + base * N * N + m_offs)
-    d_n = tl.load(d_ptr + base * N * N + s_offs)
+
+@triton.jit
+def _scan_rows(t0, t1, j, nc, h, offs_t, offs_v, H, N: tl.constexpr, L: tl.constexpr):
+    """Offsets ([L, BV]) and row mask of the ``j``-th chunk of a sequence (clamped into it, so a
+    prefetch past either end reads nothing: an empty sequence masks every row)."""
+    t = t0 + tl.maximum(tl.minimum(j, nc - 1), 0) * L + offs_t
+    return (t.to(tl.int64) * H + h)[:, None] * N + offs_v[None, :], (t < t1)[:, None]
+
+
+@triton.jit(do_not_specialize=["H", "n_chunks"])
+def _fwd_scan_kernel(
+    s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
+    gl_ptr, kf_ptr, vf_ptr,  # prep's outputs
+    v_ptr,  # [tokens, H, N]
+    y_ptr,  # [tokens, H, N] out
+    states_ptr,  # [chunks, H, N, N] float32 out (if STORE): the state entering each chunk
+    sa_ptr,  # [chunks, H, L, N] float32 out (if STORE): SA = W S0^T + U, every chunk
+    sT_ptr,  # [seqs, H, N, N] float32 out
+    cu_ptr, chunk_cu_ptr,
+    H, n_chunks,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The sequential part of the forward, over one sequence's chunks in order:
+    Y = Q S^T + P,  SA^T = S W^T + U^T,  S <- S diag(gL) + SA^T be + V^T ke.
+    Every chunk's factors are loaded one iteration ahead (their latency hides behind the
+    previous chunk's products)."""
+    i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, S = _scan_prologue(
+        s0_ptr, cu_ptr, chunk_cu_ptr, H, N, L, BV, HAS_S0
+    )
+    base_n = tl.minimum(c0, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
+    pv_n, tm_n = _scan_rows(t0, t1, 0, nc, h, offs_t, offs_v, H, N, L)
+    gl_n = tl.load(gl_ptr + base_n * N + offs_k)
+    W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
+    be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+    Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+    ke_n = _tile(vf_ptr, base_n, 0, offs_t, offs_k, L, N)
+    U_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
+    P_n = _tile(vf_ptr, base_n, 2, offs_t, offs_v, L, N)
+    V_n = tl.load(v_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
     for j in range(nc):
-        tl.store(states_ptr + base * N * N + s_offs, S)
-        gl = gl_n
-        M = m_n
-        D = d_n
-        if REVERSE:
-            c = c0 + nc - 2 - j
-        else:
-            c = c0 + j + 1
-        base_n = tl.minimum(tl.maximum(c, 0), n_chunks - 1).to(tl.int64) * H + h
+        base, pv, tmask = base_n, pv_n, tm_n
+        gl, W, be, Q, ke, U, P, V = gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n
+        # the next chunk (the last iteration reloads this one: in bounds, unused)
+        jn = tl.minimum(j + 1, nc - 1)
+        base_n = (c0 + jn).to(tl.int64) * H + h
+        pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
         gl_n = tl.load(gl_ptr + base_n * N + offs_k)
-        m_n = tl.load(m_ptr + base_n * N * N + m_offs)
-        d_n = tl.load(d_ptr + base_n * N * N + s_offs)
-        S = S * gl[None, :] + tl.dot(S, M, input_precision=PREC) + D
-        base = base_n
+        W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
+        be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+        Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+        ke_n = _tile(vf_ptr, base_n, 0, offs_t, offs_k, L, N)
+        U_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
+        P_n = _tile(vf_ptr, base_n, 2, offs_t, offs_v, L, N)
+        V_n = tl.load(v_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
+
+        X = tl.dot(S, tl.trans(W), input_precision=PREC) + tl.trans(U)  # [BV, L] = SA^T
+        Y = tl.dot(Q, tl.trans(S), input_precision=PREC) + P  # [L, BV]
+        if STORE:
+            tl.store(states_ptr + base * N * N + s_offs, S)
+            tl.store(sa_ptr + base * L * N + offs_t[None, :] * N + offs_v[:, None], X)
+        S = S * gl[None, :] + tl.dot(X, be, input_precision=PREC) + tl.dot(tl.trans(V), ke, input_precision=PREC)
+        tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
     tl.store(sT_ptr + i_sh * N * N + s_offs, S)
 
 
-@triton.jit(do_not_specialize=["H"])
-def _out_kernel(
-    r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr,  # [chunks, H, N, N] float32: the state entering each chunk
-    y_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
-    H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr = False,
+@triton.jit(do_not_specialize=["H", "n_chunks"])
+def _bwd_scan_kernel(
+    ds_ptr,  # [seqs, H, N, N] float32: the final state's gradient (unused unless HAS_S0)
+    gl_ptr, kf_ptr,  # prep's outputs
+    dy_ptr,  # [tokens, H, N]
+    dstates_ptr,  # [chunks, H, N, N] float32 out: the gradient of the state leaving each chunk
+    ds0_ptr,  # [seqs, H, N, N] float32 out
+    cu_ptr, chunk_cu_ptr,
+    H, n_chunks,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and value block: Y = rq S0^T + A_rk V + A_rb SA, SA = (I - A_ab)^{-1}(aq S0^T + A_ak V)."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
-    pk = row[:, None] + offs_k[None, :]
-    pv = row[:, None] + offs_v[None, :]
-    S = tl.load(states_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :])
-    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-        r, lw, k, a, b, offs_t, L, LOG2L, PREC, not LOAD_TI
+    """The sequential part of the backward, over one sequence's chunks in reverse:
+    dS <- dS diag(gL) + (dS be^T) W + dY^T Q (factors loaded one iteration ahead)."""
+    i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, dS = _scan_prologue(
+        ds_ptr, cu_ptr, chunk_cu_ptr, H, N, L, BV, HAS_S0
     )
-    if LOAD_TI:
-        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
-    X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
-    SA = tl.dot(Ti, X, input_precision=PREC)
-    Y = tl.dot(rq, tl.trans(S), input_precision=PREC)
-    Y += tl.dot(A_rk, v, input_precision=PREC)
-    Y += tl.dot(A_rb, SA, input_precision=PREC)
-    tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
+    jn = tl.maximum(nc - 1, 0)
+    base_n = tl.minimum(c0 + jn, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
+    pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
+    gl_n = tl.load(gl_ptr + base_n * N + offs_k)
+    W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
+    be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+    Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+    dY_n = tl.load(dy_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
+    for j in range(nc):
+        base = base_n
+        gl, W, be, Q, dY = gl_n, W_n, be_n, Q_n, dY_n
+        jn = tl.maximum(nc - 2 - j, 0)
+        base_n = (c0 + jn).to(tl.int64) * H + h
+        pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
+        gl_n = tl.load(gl_ptr + base_n * N + offs_k)
+        W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
+        be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+        Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+        dY_n = tl.load(dy_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
 
-
-@triton.jit(do_not_specialize=["H"])
-def _bwd_prep_kernel(
-    r_ptr, lw_ptr, a_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
-    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    e_ptr,  # [chunks, H, N, N] float32 out
-    ti_ptr,  # [chunks, H, L, L] float32 (if LOAD_TI): prep's inverse
-    H,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    LOAD_TI: tl.constexpr = False,
-):
-    """Per chunk and value block: E = dY^T Q with Q = rq + A_rb (I - A_ab)^{-1} aq."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    offs_t = tl.arange(0, L)
-    offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
-    pk = row[:, None] + offs_k[None, :]
-    r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    dY = tl.load(dy_ptr + row[:, None] + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-    lam = tl.cumsum(lw, axis=0)
-    aq = a * tl.exp(lam - lw)
-    rq = r * tl.exp(lam)
-    bi = b * tl.exp(-lam)
-    strict = offs_t[:, None] > offs_t[None, :]
-    incl = offs_t[:, None] >= offs_t[None, :]
-    A_rb = tl.where(incl, tl.dot(rq, tl.trans(bi), input_precision=PREC), 0.0)
-    if LOAD_TI:
-        Ti = tl.load(ti_ptr + _ti_offsets(c, h, offs_t, H, L))
-    else:
-        Ti = _unit_lower_inverse(tl.where(strict, tl.dot(aq, tl.trans(bi), input_precision=PREC), 0.0), offs_t, L,
-                                 LOG2L, PREC)
-    W = tl.dot(Ti, aq, input_precision=PREC)
-    Q = rq + tl.dot(A_rb, W, input_precision=PREC)
-    E = tl.dot(tl.trans(dY), Q, input_precision=PREC)  # [BV, N]
-    tl.store(e_ptr + (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :], E)
+        tl.store(dstates_ptr + base * N * N + s_offs, dS)
+        Z = tl.dot(dS, tl.trans(be), input_precision=PREC)  # [BV, L]
+        dS = dS * gl[None, :] + tl.dot(Z, W, input_precision=PREC) + tl.dot(tl.trans(dY), Q, input_precision=PREC)
+    tl.store(ds0_ptr + i_sh * N * N + s_offs, dS)
 
 
 @triton.jit
 def _chunk_grads(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
-    pk, pv, part, tmask, S, dS, offs_t,
-    L: tl.constexpr, LOG2L: tl.constexpr, PREC: tl.constexpr,
+    pk, pv, part, tmask, S, dS, SA, Ti, offs_t,
+    L: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Backward of one chunk for one value block: from S = S0 and dS = dS_L ([BV, N] slices),
-    store dv and this block's share of dr, dlog_w, dk, da, db."""
+    """Backward of one chunk for one value block: from S = S0, dS = dS_L ([BV, N] slices),
+    SA [L, BV] and Ti = (I - A_ab)^{-1}, store dv and this block's share of dr, dlog_w, dk, da, db."""
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = tl.load(lw_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
@@ -366,11 +351,7 @@ def _chunk_grads(
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
 
-    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk, Ti = _chunk_keyside(
-        r, lw, k, a, b, offs_t, L, LOG2L, PREC
-    )
-    X = tl.dot(aq, tl.trans(S), input_precision=PREC) + tl.dot(A_ak, v, input_precision=PREC)
-    SA = tl.dot(Ti, X, input_precision=PREC)
+    g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk = _chunk_keyside(r, lw, k, a, b, offs_t, L, PREC)
 
     dSA = tl.dot(be, tl.trans(dS), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
     dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
@@ -421,12 +402,14 @@ def _chunk_grads(
 def _bwd_chunks_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    sa_ptr,  # [chunks, H, L, N] float32: the forward scan's SA
+    ti_ptr,  # [chunks, H, L, L] float32: prep's (I - A_ab)^{-1}
     dy_ptr,  # [tokens, H, N]
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, tokens, H, N]: partial sums over value blocks
     dv_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     H, part_stride,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Every (chunk, head, value block) in parallel: all input gradients of the chunk."""
     c = tl.program_id(0)
@@ -437,14 +420,18 @@ def _bwd_chunks_kernel(
     offs_k = tl.arange(0, N)
     offs_v = i_v * BV + tl.arange(0, BV)
     row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
-    s_offs = (c.to(tl.int64) * H + h) * N * N + offs_v[:, None] * N + offs_k[None, :]
+    base = c.to(tl.int64) * H + h
+    s_offs = base * N * N + offs_v[:, None] * N + offs_k[None, :]
     S = tl.load(states_ptr + s_offs)
     dS = tl.load(dstates_ptr + s_offs)
+    SA = tl.load(sa_ptr + base * L * N + offs_t[:, None] * N + offs_v[None, :])
+    Ti = tl.load(ti_ptr + base * L * L + offs_t[:, None] * L + offs_t[None, :])
     _chunk_grads(
         r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
-        row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, offs_t,
-        L, LOG2L, PREC,
+        row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, SA, Ti, offs_t,
+        L, PREC,
     )
+
 
 
 @triton.jit(do_not_specialize=["T", "H"])
@@ -563,80 +550,76 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _scan(s0, gl, m, d, table: ChunkTable, H: int, N: int, *, reverse: bool, block_v, num_warps, precision):
-    """Run the scan; returns (per-chunk carried matrices, final matrix) in float32."""
-    bv = block_v or _auto_block_v(table.n_seqs * H, N, 0, gl.device, min_waves=0.5)
-    _check_config(N, None, bv, precision)
-    out = _empty((table.n_chunks, H, N, N), torch.float32, gl.device)
-    fin = _empty((table.n_seqs, H, N, N), torch.float32, gl.device)
-    _scan_kernel[(table.n_seqs * H, N // bv)](
-        s0 if s0 is not None else fin, gl, m, d, out, fin, table.chunk_cu, H, table.n_chunks,
-        N=N, BV=bv, HAS_S0=s0 is not None, REVERSE=reverse, PREC=precision,
-        num_warps=num_warps or 4,
-    )
-    return out, fin
+def _scan_block_v(table: ChunkTable, H: int, N: int, cfg: dict, device) -> int:
+    bv = cfg["scan_block_v"] or _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=0.5)
+    _check_config(N, None, bv, cfg["scan_precision"])
+    return bv
 
 
 def wkv7_forward(
-    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype
+    r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, store: bool
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
-    says. Returns ``(y, final states [S, H, N, N], states entering each chunk, M, gL, Ti)``,
-    Ti = every chunk's (I - A_ab)^{-1} [chunks, H, L, L] with ``cfg["store_inverse"]``, else None."""
+    says. Returns ``(y, final states [S, H, N, N], saved)``; with ``store``, ``saved`` holds what
+    the backward reads (the state entering each chunk, SA, gL, W/be/Q and (I - A_ab)^{-1}),
+    else it is None."""
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
     bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
     _check_config(N, L, bv, prec)
-    meta = dict(N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["num_warps"] or _auto_warps(bv, N))
-    gl = _empty((nc, H, N), torch.float32, r.device)
-    m = _empty((nc, H, N, N), torch.float32, r.device)
-    d = _empty((nc, H, N, N), torch.float32, r.device)
+    dev = r.device
+    gl = _empty((nc, H, N), torch.float32, dev)
+    kf = _empty((nc, H, 3, L, N), torch.float32, dev)
+    vf = _empty((nc, H, 3, L, N), torch.float32, dev)
+    ti = _empty((nc, H, L, L), torch.float32, dev) if store else gl
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    grid = (nc, H, N // bv)
-    store_ti = cfg["store_inverse"]
-    ti = _empty((nc, H, L, L), torch.float32, r.device) if store_ti else gl
-    _prep_kernel[grid](log_w, k, v, a, b, *tabs, gl, m, d, ti, H, STORE_TI=store_ti, **meta)
-    states, sT = _scan(
-        state, gl, m, d, table, H, N, reverse=False, block_v=cfg["scan_block_v"],
-        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
+    _prep_kernel[(nc, H, N // bv)](
+        r, log_w, k, v, a, b, *tabs, gl, kf, vf, ti, H, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec,
+        STORE_TI=store, num_warps=cfg["num_warps"] or _auto_warps(bv, N),
     )
-    y = _empty(r.shape, out_dtype, r.device)
-    _out_kernel[grid](r, log_w, k, v, a, b, states, y, *tabs, ti, H, LOAD_TI=store_ti, **meta)
-    return y, sT, states, m, gl, (ti if store_ti else None)
+    sbv = _scan_block_v(table, H, N, cfg, dev)
+    states = _empty((nc, H, N, N), torch.float32, dev) if store else gl
+    sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
+    sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
+    y = _empty(r.shape, out_dtype, dev)
+    _fwd_scan_kernel[(table.n_seqs * H, N // sbv)](
+        state if state is not None else sT, gl, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc,
+        N=N, L=L, BV=sbv, HAS_S0=state is not None, STORE=store, PREC=cfg["scan_precision"],
+        num_warps=cfg["scan_num_warps"] or 4,
+    )
+    return y, sT, ((states, sa, gl, kf, ti) if store else None)
 
 
 def wkv7_backward(
-    r, log_w, k, v, a, b, states, m, gl, ti, dy, dsT, table: ChunkTable, cfg: dict
+    r, log_w, k, v, a, b, saved, dy, dsT, table: ChunkTable, cfg: dict
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels (``ti``: the forward's stored inverses, or None). Returns
-    ``(dr, dlog_w, dk, dv, da, db, dstate0)``, the input gradients in their inputs' dtypes and
-    dstate0 [S, H, N, N] in float32."""
+    """Launch the backward kernels (``saved``: the forward's). Returns ``(dr, dlog_w, dk, dv, da,
+    db, dstate0)``, the input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
+    states, sa, gl, kf, ti = saved
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
     _check_config(N, L, bv, prec)
     nv = N // bv
-    meta = dict(
-        N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N)
-    )
-    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    grid = (nc, H, nv)
-    e = _empty((nc, H, N, N), torch.float32, r.device)
-    _bwd_prep_kernel[grid](r, log_w, a, b, dy, *tabs, e, e if ti is None else ti, H, LOAD_TI=ti is not None, **meta)
-    dstates, ds0 = _scan(
-        dsT, gl, m, e, table, H, N, reverse=True, block_v=cfg["scan_block_v"],
-        num_warps=cfg["scan_num_warps"], precision=cfg["scan_precision"],
+    dev = r.device
+    sbv = _scan_block_v(table, H, N, cfg, dev)
+    dstates = _empty((nc, H, N, N), torch.float32, dev)
+    ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
+    _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
+        dsT if dsT is not None else ds0, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc,
+        N=N, L=L, BV=sbv, HAS_S0=dsT is not None, PREC=cfg["scan_precision"], num_warps=cfg["scan_num_warps"] or 4,
     )
     inputs = (r, log_w, k, a, b)
     if nv == 1:
-        parts = [_empty((1, *r.shape), x.dtype, r.device) for x in inputs]
+        parts = [_empty((1, *r.shape), x.dtype, dev) for x in inputs]
     else:
-        parts = [_empty((nv, *r.shape), torch.float32, r.device) for _ in inputs]
-    dv = _empty(r.shape, v.dtype, r.device)
-    _bwd_chunks_kernel[grid](
-        r, log_w, k, v, a, b, states, dstates, dy, *parts, dv, *tabs, H, r.numel(), **meta
+        parts = [_empty((nv, *r.shape), torch.float32, dev) for _ in inputs]
+    dv = _empty(r.shape, v.dtype, dev)
+    _bwd_chunks_kernel[(nc, H, nv)](
+        r, log_w, k, v, a, b, states, dstates, sa, ti, dy, *parts, dv, table.cu, table.chunk_cu, table.chunk_seq,
+        H, r.numel(), N=N, L=L, BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N),
     )
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
@@ -650,21 +633,22 @@ def wkv7_backward(
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
-        y, sT, states, m, gl, ti = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype)
-        if any(ctx.needs_input_grad[:7]):  # (grad mode is off inside forward)
-            ctx.save_for_backward(r, log_w, k, v, a, b, states, m, gl, ti)
+        store = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
+        y, sT, saved = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, store=store)
+        if store:
+            ctx.save_for_backward(r, log_w, k, v, a, b, *saved)
             ctx.table, ctx.cfg, ctx.has_state = table, cfg, state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, a, b, states, m, gl, ti = ctx.saved_tensors
+        r, log_w, k, v, a, b, *saved = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
-        dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(
-            r, log_w, k, v, a, b, states, m, gl, ti, dy, dsT, ctx.table, ctx.cfg
-        )
+        dr, dlw, dk, dv, da, db, ds0 = wkv7_backward(r, log_w, k, v, a, b, saved, dy, dsT, ctx.table, ctx.cfg)
         return dr, dlw, dk, dv, da, db, (ds0 if ctx.has_state else None), None, None, None
+
+
 
 
 def _check_inputs(fn: str, xs, state, n_seqs: int) -> None:
@@ -702,7 +686,6 @@ def wkv7_triton(
     scan_num_warps: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
-    store_inverse: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -718,10 +701,6 @@ def wkv7_triton(
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``);
-    ``store_inverse``: the prep kernel keeps every chunk's (I - A_ab)^{-1} (float32, L floats per
-    token-head, kept for the backward) and the output and backward-prep kernels read it instead
-    of rebuilding it (opt-in; 2% faster forward+backward in an earlier H100 run, see
-    benchmarks/NOTES.md).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -749,7 +728,7 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision, store_inverse=bool(store_inverse),
+        precision=precision, scan_precision=scan_precision,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
