@@ -140,13 +140,15 @@ def wkv7_sweep_configs(quick: bool) -> list[dict]:
         for bv in (16, 32, 64):
             for w in (4, 8):
                 if quick and (L, bv, w) not in {(16, 64, 4), (16, 32, 4), (16, 64, 8), (32, 64, 4), (32, 32, 4),
-                                                (32, 64, 8), (64, 32, 8)}:
+                                                (32, 64, 8)}:
                     continue
                 configs.append(dict(chunk_size=L, block_v=bv, num_warps=w, bwd_block_v=bv, bwd_num_warps=w))
-    for sbv, sw, sp in ((16, 4, None), (32, 4, None), (64, 4, None), (32, 8, None), (32, 4, "tf32x3"), (32, 4, "ieee")):
-        configs.append(dict(chunk_size=64, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
-    for sbv, sw in ((64, 4), (64, 8), (32, 4), (32, 8)):  # the scans at the training chunk (the first: the default)
-        configs.append(dict(chunk_size=16, scan_block_v=sbv, scan_num_warps=sw))
+    # the scans (the first row: the defaults); chunk 64 is forward-only (its backward kernel does
+    # not fit in shared memory at N = 64): its rows time the forward alone
+    for L, sbv, sw, sp in ((16, 64, 4, None), (16, 32, 4, None), (16, 16, 4, None), (16, 64, 8, None),
+                           (16, 32, 8, None), (16, 64, 4, "tf32x3"), (32, 64, 4, None), (32, 32, 4, None),
+                           (32, 16, 4, None), (64, 64, 4, None), (64, 32, 4, None)):
+        configs.append(dict(chunk_size=L, scan_block_v=sbv, scan_num_warps=sw, scan_precision=sp))
     return configs
 
 
@@ -497,11 +499,11 @@ def warm(op: WkvOp, configs, argv: list[str]) -> None:
 def warm_one(op: WkvOp, cfg: dict, shape, dtype, logw_dtype) -> None:
     fn = ours_fn(op, cfg)
     xs, s0 = op.make_inputs(*shape, dtype=dtype, logw_dtype=logw_dtype)
+    with torch.no_grad():  # (first: a forward-only config still compiles its forward)
+        fn(xs, s0)
     xs = [x.requires_grad_() for x in xs]
     y, s = fn(xs, s0.requires_grad_())
     torch.autograd.backward([y, s], [torch.ones_like(y), torch.ones_like(s)])
-    with torch.no_grad():
-        fn(xs, s0)
     torch.cuda.synchronize()
 
 

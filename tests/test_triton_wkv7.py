@@ -218,6 +218,18 @@ def test_rejects_bad_arguments():
         wkv7_triton(*[t.double() for t in x])
     with pytest.raises(ValueError, match="state"):
         wkv7_triton(*x, torch.zeros(1, 1, 8, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="forward-only"):
+        wkv7_triton(*[t.clone().requires_grad_() for t in x], chunk_size=64)
+
+
+@pytest.mark.parametrize("T", [70, 128])
+def test_small_chunk64_forward_only(seed, T):
+    """Chunk 64 without gradients (as prefill may call it): y and the final state."""
+    *x, s0 = make_inputs(1, T, 2, 16)
+    with torch.no_grad():
+        y, s = wkv7_triton(*(t.to(DEVICE) for t in x), s0.to(DEVICE), chunk_size=64)
+    y_ref, s_ref = wkv7_reference(*(t.double() for t in x), s0.double())
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
 # --- GPU tests ------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 # backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
 DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
+MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needs more shared memory than an H100 has (N = 64)
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
@@ -696,8 +697,8 @@ def wkv7_triton(
     [B, H, N(value), N(key)] or None for zeros. N in 16/32/64/128.
     ``cu_seqlens``: packed variable-length sequences: B == 1, sequence i is tokens
     ``cu_seqlens[i]:cu_seqlens[i+1]``, ``state`` and the final state are [S, H, N, N].
-    Tuning (None = automatic): ``chunk_size`` (16/32/64; 16 when a gradient is needed, else
-    32); ``block_v`` and ``num_warps`` of the
+    Tuning (None = automatic): ``chunk_size`` (16/32/64, 64 without gradients only; 16 when a
+    gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``);
@@ -711,9 +712,14 @@ def wkv7_triton(
     B, T, H, N = r.shape
     if precision is None:
         precision = "ieee" if r.dtype == torch.float32 else "tf32"
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
     if chunk_size is None:
-        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*xs, state) if x is not None)
         chunk_size = DEFAULT_CHUNK_TRAIN if grad else DEFAULT_CHUNK_INFER
+    elif grad and chunk_size > MAX_CHUNK_TRAIN:
+        raise ValueError(
+            f"wkv7_triton: chunk_size {chunk_size} is forward-only (its backward kernel does not fit in shared "
+            f"memory); with gradients use one of {tuple(c for c in SUPPORTED_CHUNKS if c <= MAX_CHUNK_TRAIN)}"
+        )
     scan_precision = scan_precision or precision
     _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
