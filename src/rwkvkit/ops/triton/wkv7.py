@@ -111,26 +111,11 @@ def _unit_lower_inverse(A, offs_t, L: tl.constexpr, LOG2L: tl.constexpr, PREC: t
 
 
 @triton.jit
-def _cumulative_decay(lw, offs_t, L: tl.constexpr):
-    """Lam_t (inclusive cumsum of log w over the chunk's rows) and Lam_L, its last row [N]."""
-    lam = tl.cumsum(lw, axis=0)
-    return lam, tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)
-
-
-@triton.jit
-def _tail_scaled(lw, k, b, offs_t, L: tl.constexpr):
-    """ke = k e^{Lam_L - Lam}, be = b e^{Lam_L - Lam} and gL = e^{Lam_L}: what a scan step needs
-    of the chunk's raw inputs (computed as _chunk_keyside computes them)."""
-    lam, lam_last = _cumulative_decay(lw, offs_t, L)
-    ge = tl.exp(lam_last[None, :] - lam)
-    return k * ge, b * ge, tl.exp(lam_last)
-
-
-@triton.jit
 def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, PREC: tl.constexpr):
     """Everything in a chunk that does not depend on the state or on v, but A_ab."""
-    lam, lam_last = _cumulative_decay(lw, offs_t, L)  # Lam_t inclusive, Lam_L
+    lam = tl.cumsum(lw, axis=0)  # Lam_t, inclusive
     lamp = lam - lw  # Lam'_t = Lam_{t-1}
+    lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)  # Lam_L  [N]
     g = tl.exp(lam)
     gp = tl.exp(lamp)
     gi = tl.exp(-lam)
@@ -162,24 +147,25 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
 
 @triton.jit
 def _tile(ptr, base, i: tl.constexpr, offs_t, offs_n, L: tl.constexpr, N: tl.constexpr):
-    """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, 2, L, N] buffer
+    """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, 3, L, N] buffer
     (``base`` = chunk * H + head)."""
-    return tl.load(ptr + (base * 2 + i) * L * N + offs_t[:, None] * N + offs_n[None, :])
+    return tl.load(ptr + (base * 3 + i) * L * N + offs_t[:, None] * N + offs_n[None, :])
 
 
 @triton.jit(do_not_specialize=["H"])
 def _prep_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
-    kf_ptr,  # [chunks, H, 2, L, N] float32 out: W, Q (key columns)
-    vf_ptr,  # [chunks, H, 2, L, N] float32 out: U, P (value columns)
+    gl_ptr,  # [chunks, H, N] float32 out
+    kf_ptr,  # [chunks, H, 3, L, N] float32 out: W, be, Q (key columns)
+    vf_ptr,  # [chunks, H, 3, L, N] float32 out: ke (key columns), U, P (value columns)
     ti_ptr,  # [chunks, H, L, L] float32 out (if STORE_TI): (I - A_ab)^{-1}
     H,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     STORE_TI: tl.constexpr,
 ):
-    """Per chunk, the factors the scans need that are not elementwise in the raw inputs: W, Q and
-    this value block's columns of U and P."""
+    """Per chunk, everything the scans need that does not depend on the state: gL, the key-side
+    factors W, be, ke, Q and this value block's columns of U and P."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -204,12 +190,15 @@ def _prep_kernel(
     base = c.to(tl.int64) * H + h
     f_v = offs_t[:, None] * N + offs_v[None, :]
     f_k = offs_t[:, None] * N + offs_k[None, :]
-    tl.store(vf_ptr + base * 2 * L * N + f_v, U)
-    tl.store(vf_ptr + (base * 2 + 1) * L * N + f_v, P)
+    tl.store(vf_ptr + (base * 3 + 1) * L * N + f_v, U)
+    tl.store(vf_ptr + (base * 3 + 2) * L * N + f_v, P)
     if i_v == 0:
         W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
-        tl.store(kf_ptr + base * 2 * L * N + f_k, W)
-        tl.store(kf_ptr + (base * 2 + 1) * L * N + f_k, rq + tl.dot(A_rb, W, input_precision=PREC))
+        tl.store(kf_ptr + base * 3 * L * N + f_k, W)
+        tl.store(kf_ptr + (base * 3 + 1) * L * N + f_k, be)
+        tl.store(kf_ptr + (base * 3 + 2) * L * N + f_k, rq + tl.dot(A_rb, W, input_precision=PREC))
+        tl.store(vf_ptr + base * 3 * L * N + f_k, ke)
+        tl.store(gl_ptr + base * N + offs_k, gL)
         if STORE_TI:
             tl.store(ti_ptr + base * L * L + offs_t[:, None] * L + offs_t[None, :], Ti)
 
@@ -238,19 +227,18 @@ def _scan_prologue(s0_ptr, cu_ptr, chunk_cu_ptr, H, N: tl.constexpr, L: tl.const
 
 
 @triton.jit
-def _scan_rows(t0, t1, j, nc, h, offs_t, H, N: tl.constexpr, L: tl.constexpr):
-    """Row offsets ([L, 1]) in the [tokens, H, N] layout and row mask of the ``j``-th chunk of a
-    sequence (clamped into it, so a prefetch past either end reads nothing: an empty sequence
-    masks every row)."""
+def _scan_rows(t0, t1, j, nc, h, offs_t, offs_v, H, N: tl.constexpr, L: tl.constexpr):
+    """Offsets ([L, BV]) and row mask of the ``j``-th chunk of a sequence (clamped into it, so a
+    prefetch past either end reads nothing: an empty sequence masks every row)."""
     t = t0 + tl.maximum(tl.minimum(j, nc - 1), 0) * L + offs_t
-    return ((t.to(tl.int64) * H + h) * N)[:, None], (t < t1)[:, None]
+    return (t.to(tl.int64) * H + h)[:, None] * N + offs_v[None, :], (t < t1)[:, None]
 
 
 @triton.jit(do_not_specialize=["H", "n_chunks"])
 def _fwd_scan_kernel(
     s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
-    lw_ptr, k_ptr, v_ptr, b_ptr,  # [tokens, H, N]
-    kf_ptr, vf_ptr,  # prep's outputs
+    gl_ptr, kf_ptr, vf_ptr,  # prep's outputs
+    v_ptr,  # [tokens, H, N]
     y_ptr,  # [tokens, H, N] out
     states_ptr,  # [chunks, H, N, N] float32 out (if STORE): the state entering each chunk
     sa_ptr,  # [chunks, H, L, N] float32 out (if STORE): SA = W S0^T + U, every chunk
@@ -262,53 +250,52 @@ def _fwd_scan_kernel(
 ):
     """The sequential part of the forward, over one sequence's chunks in order:
     Y = Q S^T + P,  SA^T = S W^T + U^T,  S <- S diag(gL) + SA^T be + V^T ke.
-    Every chunk's inputs are loaded one iteration ahead (their latency hides behind the
+    Every chunk's factors are loaded one iteration ahead (their latency hides behind the
     previous chunk's products)."""
     i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, S = _scan_prologue(
         s0_ptr, cu_ptr, chunk_cu_ptr, H, N, L, BV, HAS_S0
     )
     base_n = tl.minimum(c0, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
-    row_n, tm_n = _scan_rows(t0, t1, 0, nc, h, offs_t, H, N, L)
-    lw_n = tl.load(lw_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-    k_n = tl.load(k_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-    b_n = tl.load(b_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-    V_n = tl.load(v_ptr + row_n + offs_v[None, :], mask=tm_n, other=0.0).to(tl.float32)
+    pv_n, tm_n = _scan_rows(t0, t1, 0, nc, h, offs_t, offs_v, H, N, L)
+    gl_n = tl.load(gl_ptr + base_n * N + offs_k)
     W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-    Q_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
-    U_n = _tile(vf_ptr, base_n, 0, offs_t, offs_v, L, N)
-    P_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
+    be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+    Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+    ke_n = _tile(vf_ptr, base_n, 0, offs_t, offs_k, L, N)
+    U_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
+    P_n = _tile(vf_ptr, base_n, 2, offs_t, offs_v, L, N)
+    V_n = tl.load(v_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
     for j in range(nc):
-        base, row, tmask = base_n, row_n, tm_n
-        lw, k, b, V, W, Q, U, P = lw_n, k_n, b_n, V_n, W_n, Q_n, U_n, P_n
+        base, pv, tmask = base_n, pv_n, tm_n
+        gl, W, be, Q, ke, U, P, V = gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n
         # the next chunk (the last iteration reloads this one: in bounds, unused)
         jn = tl.minimum(j + 1, nc - 1)
         base_n = (c0 + jn).to(tl.int64) * H + h
-        row_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, H, N, L)
-        lw_n = tl.load(lw_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-        k_n = tl.load(k_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-        b_n = tl.load(b_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-        V_n = tl.load(v_ptr + row_n + offs_v[None, :], mask=tm_n, other=0.0).to(tl.float32)
+        pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
+        gl_n = tl.load(gl_ptr + base_n * N + offs_k)
         W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-        Q_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
-        U_n = _tile(vf_ptr, base_n, 0, offs_t, offs_v, L, N)
-        P_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
+        be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+        Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+        ke_n = _tile(vf_ptr, base_n, 0, offs_t, offs_k, L, N)
+        U_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
+        P_n = _tile(vf_ptr, base_n, 2, offs_t, offs_v, L, N)
+        V_n = tl.load(v_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
 
         X = tl.dot(S, tl.trans(W), input_precision=PREC) + tl.trans(U)  # [BV, L] = SA^T
         Y = tl.dot(Q, tl.trans(S), input_precision=PREC) + P  # [L, BV]
-        ke, be, gl = _tail_scaled(lw, k, b, offs_t, L)
         if STORE:
             tl.store(states_ptr + base * N * N + s_offs, S)
             tl.store(sa_ptr + base * L * N + offs_t[None, :] * N + offs_v[:, None], X)
         S = S * gl[None, :] + tl.dot(X, be, input_precision=PREC) + tl.dot(tl.trans(V), ke, input_precision=PREC)
-        tl.store(y_ptr + row + offs_v[None, :], Y.to(y_ptr.dtype.element_ty), mask=tmask)
+        tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
     tl.store(sT_ptr + i_sh * N * N + s_offs, S)
 
 
 @triton.jit(do_not_specialize=["H", "n_chunks"])
 def _bwd_scan_kernel(
     ds_ptr,  # [seqs, H, N, N] float32: the final state's gradient (unused unless HAS_S0)
-    lw_ptr, b_ptr, dy_ptr,  # [tokens, H, N]
-    kf_ptr,  # prep's W, Q
+    gl_ptr, kf_ptr,  # prep's outputs
+    dy_ptr,  # [tokens, H, N]
     dstates_ptr,  # [chunks, H, N, N] float32 out: the gradient of the state leaving each chunk
     ds0_ptr,  # [seqs, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,
@@ -316,32 +303,31 @@ def _bwd_scan_kernel(
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
 ):
     """The sequential part of the backward, over one sequence's chunks in reverse:
-    dS <- dS diag(gL) + (dS be^T) W + dY^T Q (inputs loaded one iteration ahead)."""
+    dS <- dS diag(gL) + (dS be^T) W + dY^T Q (factors loaded one iteration ahead)."""
     i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, dS = _scan_prologue(
         ds_ptr, cu_ptr, chunk_cu_ptr, H, N, L, BV, HAS_S0
     )
     jn = tl.maximum(nc - 1, 0)
     base_n = tl.minimum(c0 + jn, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
-    row_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, H, N, L)
-    lw_n = tl.load(lw_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-    b_n = tl.load(b_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-    dY_n = tl.load(dy_ptr + row_n + offs_v[None, :], mask=tm_n, other=0.0).to(tl.float32)
+    pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
+    gl_n = tl.load(gl_ptr + base_n * N + offs_k)
     W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-    Q_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+    be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+    Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+    dY_n = tl.load(dy_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
     for j in range(nc):
         base = base_n
-        lw, b, dY, W, Q = lw_n, b_n, dY_n, W_n, Q_n
+        gl, W, be, Q, dY = gl_n, W_n, be_n, Q_n, dY_n
         jn = tl.maximum(nc - 2 - j, 0)
         base_n = (c0 + jn).to(tl.int64) * H + h
-        row_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, H, N, L)
-        lw_n = tl.load(lw_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-        b_n = tl.load(b_ptr + row_n + offs_k[None, :], mask=tm_n, other=0.0).to(tl.float32)
-        dY_n = tl.load(dy_ptr + row_n + offs_v[None, :], mask=tm_n, other=0.0).to(tl.float32)
+        pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
+        gl_n = tl.load(gl_ptr + base_n * N + offs_k)
         W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-        Q_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+        be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
+        Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
+        dY_n = tl.load(dy_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
 
         tl.store(dstates_ptr + base * N * N + s_offs, dS)
-        _, be, gl = _tail_scaled(lw, b, b, offs_t, L)
         Z = tl.dot(dS, tl.trans(be), input_precision=PREC)  # [BV, L]
         dS = dS * gl[None, :] + tl.dot(Z, W, input_precision=PREC) + tl.dot(tl.trans(dY), Q, input_precision=PREC)
     tl.store(ds0_ptr + i_sh * N * N + s_offs, dS)
@@ -566,9 +552,9 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
 
 
 def _scan_block_v(table: ChunkTable, H: int, N: int, cfg: dict, device) -> int:
-    # (the H100 sweeps: the scans are fastest with ~2 programs per SM, e.g. block 64 for 256
-    # sequence-heads and 16 for 64 of them)
-    bv = cfg["scan_block_v"] or _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.5)
+    # (H100 sweeps, docs/results/sweep_wkv7_h100_2026-11-28_scans.txt: the scans are fastest
+    # with about 1.5-2 programs per SM: block 64 for 192 or 256 sequence-heads, 16 for 64 or 12)
+    bv = cfg["scan_block_v"] or _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.4)
     _check_config(N, None, bv, cfg["scan_precision"])
     return bv
 
@@ -578,7 +564,7 @@ def wkv7_forward(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the forward kernels on contiguous [B, T, H, N] inputs laid out as ``table``
     says. Returns ``(y, final states [S, H, N, N], saved)``; with ``store``, ``saved`` holds what
-    the backward reads (the state entering each chunk, SA, W and Q, and (I - A_ab)^{-1}),
+    the backward reads (the state entering each chunk, SA, gL, W/be/Q and (I - A_ab)^{-1}),
     else it is None."""
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
@@ -586,25 +572,26 @@ def wkv7_forward(
     bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
     _check_config(N, L, bv, prec)
     dev = r.device
-    kf = _empty((nc, H, 2, L, N), torch.float32, dev)
-    vf = _empty((nc, H, 2, L, N), torch.float32, dev)
-    ti = _empty((nc, H, L, L), torch.float32, dev) if store else kf
+    gl = _empty((nc, H, N), torch.float32, dev)
+    kf = _empty((nc, H, 3, L, N), torch.float32, dev)
+    vf = _empty((nc, H, 3, L, N), torch.float32, dev)
+    ti = _empty((nc, H, L, L), torch.float32, dev) if store else gl
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     _prep_kernel[(nc, H, N // bv)](
-        r, log_w, k, v, a, b, *tabs, kf, vf, ti, H, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec,
+        r, log_w, k, v, a, b, *tabs, gl, kf, vf, ti, H, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec,
         STORE_TI=store, num_warps=cfg["num_warps"] or _auto_warps(bv, N),
     )
     sbv = _scan_block_v(table, H, N, cfg, dev)
-    states = _empty((nc, H, N, N), torch.float32, dev) if store else kf
-    sa = _empty((nc, H, L, N), torch.float32, dev) if store else kf
+    states = _empty((nc, H, N, N), torch.float32, dev) if store else gl
+    sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
     sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     y = _empty(r.shape, out_dtype, dev)
     _fwd_scan_kernel[(table.n_seqs * H, N // sbv)](
-        state if state is not None else sT, log_w, k, v, b, kf, vf, y, states, sa, sT, table.cu, table.chunk_cu, H, nc,
+        state if state is not None else sT, gl, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc,
         N=N, L=L, BV=sbv, HAS_S0=state is not None, STORE=store, PREC=cfg["scan_precision"],
         num_warps=cfg["scan_num_warps"] or 4,
     )
-    return y, sT, ((states, sa, kf, ti) if store else None)
+    return y, sT, ((states, sa, gl, kf, ti) if store else None)
 
 
 def wkv7_backward(
@@ -612,7 +599,7 @@ def wkv7_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels (``saved``: the forward's). Returns ``(dr, dlog_w, dk, dv, da,
     db, dstate0)``, the input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
-    states, sa, kf, ti = saved
+    states, sa, gl, kf, ti = saved
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
@@ -624,7 +611,7 @@ def wkv7_backward(
     dstates = _empty((nc, H, N, N), torch.float32, dev)
     ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
-        dsT if dsT is not None else ds0, log_w, b, dy, kf, dstates, ds0, table.cu, table.chunk_cu, H, nc,
+        dsT if dsT is not None else ds0, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc,
         N=N, L=L, BV=sbv, HAS_S0=dsT is not None, PREC=cfg["scan_precision"], num_warps=cfg["scan_num_warps"] or 4,
     )
     inputs = (r, log_w, k, a, b)
