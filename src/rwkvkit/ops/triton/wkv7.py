@@ -234,6 +234,34 @@ def _scan_rows(t0, t1, j, nc, h, offs_t, offs_v, H, N: tl.constexpr, L: tl.const
     return (t.to(tl.int64) * H + h)[:, None] * N + offs_v[None, :], (t < t1)[:, None]
 
 
+@triton.jit
+def _fwd_step_inputs(gl_ptr, kf_ptr, vf_ptr, v_ptr, base, pv, tmask, offs_t, offs_k, offs_v, L: tl.constexpr,
+                     N: tl.constexpr):
+    """What a forward scan step reads of one chunk: gL, W, be, Q, ke, U, P and V."""
+    return (
+        tl.load(gl_ptr + base * N + offs_k),
+        _tile(kf_ptr, base, 0, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 1, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 2, offs_t, offs_k, L, N),
+        _tile(vf_ptr, base, 0, offs_t, offs_k, L, N),
+        _tile(vf_ptr, base, 1, offs_t, offs_v, L, N),
+        _tile(vf_ptr, base, 2, offs_t, offs_v, L, N),
+        tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32),
+    )
+
+
+@triton.jit
+def _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base, pv, tmask, offs_t, offs_k, L: tl.constexpr, N: tl.constexpr):
+    """What a backward scan step reads of one chunk: gL, W, be, Q and dY."""
+    return (
+        tl.load(gl_ptr + base * N + offs_k),
+        _tile(kf_ptr, base, 0, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 1, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 2, offs_t, offs_k, L, N),
+        tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32),
+    )
+
+
 @triton.jit(do_not_specialize=["H", "n_chunks"])
 def _fwd_scan_kernel(
     s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
@@ -257,14 +285,9 @@ def _fwd_scan_kernel(
     )
     base_n = tl.minimum(c0, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
     pv_n, tm_n = _scan_rows(t0, t1, 0, nc, h, offs_t, offs_v, H, N, L)
-    gl_n = tl.load(gl_ptr + base_n * N + offs_k)
-    W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-    be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
-    Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
-    ke_n = _tile(vf_ptr, base_n, 0, offs_t, offs_k, L, N)
-    U_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
-    P_n = _tile(vf_ptr, base_n, 2, offs_t, offs_v, L, N)
-    V_n = tl.load(v_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
+    gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
+        gl_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N
+    )
     for j in range(nc):
         base, pv, tmask = base_n, pv_n, tm_n
         gl, W, be, Q, ke, U, P, V = gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n
@@ -272,14 +295,9 @@ def _fwd_scan_kernel(
         jn = tl.minimum(j + 1, nc - 1)
         base_n = (c0 + jn).to(tl.int64) * H + h
         pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
-        gl_n = tl.load(gl_ptr + base_n * N + offs_k)
-        W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-        be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
-        Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
-        ke_n = _tile(vf_ptr, base_n, 0, offs_t, offs_k, L, N)
-        U_n = _tile(vf_ptr, base_n, 1, offs_t, offs_v, L, N)
-        P_n = _tile(vf_ptr, base_n, 2, offs_t, offs_v, L, N)
-        V_n = tl.load(v_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
+        gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
+            gl_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N
+        )
 
         X = tl.dot(S, tl.trans(W), input_precision=PREC) + tl.trans(U)  # [BV, L] = SA^T
         Y = tl.dot(Q, tl.trans(S), input_precision=PREC) + P  # [L, BV]
@@ -310,22 +328,16 @@ def _bwd_scan_kernel(
     jn = tl.maximum(nc - 1, 0)
     base_n = tl.minimum(c0 + jn, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
     pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
-    gl_n = tl.load(gl_ptr + base_n * N + offs_k)
-    W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-    be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
-    Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
-    dY_n = tl.load(dy_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
+    gl_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N)
     for j in range(nc):
         base = base_n
         gl, W, be, Q, dY = gl_n, W_n, be_n, Q_n, dY_n
         jn = tl.maximum(nc - 2 - j, 0)
         base_n = (c0 + jn).to(tl.int64) * H + h
         pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
-        gl_n = tl.load(gl_ptr + base_n * N + offs_k)
-        W_n = _tile(kf_ptr, base_n, 0, offs_t, offs_k, L, N)
-        be_n = _tile(kf_ptr, base_n, 1, offs_t, offs_k, L, N)
-        Q_n = _tile(kf_ptr, base_n, 2, offs_t, offs_k, L, N)
-        dY_n = tl.load(dy_ptr + pv_n, mask=tm_n, other=0.0).to(tl.float32)
+        gl_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(
+            gl_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N
+        )
 
         tl.store(dstates_ptr + base * N * N + s_offs, dS)
         Z = tl.dot(dS, tl.trans(be), input_precision=PREC)  # [BV, L]
