@@ -34,7 +34,7 @@ def constexpr_value(text: str):
         return text
 
 
-def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int) -> dict:
+def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg: int | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -51,7 +51,7 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int) -> dict
             signature[name] = "i32"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n.endswith("_ptr")}
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 64),
-                            options=dict(num_warps=warps, num_stages=stages))
+                            options=dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {})))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("constexprs", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3, help="num_stages (default: Triton's, as our launches use)")
+    p.add_argument("--maxnreg", type=int, help="cap the registers per thread (Triton's maxnreg launch option)")
     p.add_argument("--bf16", default=BF16_DEFAULT, help="pointer arguments holding bf16 (comma-separated)")
     args = p.parse_intermixed_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         if key not in fn.arg_names:
             p.error(f"{name} has no argument {key!r} (arguments: {', '.join(fn.arg_names)})")
         constexprs[key] = constexpr_value(value)
-    result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages)
+    result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages, args.maxnreg)
     print(f"{name} warps={args.warps} {constexprs}: {result}")
     return 0
 

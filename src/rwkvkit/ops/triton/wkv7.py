@@ -715,7 +715,7 @@ def wkv7_triton(
     gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
     parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
     (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
-    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``);
+    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
