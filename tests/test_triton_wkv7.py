@@ -142,6 +142,21 @@ def test_varlen_rejects_bad_offsets():
         wkv7_triton(*x, cu_seqlens=torch.tensor([0, 6, 9], device=DEVICE))
     with pytest.raises(ValueError, match="packed"):
         wkv7_triton(*[torch.zeros(2, 5, 1, 16, device=DEVICE) for _ in range(6)], cu_seqlens=torch.tensor([0, 5]))
+    # checked also when there is nothing to compute (no sequences, or no tokens)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        wkv7_triton(*x, cu_seqlens=torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        wkv7_triton(*[t[:, :0] for t in x], cu_seqlens=torch.tensor([0, 4], device=DEVICE))
+
+
+def test_no_tokens_returns_a_new_state():
+    """T = 0: y is empty and the final state equals the initial one without being it."""
+    x = [torch.zeros(1, 0, 1, 16, device=DEVICE) for _ in range(6)]
+    s0 = torch.randn(1, 1, 16, 16, device=DEVICE)
+    y, s = wkv7_triton(*x, s0)
+    assert y.shape == (1, 0, 1, 16) and torch.equal(s, s0) and s.data_ptr() != s0.data_ptr()
+    y, s = wkv7_triton(*x, cu_seqlens=torch.tensor([0, 0], device=DEVICE))
+    assert torch.equal(s, torch.zeros(1, 1, 16, 16, device=DEVICE))
 
 
 @pytest.mark.parametrize("T", [1, 3])

@@ -14,7 +14,7 @@ last row, and row-vector inputs stacked as [L, N] matrices:
     S_L = S0 diag(gL) + V^T ke + SA^T be
 The factorised decays e^{Lam_t} e^{-Lam_s} rely on RWKV-7's bound log w >= -e^{-0.5}: over a
 chunk of 64 steps e^{-Lam} stays below e^{38.8} ~ 7e16, far inside float32's range (inputs
-below the bound are not checked; chunks up to 64 are allowed).
+below the bound are not checked; chunks up to 64 are allowed, 64 without gradients only).
 
 (I - A_ab)^{-1} is built exactly by block doubling, never by a Neumann series (whose powers
 of A_ab blow up when consecutive keys repeat): if D^{-1} is the inverse of the block diagonal
@@ -45,8 +45,9 @@ and the gradient of the state entering it
     dS0 = dS_L diag(gL) + (dS_L be^T) W + dY^T Q.
 Everything but S0 and dS_L is per chunk and parallel: W, be, ke, Q, U, P ([L, N] each, built
 once) are the factors of the chunk's rank-L update. The scans carry S (dS) through the chunks
-with three [N, N] x [N, L] or [N, L] x [L, N] products per chunk, and the forward scan writes y
-itself; nothing is an [N, N] per-chunk matrix except the carried states the backward needs.
+with [N, N] x [N, L] and [N, L] x [L, N] products (four per chunk forward, y included; three
+backward), and the forward scan writes y itself; nothing is an [N, N] per-chunk matrix except
+the carried states the backward needs.
 
 Kernels (every one works on a table of chunks, so packed variable-length batches and dense
 [B, T] batches are one code path; a chunk never crosses a sequence boundary):
@@ -59,9 +60,10 @@ Kernels (every one works on a table of chunks, so packed variable-length batches
 and _recurrent, the step-by-step form for decoding (small T, no gradient), which may update
 the state in place. The scans keep the diagonal part exact (S * gL) and take their products in
 their own precision. What the backward reads is float32: per token and head, the state entering
-its chunk (N^2 / L floats), SA, W, be, Q (N each) and the inverse (L); without a gradient only
-y and the final state are written. Key-side input gradients summed over value blocks go through
-a float32 [NV, ...] buffer when there is more than one block.
+its chunk (N^2 / L floats), SA, W, be, Q (N each), the inverse (L) and gL (N / L). Without a
+gradient prep's factors are scratch for the forward scan and nothing else is written but y and
+the final state. Key-side input gradients summed over value blocks go through a float32
+[NV, ...] buffer when there is more than one block.
 
 Matmul precision: "ieee" (exact float32, CUDA cores), "tf32" (tensor cores; ~4e-4 relative
 error) or "tf32x3" (tensor cores, ~float32 accuracy at 3x the MMA work). Default: ieee for
@@ -87,7 +89,7 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")
 # backward's per-chunk kernel dominates and prefers small tiles), 32 for inference.
 DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
-MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needs more shared memory than an H100 has (N = 64)
+MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needed 237,568 B of shared memory on an H100 (N = 64, Triton 3.6)
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 
 
@@ -165,7 +167,8 @@ def _prep_kernel(
     STORE_TI: tl.constexpr,
 ):
     """Per chunk, everything the scans need that does not depend on the state: gL, the key-side
-    factors W, be, ke, Q and this value block's columns of U and P."""
+    factors W, be, ke, Q and this value block's columns of U and P; with STORE_TI also the
+    inverse (I - A_ab)^{-1} for the backward."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -713,8 +716,8 @@ def wkv7_triton(
     ``cu_seqlens[i]:cu_seqlens[i+1]``, ``state`` and the final state are [S, H, N, N].
     Tuning (None = automatic): ``chunk_size`` (16/32/64, 64 without gradients only; 16 when a
     gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
-    parallel forward kernels, the same for the backward (``bwd_``) and for the sequential scan
-    (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
+    forward's per-chunk kernel, the same for the backward's (``bwd_``) and for the two
+    sequential scans (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
@@ -738,13 +741,13 @@ def wkv7_triton(
     _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
+    if cu_seqlens is not None:  # (checks the offsets, also when there is nothing to compute)
+        table = varlen_table(cu_seqlens, chunk_size, T, "wkv7_triton", r.device)
     if T == 0 or n_seqs == 0:
         s = torch.zeros(n_seqs, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
-        return r.new_zeros(B, T, H, N, dtype=out_dtype), s
+        return r.new_zeros(B, T, H, N, dtype=out_dtype), (s.clone() if s is state else s)
     if cu_seqlens is None:
         table = dense_table(B, T, chunk_size, r.device)
-    else:
-        table = varlen_table(cu_seqlens, chunk_size, T)
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
