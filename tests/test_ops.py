@@ -130,3 +130,13 @@ def test_float32_gradients_close_to_float64(seed):
     g64 = torch.autograd.grad((y64 * gy.double()).sum(), x64)
     for g, g_ref in zip(g32, g64):
         assert rel_err(g, g_ref) < 1e-4, f"seed {seed}"
+
+
+def test_chunked_no_tokens_returns_a_new_state():
+    """T = 0 (both chunked forms): the final state equals the initial one without being it."""
+    from rwkvkit.ops import wkv6_chunked
+
+    x = [torch.zeros(1, 0, 2, 8) for _ in range(6)]
+    s0 = torch.randn(1, 2, 8, 8)
+    for y, s in (wkv7_chunked(*x, s0), wkv6_chunked(*x[:4], torch.zeros(2, 8), s0)):
+        assert y.shape == (1, 0, 2, 8) and torch.equal(s, s0) and s.data_ptr() != s0.data_ptr()

@@ -392,6 +392,14 @@ def test_varlen_rejects_bad_offsets():
         wkv6_triton(*x, u, cu_seqlens=cu(0, 4, 10).float())
 
 
+def test_no_tokens_returns_a_new_state():
+    """T = 0: y is empty and the final state equals the initial one without being it."""
+    x = [torch.zeros(1, 0, 1, 16, device=DEVICE) for _ in range(4)]
+    s0 = torch.randn(1, 1, 16, 16, device=DEVICE)
+    y, s = wkv6_triton(*x, torch.zeros(1, 16, device=DEVICE), s0)
+    assert y.shape == (1, 0, 1, 16) and torch.equal(s, s0) and s.data_ptr() != s0.data_ptr()
+
+
 def test_supports():
     x = [torch.zeros(1, 4, 1, 16, device=DEVICE) for _ in range(4)]
     u = torch.zeros(1, 16, device=DEVICE)

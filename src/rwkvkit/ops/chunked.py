@@ -96,8 +96,8 @@ def wkv7_chunked(
         raise ValueError(f"scan must be 'state' or 'matrices', got {scan!r}")
     B, T, H, N = r.shape
     dt, s = _compute_dtype_and_state(r, state)
-    if T == 0:
-        return r.new_zeros(B, 0, H, N, dtype=dt), s
+    if T == 0:  # (a new tensor, never the caller's state)
+        return r.new_zeros(B, 0, H, N, dtype=dt), s.clone()
     L = chunk_size
     r, lw, k, v, a, b = _to_chunks((r, log_w, k, v, a, b), L, dt)
 
@@ -229,8 +229,8 @@ def wkv6_chunked(
         raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
     B, T, H, N = r.shape
     dt, s = _compute_dtype_and_state(r, state)
-    if T == 0:
-        return r.new_zeros(B, 0, H, N, dtype=dt), s
+    if T == 0:  # (a new tensor, never the caller's state)
+        return r.new_zeros(B, 0, H, N, dtype=dt), s.clone()
     L = min(chunk_size, 1 << (T - 1).bit_length())
     r, lw, k, v = _to_chunks((r, log_w, k, v), L, dt)
     u = u.to(dt).reshape(1, H, 1, 1, N)

@@ -1098,9 +1098,9 @@ def wkv6_triton(
     impl, bwd_impl = impl or auto_impl, bwd_impl or auto_impl
     for i in (impl, bwd_impl):  # (the backward's settings checked before a forward without it)
         _check_config(N, chunk_size, block_t, precision, i)
-    if T == 0:
+    if T == 0:  # (a new tensor, never the caller's state)
         s = torch.zeros(S, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
-        return r.new_zeros(B, 0, H, N, dtype=out_dtype), s
+        return r.new_zeros(B, 0, H, N, dtype=out_dtype), (s.clone() if s is state else s)
     common = dict(
         chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
         precision=precision, table=table,
