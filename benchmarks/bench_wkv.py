@@ -164,7 +164,8 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS),
+                  scan_block_v=int, scan_num_warps=int, precision=PRECISIONS, scan_precision=PRECISIONS,
+                  saved_dtype=("float32", "bfloat16")),
     sweep_configs=wkv7_sweep_configs,
 )
 
@@ -291,7 +292,8 @@ def load_ops(name: str):
 
 def ours_fn(op: WkvOp, cfg: dict):
     kernel = load_ops(op.name)[1]
-    return lambda xs, s0: kernel(*xs, s0, **cfg)
+    kw = {k: getattr(torch, v) if k.endswith("_dtype") else v for k, v in cfg.items()}  # "bfloat16" -> torch.bfloat16
+    return lambda xs, s0: kernel(*xs, s0, **kw)
 
 
 def chunked_fn(op: WkvOp):
@@ -553,6 +555,9 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
         else:
             settings.add_argument(flag, type=kind, default=None)
     p.add_argument("--profile", action="store_true", help="print the time of every kernel (ours, fla) at each shape")
+    p.add_argument("--also", metavar="JSON", action="append", default=[],
+                   help="also time ours with these settings over the others, as its own row "
+                        "(e.g. --also '{\"saved_dtype\": \"float32\"}'; repeatable)")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape, then exit")
@@ -617,6 +622,9 @@ def main(argv=None) -> int:
     print(f"# measured copy bandwidth: {bw / 1e9:.0f} GB/s")
 
     impls = {"ours": ours_fn(op, cfg)}
+    for i, extra in enumerate(args.also):
+        impls[f"ours+{i + 1}"] = ours_fn(op, {**cfg, **json.loads(extra)})
+    report["also"] = args.also
     fla, fla_note = ({}, "skipped (--no-fla)") if args.no_fla else op.fla()
     impls.update(fla)
     report["fla"] = fla_note

@@ -235,6 +235,28 @@ def test_rejects_bad_arguments():
         wkv7_triton(*x, torch.zeros(1, 1, 8, 8, device=DEVICE))
     with pytest.raises(ValueError, match="forward-only"):
         wkv7_triton(*[t.clone().requires_grad_() for t in x], chunk_size=64)
+    with pytest.raises(ValueError, match="saved_dtype"):
+        wkv7_triton(*x, saved_dtype=torch.float16)
+
+
+def test_saved_dtype(seed):
+    """What the backward keeps: the per-chunk states, their gradients and SA in bfloat16 by
+    default with tf32 matmuls on 16-bit inputs, float32 otherwise or when asked; the gradients
+    stay within the bfloat16 tolerance of the float64 reference either way."""
+    x = [t.to(DEVICE).requires_grad_() for t in make_inputs(1, 20, 1, 16)]
+    cases = [
+        (torch.bfloat16, {}, torch.bfloat16),
+        (torch.bfloat16, {"saved_dtype": torch.float32}, torch.float32),
+        (torch.bfloat16, {"precision": "ieee"}, torch.float32),
+        (torch.float32, {}, torch.float32),
+        (torch.float32, {"saved_dtype": torch.bfloat16}, torch.bfloat16),
+    ]
+    for dtype, kw, want in cases:
+        y, _ = wkv7_triton(*(t.to(dtype) for t in x[:6]), x[6], chunk_size=16, **kw)
+        states = y.grad_fn.saved_tensors[6]  # after r, log_w, k, v, a, b
+        assert states.shape == (2, 1, 16, 16) and states.dtype == want, (dtype, kw, states.dtype)
+    run_and_compare(make_inputs(1, 40, 2, 16), dtype=torch.float32, chunk_size=16, saved_dtype=torch.bfloat16,
+                    tol=1e-2)
 
 
 @pytest.mark.parametrize("T", [70, 128])

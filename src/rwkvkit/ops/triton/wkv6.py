@@ -142,6 +142,7 @@ DEFAULT_IMPL = "blocks"  # the kernels' own default where a chunk is too long fo
 CHUNKS_BLOCK_K = 64
 CHUNKS_KEYS_BLOCK_K = 32
 CHUNKS_NUM_WARPS = 4
+SUB_ROWS = 16  # the whole-chunk kernels' levels inside aligned blocks of 16 rows run batched on [16, 16] tiles
 DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
 BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
 
@@ -646,6 +647,18 @@ def _mask_dot(m, x, PREC: tl.constexpr):
 
 
 @triton.jit
+def _sub(x, L: tl.constexpr, SUB: tl.constexpr, C: tl.constexpr):
+    """[L, C] -> [L / SUB, SUB, C]: the chunk's aligned blocks of SUB rows as a batch."""
+    return tl.reshape(x, (L // SUB, SUB, C))
+
+
+@triton.jit
+def _mask_dot_sub(m, x3, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+    """_mask_dot of the same 0/1 matrix m [SUB, SUB] with every block of x3 [L / SUB, SUB, C]."""
+    return _mask_dot(tl.broadcast_to(m[None, :, :], (L // SUB, SUB, SUB)), x3, PREC)
+
+
+@triton.jit
 def _pair_mask_ts(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
     """_pair_mask with t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T, the
     transpose ([s, t] with s in offs_a)."""
@@ -675,14 +688,17 @@ def _wkv6_chunk_out_kernel(
     out_ptr,  # forward: y; backward: dv   [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
     backward dV = (k e^{Q}) dS^T + A^T dY,
-    A (A^T) summed over key blocks of BK channels, each block's part from its LOG2L levels as
-    [L, BK] x [BK, L] products, their exponents as masked products (_mask_dot), no scans."""
+    A (A^T) summed over key blocks of BK channels, each block's part from its LOG2L levels, their
+    exponents as masked products (_mask_dot), no scans. The levels below LOG2S pair rows inside
+    one aligned block of SUB = 2^LOG2S rows: they (and the bonus) are batched over those blocks
+    ([L/SUB, SUB, SUB] tiles, A3), the levels above take [L, L] tiles (A)."""
+    SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
@@ -690,6 +706,7 @@ def _wkv6_chunk_out_kernel(
                                                  lw_sb, lw_st, lw_sh, L, N, VARLEN)
     stride_t = H * N
     offs_t = tl.arange(0, L)
+    offs_s = tl.arange(0, SUB)
     offs_v = i_v * BV + tl.arange(0, BV)
     t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
@@ -697,6 +714,7 @@ def _wkv6_chunk_out_kernel(
     s_base = s_ptr + (i_bh * NC + c) * N * N + offs_v[:, None] * N
 
     A = tl.zeros([L, L], dtype=tl.float32)  # A [t, s] (forward) or A^T [s, t] (backward: a = k, b = r)
+    A3 = tl.zeros([L // SUB, SUB, SUB], dtype=tl.float32)  # its blocks on the diagonal, levels < LOG2S
     out = tl.zeros([L, BV], dtype=tl.float32)
     for i_k in range(N // BK):
         offs_k = i_k * BK + tl.arange(0, BK)
@@ -704,9 +722,18 @@ def _wkv6_chunk_out_kernel(
         b = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
         lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
         u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
-        A += tl.where(offs_t[:, None] == offs_t[None, :], tl.sum(a * u[None, :] * b, axis=1)[:, None], 0.0)
-        A += tl.where(_pair_mask_ts(offs_t, offs_t, 0, not BWD), tl.dot(a, tl.trans(b), input_precision=PREC), 0.0)
-        for lvl in range(1, LOG2L):  # a loop, not unrolled: fewer live registers
+        a3 = _sub(a, L, SUB, BK)
+        b3 = _sub(b, L, SUB, BK)
+        lw3 = _sub(lw, L, SUB, BK)
+        eye = (offs_s[:, None] == offs_s[None, :])[None, :, :]
+        A3 += tl.where(eye, tl.sum(a3 * u[None, None, :] * b3, axis=2)[:, :, None], 0.0)
+        A3 += tl.where(_pair_mask_ts(offs_s, offs_s, 0, not BWD)[None, :, :],
+                       tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC), 0.0)
+        for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
+            e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, PREC))
+            A3 += tl.where(_pair_mask_ts(offs_s, offs_s, lvl, not BWD)[None, :, :],
+                           tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
+        for lvl in range(LOG2S, LOG2L):
             e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
             A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
@@ -715,7 +742,9 @@ def _wkv6_chunk_out_kernel(
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
         out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-    out = tl.dot(A, x, acc=out, input_precision=PREC)
+    out += tl.reshape(tl.dot(A3, _sub(x, L, SUB, BV), input_precision=PREC), (L, BV))
+    if LOG2L > LOG2S:
+        out = tl.dot(A, x, acc=out, input_precision=PREC)
     tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
@@ -729,13 +758,15 @@ def _wkv6_bwd_keys_kernel(
     du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    VARLEN: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
     are separable in the key index), from the state entering the chunk and the gradient of the
     state leaving it; dA = dY V^T recomputed (one [L, N] x [N, L] product per program), the
-    exponents and the exclusive sums of their gradients as masked products (_mask_dot)."""
+    exponents and the exclusive sums of their gradients as masked products (_mask_dot); the
+    levels below LOG2S batched over the aligned blocks of SUB rows, as in _wkv6_chunk_out_kernel."""
+    SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_k = tl.program_id(2)
@@ -745,6 +776,7 @@ def _wkv6_bwd_keys_kernel(
     stride_t = H * N
     offs_t = tl.arange(0, L)
     offs_n = tl.arange(0, N)
+    offs_s = tl.arange(0, SUB)
     offs_k = i_k * BK + tl.arange(0, BK)
     t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
@@ -758,44 +790,67 @@ def _wkv6_bwd_keys_kernel(
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
     s_offs = (i_bh * NC + c) * N * N + offs_n[:, None] * N + offs_k[None, :]  # [N (value), BK]
 
-    # state side: P, Q over the chunk, Lam (a column sum of same-sign terms)
-    gP = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0), lw, PREC))
-    gQ = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1), lw, PREC))
-    gLam = tl.exp(tl.sum(lw, axis=0))
+    # everything that reads v and dY first (fewer live registers): the bonus bd (the diagonal of
+    # dA), dA on the blocks of SUB rows and (for the upper levels) whole, drq = dY S0, dke = V dS
+    bd = tl.sum(dY * v, axis=1)
+    dA3 = tl.dot(_sub(dY, L, SUB, N), tl.permute(_sub(v, L, SUB, N), (0, 2, 1)), input_precision=PREC)
+    if LOG2L > LOG2S:
+        dA = tl.dot(dY, tl.trans(v), input_precision=PREC)  # [L, L], only the upper levels' pairs are used
     S0 = tl.load(states_ptr + s_offs)
+    dr = tl.dot(dY, S0, input_precision=PREC)
     dS = tl.load(dstates_ptr + s_offs)
-    dlam = tl.sum(dS * S0, axis=0) * gLam
-    dr = tl.dot(dY, S0, input_precision=PREC) * gP  # drq e^{P}
-    dk = tl.dot(v, dS, input_precision=PREC) * gQ  # dke e^{Q}
+    dk = tl.dot(v, dS, input_precision=PREC)
+    dlam = tl.sum(dS * S0, axis=0) * tl.exp(tl.sum(lw, axis=0))  # Lam: a column sum of same-sign terms
+
+    # state side: P, Q over the chunk
+    dr *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0), lw, PREC))  # drq e^{P}
+    dk *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1), lw, PREC))  # dke e^{Q}
     # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
     # dLam on every row
     dlw = _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 0), dr * r, PREC)
     dlw += _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 1), dk * k, PREC)
     dlw += dlam[None, :]
 
-    # bonus (the diagonal of dA)
-    bd = tl.sum(dY * v, axis=1)
+    # the bonus
     ruk = bd[:, None] * u[None, :]
     dr += ruk * k
     dk += ruk * r
     du = tl.sum(bd[:, None] * r * k, axis=0)
 
-    # the levels; level 0 has no decay between its pairs
-    dA = tl.dot(dY, tl.trans(v), input_precision=PREC)  # [L, L], only the pairs below are used
-    dAm = tl.where(_pair_mask_ts(offs_t, offs_t, 0, True), dA, 0.0)
-    dr += tl.dot(dAm, k, input_precision=PREC)
-    dk += tl.dot(tl.trans(dAm), r, input_precision=PREC)
-    for lvl in range(1, LOG2L):  # a loop, not unrolled: fewer live registers
-        e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
-        Rh = r * e
-        Kh = k * e
-        dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
-        dRh = tl.dot(dAm, Kh, input_precision=PREC)  # zero outside right-half rows
-        dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)  # zero outside left-half rows
-        dr += dRh * e
-        dk += dKh * e
+    # the levels below LOG2S, batched over the aligned blocks of SUB rows; level 0 has no decay
+    r3 = _sub(r, L, SUB, BK)
+    k3 = _sub(k, L, SUB, BK)
+    lw3 = _sub(lw, L, SUB, BK)
+    dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
+    dr3 = tl.dot(dAm3, k3, input_precision=PREC)
+    dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
+    dlw3 = tl.zeros([L // SUB, SUB, BK], dtype=tl.float32)
+    for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
+        e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, PREC))
+        Rh3 = r3 * e3
+        Kh3 = k3 * e3
+        dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
+        dRh3 = tl.dot(dAm3, Kh3, input_precision=PREC)  # zero outside right-half rows
+        dKh3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), Rh3, input_precision=PREC)  # zero outside left-half rows
+        dr3 += dRh3 * e3
+        dk3 += dKh3 * e3
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
-        dlw += _mask_dot(_sum_mask(offs_t, offs_t, lvl, False, 2), dRh * Rh + dKh * Kh, PREC)
+        dlw3 += _mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, False, 2), dRh3 * Rh3 + dKh3 * Kh3, L, SUB, PREC)
+    dr += tl.reshape(dr3, (L, BK))
+    dk += tl.reshape(dk3, (L, BK))
+    dlw += tl.reshape(dlw3, (L, BK))
+    # the levels from LOG2S up, on [L, L] tiles
+    if LOG2L > LOG2S:
+        for lvl in range(LOG2S, LOG2L):
+            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+            Rh = r * e
+            Kh = k * e
+            dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
+            dRh = tl.dot(dAm, Kh, input_precision=PREC)
+            dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
+            dr += dRh * e
+            dk += dKh * e
+            dlw += _mask_dot(_sum_mask(offs_t, offs_t, lvl, False, 2), dRh * Rh + dKh * Kh, PREC)
 
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
@@ -869,6 +924,12 @@ def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int
     return table.n_seqs, table.n_chunks, tabs, dict(n_chunks=table.n_chunks, VARLEN=True)
 
 
+def _log2_sub(L: int) -> int:
+    """log2 of the row blocks the whole-chunk kernels batch their lower levels over (16, the
+    smallest tensor-core tile, or the chunk if shorter)."""
+    return int(math.log2(min(L, SUB_ROWS)))
+
+
 def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
     sb, st, sh, sn = log_w.stride()
     assert sn == 1, "log_w must be contiguous in its last dimension"
@@ -902,7 +963,7 @@ def wkv6_forward(
     if impl == "chunks":
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
             r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
-            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=False, PREC=precision,
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
             num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
     else:
@@ -949,14 +1010,14 @@ def wkv6_backward(
         lws = _lw_strides(log_w)
         _wkv6_chunk_out_kernel[(nc, B * H, nv)](
             k, log_w, r, dy, u, dstates, dv, *tabs, T, H, *lws,
-            N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, BWD=True, PREC=precision,
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
             num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
         _check_config(N, L, block_t, precision, impl, block_k=bk)
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
             r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
-            N=N, L=L, LOG2L=int(math.log2(L)), BK=bk, PREC=precision,
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision,
             num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0

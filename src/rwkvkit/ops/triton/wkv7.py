@@ -59,8 +59,11 @@ Kernels (every one works on a table of chunks, so packed variable-length batches
               chunk: every input gradient, from the stored states, SA and inverse)
 and _recurrent, the step-by-step form for decoding (small T, no gradient), which may update
 the state in place. The scans keep the diagonal part exact (S * gL) and take their products in
-their own precision. What the backward reads is float32: per token and head, the state entering
-its chunk (N^2 / L floats), SA, W, be, Q (N each), the inverse (L) and gL (N / L). Without a
+their own precision. What the backward reads, per token and head: the state entering its chunk
+and its gradient (N^2 / L each) in the saved dtype (bfloat16 by default with tf32 matmuls on
+16-bit inputs: half the backward's largest traffic for ~15 % more error in dlog_w and da; else
+float32), and in float32 SA, W, be, Q (N each), the inverse (L) and gL (N / L); SA in bfloat16
+doubled db's error. Without a
 gradient prep's factors are scratch for the forward scan and nothing else is written but y and
 the final state. Key-side input gradients summed over value blocks go through a float32
 [NV, ...] buffer when there is more than one block.
@@ -271,7 +274,7 @@ def _fwd_scan_kernel(
     gl_ptr, kf_ptr, vf_ptr,  # prep's outputs
     v_ptr,  # [tokens, H, N]
     y_ptr,  # [tokens, H, N] out
-    states_ptr,  # [chunks, H, N, N] float32 out (if STORE): the state entering each chunk
+    states_ptr,  # [chunks, H, N, N] out (if STORE; float32 or bfloat16): the state entering each chunk
     sa_ptr,  # [chunks, H, L, N] float32 out (if STORE): SA = W S0^T + U, every chunk
     sT_ptr,  # [seqs, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,
@@ -305,7 +308,7 @@ def _fwd_scan_kernel(
         X = tl.dot(S, tl.trans(W), input_precision=PREC) + tl.trans(U)  # [BV, L] = SA^T
         Y = tl.dot(Q, tl.trans(S), input_precision=PREC) + P  # [L, BV]
         if STORE:
-            tl.store(states_ptr + base * N * N + s_offs, S)
+            tl.store(states_ptr + base * N * N + s_offs, S.to(states_ptr.dtype.element_ty))
             tl.store(sa_ptr + base * L * N + offs_t[None, :] * N + offs_v[:, None], X)
         S = S * gl[None, :] + tl.dot(X, be, input_precision=PREC) + tl.dot(tl.trans(V), ke, input_precision=PREC)
         tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
@@ -317,7 +320,7 @@ def _bwd_scan_kernel(
     ds_ptr,  # [seqs, H, N, N] float32: the final state's gradient (unused unless HAS_S0)
     gl_ptr, kf_ptr,  # prep's outputs
     dy_ptr,  # [tokens, H, N]
-    dstates_ptr,  # [chunks, H, N, N] float32 out: the gradient of the state leaving each chunk
+    dstates_ptr,  # [chunks, H, N, N] out (as the states): the gradient of the state leaving each chunk
     ds0_ptr,  # [seqs, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,
     H, n_chunks,
@@ -342,7 +345,7 @@ def _bwd_scan_kernel(
             gl_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N
         )
 
-        tl.store(dstates_ptr + base * N * N + s_offs, dS)
+        tl.store(dstates_ptr + base * N * N + s_offs, dS.to(dstates_ptr.dtype.element_ty))
         Z = tl.dot(dS, tl.trans(be), input_precision=PREC)  # [BV, L]
         dS = dS * gl[None, :] + tl.dot(Z, W, input_precision=PREC) + tl.dot(tl.trans(dY), Q, input_precision=PREC)
     tl.store(ds0_ptr + i_sh * N * N + s_offs, dS)
@@ -353,7 +356,7 @@ def _chunk_grads(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
     pk, pv, part, tmask, S, dS, SA, Ti, offs_t,
-    L: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, PREC: tl.constexpr, BF16_DOTS: tl.constexpr,
 ):
     """Backward of one chunk for one value block: from S = S0, dS = dS_L ([BV, N] slices),
     SA [L, BV] and Ti = (I - A_ab)^{-1}, store dv and this block's share of dr, dlog_w, dk, da, db."""
@@ -362,29 +365,46 @@ def _chunk_grads(
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     a = tl.load(a_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
-    dY = tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32)
+    vh = tl.load(v_ptr + pv, mask=tmask, other=0.0)  # (in their own dtypes: see LOW below)
+    dYh = tl.load(dy_ptr + pv, mask=tmask, other=0.0)
+    v = vh.to(tl.float32)
+    dY = dYh.to(tl.float32)
     strict = offs_t[:, None] > offs_t[None, :]
     incl = offs_t[:, None] >= offs_t[None, :]
+    # LOW: the states were saved in bfloat16 and v, dY are bfloat16: their products dY S, V dS and
+    # dY V^T take those operands as they are (exact products, float32 sums: the tf32 products'
+    # numbers, at half the operand registers). Not under the Triton CPU interpreter (BF16_DOTS
+    # off), whose bfloat16 dot is wrong (Triton 3.9).
+    LOW: tl.constexpr = BF16_DOTS and S.dtype == tl.bfloat16 and vh.dtype == tl.bfloat16 and dYh.dtype == tl.bfloat16
 
     g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk = _chunk_keyside(r, lw, k, a, b, offs_t, L, PREC)
 
-    dSA = tl.dot(be, tl.trans(dS), input_precision=PREC) + tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
+    dSA = tl.dot(be, tl.trans(dS.to(tl.float32)), input_precision=PREC)
+    dSA += tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
     dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
-    drq = tl.dot(dY, S, input_precision=PREC)  # [L, N]
-    daq = tl.dot(dX, S, input_precision=PREC)
-    dgL = tl.sum(dS * S, axis=0)  # [N]
+    if LOW:
+        drq = tl.dot(dYh, S)  # [L, N]
+    else:
+        drq = tl.dot(dY, S.to(tl.float32), input_precision=PREC)
+    daq = tl.dot(dX, S.to(tl.float32), input_precision=PREC)
+    dgL = tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=0)  # [N]
 
-    dv = tl.dot(ke, tl.trans(dS), input_precision=PREC)
+    dv = tl.dot(ke, tl.trans(dS.to(tl.float32)), input_precision=PREC)
     dv += tl.dot(tl.trans(A_rk), dY, input_precision=PREC)
     dv += tl.dot(tl.trans(A_ak), dX, input_precision=PREC)
     tl.store(dv_ptr + pv, dv.to(dv_ptr.dtype.element_ty), mask=tmask)
 
-    dke = tl.dot(v, dS, input_precision=PREC)
-    dbe = tl.dot(SA, dS, input_precision=PREC)
+    if LOW:
+        dke = tl.dot(vh, dS)
+    else:
+        dke = tl.dot(v, dS.to(tl.float32), input_precision=PREC)
+    dbe = tl.dot(SA, dS.to(tl.float32), input_precision=PREC)
     dlam_last = tl.sum(dke * ke + dbe * be, axis=0) + dgL * gL
 
-    dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v), input_precision=PREC), 0.0)
+    if LOW:
+        dA_rk = tl.where(incl, tl.dot(dYh, tl.trans(vh)), 0.0)
+    else:
+        dA_rk = tl.where(incl, tl.dot(dY, tl.trans(v), input_precision=PREC), 0.0)
     dA_rb = tl.where(incl, tl.dot(dY, tl.trans(SA), input_precision=PREC), 0.0)
     dA_ab = tl.where(strict, tl.dot(dX, tl.trans(SA), input_precision=PREC), 0.0)
     dA_ak = tl.where(strict, tl.dot(dX, tl.trans(v), input_precision=PREC), 0.0)
@@ -417,7 +437,7 @@ def _chunk_grads(
 @triton.jit(do_not_specialize=["H", "part_stride"])
 def _bwd_chunks_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
-    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32
+    states_ptr, dstates_ptr,  # [chunks, H, N, N] float32 or bfloat16
     sa_ptr,  # [chunks, H, L, N] float32: the forward scan's SA
     ti_ptr,  # [chunks, H, L, L] float32: prep's (I - A_ab)^{-1}
     dy_ptr,  # [tokens, H, N]
@@ -425,7 +445,7 @@ def _bwd_chunks_kernel(
     dv_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
     H, part_stride,
-    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, BF16_DOTS: tl.constexpr,
 ):
     """Every (chunk, head, value block) in parallel: all input gradients of the chunk."""
     c = tl.program_id(0)
@@ -438,14 +458,14 @@ def _bwd_chunks_kernel(
     row, tmask = _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N, L)
     base = c.to(tl.int64) * H + h
     s_offs = base * N * N + offs_v[:, None] * N + offs_k[None, :]
-    S = tl.load(states_ptr + s_offs)
+    S = tl.load(states_ptr + s_offs)  # (as saved: _chunk_grads converts where it needs float32)
     dS = tl.load(dstates_ptr + s_offs)
     SA = tl.load(sa_ptr + base * L * N + offs_t[:, None] * N + offs_v[None, :])
     Ti = tl.load(ti_ptr + base * L * L + offs_t[:, None] * L + offs_t[None, :])
     _chunk_grads(
         r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
         row[:, None] + offs_k[None, :], row[:, None] + offs_v[None, :], part, tmask, S, dS, SA, Ti, offs_t,
-        L, PREC,
+        L, PREC, BF16_DOTS,
     )
 
 
@@ -597,7 +617,7 @@ def wkv7_forward(
         STORE_TI=store, num_warps=cfg["num_warps"] or _auto_warps(bv, N),
     )
     sbv = _scan_block_v(table, H, N, cfg, dev)
-    states = _empty((nc, H, N, N), torch.float32, dev) if store else gl
+    states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gl
     sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
     sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     y = _empty(r.shape, out_dtype, dev)
@@ -623,7 +643,7 @@ def wkv7_backward(
     nv = N // bv
     dev = r.device
     sbv = _scan_block_v(table, H, N, cfg, dev)
-    dstates = _empty((nc, H, N, N), torch.float32, dev)
+    dstates = _empty((nc, H, N, N), states.dtype, dev)
     ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
         dsT if dsT is not None else ds0, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc,
@@ -637,7 +657,7 @@ def wkv7_backward(
     dv = _empty(r.shape, v.dtype, dev)
     _bwd_chunks_kernel[(nc, H, nv)](
         r, log_w, k, v, a, b, states, dstates, sa, ti, dy, *parts, dv, table.cu, table.chunk_cu, table.chunk_seq,
-        H, r.numel(), N=N, L=L, BV=bv, PREC=prec, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N),
+        H, r.numel(), N=N, L=L, BV=bv, PREC=prec, BF16_DOTS=r.is_cuda, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N),
     )
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
@@ -704,6 +724,7 @@ def wkv7_triton(
     scan_num_warps: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
+    saved_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV with Triton kernels (forward and backward).
@@ -718,7 +739,10 @@ def wkv7_triton(
     gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
     forward's per-chunk kernel, the same for the backward's (``bwd_``) and for the two
     sequential scans (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
-    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``).
+    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``saved_dtype``
+    (torch.float32 or torch.bfloat16) of the per-chunk states and their gradients that the
+    backward keeps (None: bfloat16 when ``precision`` is tf32 and the inputs are 16-bit, which
+    halves the backward's largest traffic; else float32).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     xs = (r, log_w, k, v, a, b)
@@ -738,6 +762,10 @@ def wkv7_triton(
             f"memory); with gradients use one of {tuple(c for c in SUPPORTED_CHUNKS if c <= MAX_CHUNK_TRAIN)}"
         )
     scan_precision = scan_precision or precision
+    if saved_dtype is None:
+        saved_dtype = torch.bfloat16 if precision == "tf32" and r.dtype != torch.float32 else torch.float32
+    elif saved_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"wkv7_triton: saved_dtype must be torch.float32 or torch.bfloat16, got {saved_dtype}")
     _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
     out_dtype = out_dtype or r.dtype
@@ -751,7 +779,7 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        precision=precision, scan_precision=scan_precision,
+        precision=precision, scan_precision=scan_precision, saved_dtype=saved_dtype,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
