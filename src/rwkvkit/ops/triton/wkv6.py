@@ -93,8 +93,13 @@ per term). Everything key-side is separable in the key index, so the kernels wor
 ``block_k`` key channels: forward, Y = (r e^{P}) S0^T + A V with A summed over the key blocks;
 backward, the same kernel gives dV = (k e^{Q}) dS^T + A^T dY, and a second kernel, one
 program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T
-(one product) rather than passing it through memory. Offline sm_90 builds (Triton 3.9, N=64,
-C=64, key block 32, bf16, tf32) still spill: see benchmarks/NOTES.md. The block kernels above
+(one product) rather than passing it through memory. The levels below 4 pair rows inside one
+aligned block of 16 rows, so both kernels run them batched over those blocks ([C/16, 16, 16]
+tiles, a 3-D ``tl.dot``) and only the levels from 4 up on [C, C] tiles: at C = 64 that is a
+quarter of the level products' work for four of the six levels (H200: forward 2.01 -> 1.64 ms,
+forward + backward 8.86 -> 7.49 at B=8, T=4096, H=32). Offline sm_90 builds (Triton 3.9, N=64,
+C=64, bf16, tf32) still spill in the key-side kernel (1.5 KB at key block 32, 0.6 KB at 16, which
+measured slower): see benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are

@@ -594,6 +594,13 @@ def _scan_block_v(table: ChunkTable, H: int, N: int, cfg: dict, device) -> int:
     return bv
 
 
+def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
+    # (H200, docs/results/scan_warps_h200_2026-11-28.json: with a gradient at chunk 16 and value
+    # block 16, as at 2, 16384, 32, two warps took the scans from 1.90 / 1.22 ms to 1.66 / 1.17; at
+    # block 64 they doubled the forward scan, and without a gradient (chunk 32) they doubled it too)
+    return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else 4)
+
+
 def wkv7_forward(
     r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, store: bool
 ) -> tuple[torch.Tensor, ...]:
@@ -624,7 +631,7 @@ def wkv7_forward(
     _fwd_scan_kernel[(table.n_seqs * H, N // sbv)](
         state if state is not None else sT, gl, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc,
         N=N, L=L, BV=sbv, HAS_S0=state is not None, STORE=store, PREC=cfg["scan_precision"],
-        num_warps=cfg["scan_num_warps"] or 4,
+        num_warps=_scan_warps(cfg, sbv, store),
     )
     return y, sT, ((states, sa, gl, kf, ti) if store else None)
 
@@ -647,7 +654,7 @@ def wkv7_backward(
     ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
         dsT if dsT is not None else ds0, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc,
-        N=N, L=L, BV=sbv, HAS_S0=dsT is not None, PREC=cfg["scan_precision"], num_warps=cfg["scan_num_warps"] or 4,
+        N=N, L=L, BV=sbv, HAS_S0=dsT is not None, PREC=cfg["scan_precision"], num_warps=_scan_warps(cfg, sbv, True),
     )
     inputs = (r, log_w, k, a, b)
     if nv == 1:
