@@ -292,7 +292,8 @@ def load_ops(name: str):
 
 def ours_fn(op: WkvOp, cfg: dict):
     kernel = load_ops(op.name)[1]
-    kw = {k: getattr(torch, v) if k.endswith("_dtype") else v for k, v in cfg.items()}  # "bfloat16" -> torch.bfloat16
+    kw = {k: getattr(torch, v) if k.endswith("_dtype") and isinstance(v, str) else v  # "bfloat16" -> torch.bfloat16
+          for k, v in cfg.items()}
     return lambda xs, s0: kernel(*xs, s0, **kw)
 
 
@@ -557,7 +558,7 @@ def parse_args(argv: list[str]) -> tuple[WkvOp, argparse.Namespace]:
     p.add_argument("--profile", action="store_true", help="print the time of every kernel (ours, fla) at each shape")
     p.add_argument("--also", metavar="JSON", action="append", default=[],
                    help="also time ours with these settings over the others, as its own row "
-                        "(e.g. --also '{\"saved_dtype\": \"float32\"}'; repeatable)")
+                        "(e.g. --also '{\"saved_dtype\": \"float32\"}'; repeatable; not with --sweep)")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--sweep", action="store_true", help="sweep kernel configs at the first shape, then exit")
@@ -599,6 +600,9 @@ def main(argv=None) -> int:
     if args.warm_config:
         warm_one(op, json.loads(args.warm_config), (1, 512, 4, shapes[0][3]), dtype, logw_dtype)
         return 0
+    if args.sweep and args.also:
+        print("bench_wkv: --also does not combine with --sweep", file=sys.stderr)
+        return 2
     if args.sweep:
         configs = op.sweep_configs(not args.sweep_full)
         if args.sweep_only:

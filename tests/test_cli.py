@@ -133,3 +133,25 @@ def test_module_entry_point_has_no_traceback(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("rwkvkit: error: ") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_entry_leaves_torchrun_workers_through_os_exit(monkeypatch):
+    """entry(): main's code through sys.exit, or through os._exit in a torchrun worker."""
+    import rwkvkit.cli as cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    for world, how in (("2", Exited), ("1", SystemExit), ("", SystemExit), ("x", SystemExit)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(how) as exc:
+            cli.entry()
+        assert exc.value.args[0] == 7 if how is Exited else exc.value.code == 7, world
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit):
+        cli.entry()

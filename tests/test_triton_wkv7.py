@@ -240,14 +240,16 @@ def test_rejects_bad_arguments():
 
 
 def test_saved_dtype(seed):
-    """What the backward keeps: the per-chunk states, their gradients and SA in bfloat16 by
-    default with tf32 matmuls on 16-bit inputs, float32 otherwise or when asked; the gradients
-    stay within the bfloat16 tolerance of the float64 reference either way."""
+    """What the backward keeps: the per-chunk states (and, as the same dtype, their gradients;
+    SA stays float32) in bfloat16 by default with tf32 matmuls on bfloat16 inputs, float32
+    otherwise (float16 inputs included) or when asked; the gradients stay within the bfloat16
+    tolerance of the float64 reference either way."""
     x = [t.to(DEVICE).requires_grad_() for t in make_inputs(1, 20, 1, 16)]
     cases = [
         (torch.bfloat16, {}, torch.bfloat16),
         (torch.bfloat16, {"saved_dtype": torch.float32}, torch.float32),
         (torch.bfloat16, {"precision": "ieee"}, torch.float32),
+        (torch.float16, {}, torch.float32),
         (torch.float32, {}, torch.float32),
         (torch.float32, {"saved_dtype": torch.bfloat16}, torch.bfloat16),
     ]

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, NoReturn, Sequence, TextIO
 
 from .errors import RwkvkitError
 
@@ -345,6 +346,28 @@ def _error(message: str) -> int:
     one_line = " ".join(str(message).split("\n")).strip()
     print(f"rwkvkit: error: {one_line}", file=sys.stderr)
     return 1
+
+
+def entry() -> NoReturn:
+    """The ``rwkvkit`` console command and ``python -m rwkvkit``: exit with ``main()``'s code.
+    A torchrun worker (WORLD_SIZE > 1) leaves through ``os._exit`` once ``main`` has returned
+    (its run closed, the process group destroyed, stdio flushed here), skipping the
+    interpreter's finalization: there, gloo's teardown aborted a CPU worker after training had
+    finished (SIGABRT, "terminate called without an active exception", no Python frame left) in
+    2 of ~160 two-process runs, and torchrun then fails the whole job (0 of 200 with this)."""
+    code = main()
+    try:
+        worker = int(os.environ.get("WORLD_SIZE") or 1) > 1
+    except ValueError:
+        worker = False
+    if worker:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import NoReturn
 
 from ..cli import Command, _add_model_options, _load, _positive_int, register
 
@@ -214,21 +212,7 @@ def _run_train(args: argparse.Namespace) -> int:
         explicit.update(total_steps=args.steps, total_tokens=0)
     cfg = load_config(args.config, args.overrides, **explicit)
     result = train(cfg, resume=args.resume_from or args.resume)
-    code = 130 if result.stopped == "SIGINT" else 0
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        _leave_torchrun_worker(code)
-    return code
-
-
-def _leave_torchrun_worker(code: int) -> NoReturn:
-    """End a torchrun worker without the interpreter's finalization. With the process group
-    destroyed and every file of the run closed, a CPU (gloo) worker still aborted at exit in
-    about 2 % of runs ("terminate called without an active exception", SIGABRT with no Python
-    frame left, after training had finished: 2 of 120 two-process runs here), and torchrun
-    then fails the whole job. Nothing is left to finalize but the C++ teardown that aborts."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return 130 if result.stopped == "SIGINT" else 0
 
 
 # -- export-pth ----------------------------------------------------------------------------------
