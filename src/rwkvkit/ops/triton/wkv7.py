@@ -95,6 +95,7 @@ DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
 MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needed 237,568 B of shared memory on an H100 (N = 64, Triton 3.6)
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
+NUM_WARPS = 4  # every chunked kernel's default (the sweeps: 4 warps beat 8 everywhere, 2026-11-28 included)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +379,8 @@ def _chunk_grads(
     # off), whose bfloat16 dot is wrong (Triton 3.9).
     LOW: tl.constexpr = BF16_DOTS and S.dtype == tl.bfloat16 and vh.dtype == tl.bfloat16 and dYh.dtype == tl.bfloat16
 
+    # S and dS are converted to float32 at each use, not once: one float32 copy kept live across
+    # the whole chunk spilled more (offline sm_90, bfloat16 states: 344 -> 624 B of stack)
     g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk = _chunk_keyside(r, lw, k, a, b, offs_t, L, PREC)
 
     dSA = tl.dot(be, tl.trans(dS.to(tl.float32)), input_precision=PREC)
@@ -573,10 +576,6 @@ def _auto_block_v(
     return bv
 
 
-def _auto_warps(block_v: int, N: int) -> int:
-    return 4  # the sweep: 4 warps beat 8 in every kernel at every chunk size
-
-
 def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
     """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
     if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
@@ -599,7 +598,7 @@ def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
     # (H200, docs/results/scan_warps_h200_2026-11-28.json: with a gradient at chunk 16 and value
     # block 16, as at 2, 16384, 32, two warps took the scans from 1.90 / 1.22 ms to 1.66 / 1.17; at
     # block 64 they doubled the forward scan, and without a gradient (chunk 32) they doubled it too)
-    return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else 4)
+    return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else NUM_WARPS)
 
 
 def wkv7_forward(
@@ -622,7 +621,7 @@ def wkv7_forward(
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     _prep_kernel[(nc, H, N // bv)](
         r, log_w, k, v, a, b, *tabs, gl, kf, vf, ti, H, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec,
-        STORE_TI=store, num_warps=cfg["num_warps"] or _auto_warps(bv, N),
+        STORE_TI=store, num_warps=cfg["num_warps"] or NUM_WARPS,
     )
     sbv = _scan_block_v(table, H, N, cfg, dev)
     states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gl
@@ -665,7 +664,7 @@ def wkv7_backward(
     dv = _empty(r.shape, v.dtype, dev)
     _bwd_chunks_kernel[(nc, H, nv)](
         r, log_w, k, v, a, b, states, dstates, sa, ti, dy, *parts, dv, table.cu, table.chunk_cu, table.chunk_seq,
-        H, r.numel(), N=N, L=L, BV=bv, PREC=prec, BF16_DOTS=r.is_cuda, num_warps=cfg["bwd_num_warps"] or _auto_warps(bv, N),
+        H, r.numel(), N=N, L=L, BV=bv, PREC=prec, BF16_DOTS=r.is_cuda, num_warps=cfg["bwd_num_warps"] or NUM_WARPS,
     )
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
