@@ -134,6 +134,41 @@ def test_varlen_matches_one_by_one(seed):
     varlen_case([3, 17, 0], 1, 16, dtype=torch.float32, chunk_size=16, scan_block_v=16, bwd_block_v=16)
 
 
+def segmented_case(lengths, H, N, n_segments, **kw):
+    """Outputs, final states and every gradient with the scans in ``n_segments`` segments equal
+    those of one segment bit for bit (dense if ``lengths`` is an int pair (B, T), else packed)."""
+    if isinstance(lengths, tuple):
+        B, T = lengths
+        x = [t.to(DEVICE) for t in make_inputs(B, T, H, N)]
+        cu = None
+    else:
+        xs = [make_inputs(1, n, H, N) for n in lengths]
+        x = [torch.cat([t[i] for t in xs], dim=1).to(DEVICE) for i in range(6)]
+        x.append(torch.cat([t[6] for t in xs]).to(DEVICE))
+        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
+    outs = []
+    for n in (1, n_segments):
+        inp = [t.clone().requires_grad_() for t in x]
+        y, s = wkv7_triton(*inp, cu_seqlens=cu, scan_segments=n, **kw)
+        torch.manual_seed(1)
+        gy, gs = torch.randn_like(y), torch.randn_like(s)
+        outs.append((y, s, *torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inp)))
+    for name, a, b in zip(["y", "state"] + [f"d{n}" for n in NAMES], *outs):
+        assert torch.equal(a, b), f"{name} differs with {n_segments} segments"
+
+
+def test_segmented_scans_match(seed):
+    """Scans in segments (each overlapping the per-chunk kernels of the next on CUDA): uneven
+    segments, a dense batch and packed sequences where one ends a chunk early (its program in
+    the last segment has no chunk), the same numbers as one launch."""
+    segmented_case((2, 70), 1, 16, 2, chunk_size=16)
+    segmented_case((1, 40), 2, 16, 3, chunk_size=16, scan_block_v=16, bwd_block_v=16)
+    segmented_case([33, 20], 1, 16, 3, chunk_size=16)
+    table = kernels.varlen_table(torch.tensor([0, 100, 110]), 16, 110)  # 7 and 1 chunks: too uneven
+    assert kernels._segments(table, {"scan_segments": 4}) == [(0, 7)]
+    assert kernels._segments(kernels.dense_table(2, 100, 16, torch.device("cpu")), {"scan_segments": 3}) == [(0, 3), (3, 6), (6, 7)]
+
+
 def test_varlen_rejects_bad_offsets():
     x = [torch.zeros(1, 10, 1, 16, device=DEVICE) for _ in range(6)]
     with pytest.raises(ValueError, match="cu_seqlens"):

@@ -22,6 +22,7 @@ class ChunkTable(NamedTuple):
     chunk_seq: torch.Tensor
     n_seqs: int
     n_chunks: int
+    max_chunks: int  # the most chunks of any one sequence
 
 
 _DENSE_TABLES: dict[tuple, ChunkTable] = {}
@@ -37,7 +38,7 @@ def dense_table(B: int, T: int, L: int, device: torch.device) -> ChunkTable:
         nc = triton.cdiv(T, L)
         ar = torch.arange(B + 1, dtype=torch.int32, device=device)
         chunk_seq = torch.arange(B * nc, dtype=torch.int32, device=device) // nc
-        table = ChunkTable(ar * T, ar * nc, chunk_seq, B, B * nc)
+        table = ChunkTable(ar * T, ar * nc, chunk_seq, B, B * nc, nc)
         if capturing:
             return table
         if len(_DENSE_TABLES) > 64:
@@ -74,4 +75,6 @@ def varlen_table(
     device = cu_seqlens.device if device is None else device
     as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     chunk_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    return ChunkTable(as_i32(offsets), as_i32(chunk_cu), chunk_seq.int(), len(counts), chunk_cu[-1])
+    return ChunkTable(
+        as_i32(offsets), as_i32(chunk_cu), chunk_seq.int(), len(counts), chunk_cu[-1], max(counts, default=0)
+    )

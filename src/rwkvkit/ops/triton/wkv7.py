@@ -82,6 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import segments
 from .chunk_table import ChunkTable, dense_table, varlen_table
 from .recurrent import launch, state_block
 
@@ -95,6 +96,7 @@ DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
 MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needed 237,568 B of shared memory on an H100 (N = 64, Triton 3.6)
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
+AUTO_SEGMENTS = 1  # scan_segments=None: how many segments the scans run in (``segments``)
 NUM_WARPS = 4  # every chunked kernel's default (the sweeps: 4 warps beat 8 everywhere, 2026-11-28 included)
 
 
@@ -153,13 +155,26 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
 
 
 @triton.jit
+def _chunk_of(pid, chunk_cu_ptr, seg_j0, seg_len, SEG: tl.constexpr):
+    """The chunk of a per-chunk kernel's program ``pid`` and whether it exists. Without SEG the
+    table's chunk ``pid``; with SEG one segment's programs are (sequence, j) pairs, j = seg_j0 +
+    pid % seg_len the chunk's place in its sequence (past a sequence's end: none)."""
+    if SEG:
+        seq = pid // seg_len
+        j = seg_j0 + pid % seg_len
+        c0 = tl.load(chunk_cu_ptr + seq)
+        return c0 + j, j < tl.load(chunk_cu_ptr + seq + 1) - c0
+    return pid, pid >= 0
+
+
+@triton.jit
 def _tile(ptr, base, i: tl.constexpr, offs_t, offs_n, L: tl.constexpr, N: tl.constexpr):
     """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, 3, L, N] buffer
     (``base`` = chunk * H + head)."""
     return tl.load(ptr + (base * 3 + i) * L * N + offs_t[:, None] * N + offs_n[None, :])
 
 
-@triton.jit(do_not_specialize=["H"])
+@triton.jit(do_not_specialize=["H", "seg_j0", "seg_len"])
 def _prep_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
@@ -167,14 +182,16 @@ def _prep_kernel(
     kf_ptr,  # [chunks, H, 3, L, N] float32 out: W, be, Q (key columns)
     vf_ptr,  # [chunks, H, 3, L, N] float32 out: ke (key columns), U, P (value columns)
     ti_ptr,  # [chunks, H, L, L] float32 out (if STORE_TI): (I - A_ab)^{-1}
-    H,
+    H, seg_j0, seg_len,  # SEG: the segment's first chunk in each sequence, its chunks per sequence
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    STORE_TI: tl.constexpr,
+    STORE_TI: tl.constexpr, SEG: tl.constexpr,
 ):
     """Per chunk, everything the scans need that does not depend on the state: gL, the key-side
     factors W, be, ke, Q and this value block's columns of U and P; with STORE_TI also the
     inverse (I - A_ab)^{-1} for the backward."""
-    c = tl.program_id(0)
+    c, exists = _chunk_of(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG)
+    if not exists:
+        return
     h = tl.program_id(1)
     i_v = tl.program_id(2)
     offs_t = tl.arange(0, L)
@@ -270,7 +287,7 @@ def _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base, pv, tmask, offs_t, offs_k, L:
     )
 
 
-@triton.jit(do_not_specialize=["H", "n_chunks"])
+@triton.jit(do_not_specialize=["H", "n_chunks", "j_begin", "j_end"])
 def _fwd_scan_kernel(
     s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
     gl_ptr, kf_ptr, vf_ptr,  # prep's outputs
@@ -280,27 +297,29 @@ def _fwd_scan_kernel(
     sa_ptr,  # [chunks, H, L, N] float32 out (if STORE): SA = W S0^T + U, every chunk
     sT_ptr,  # [seqs, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,
-    H, n_chunks,
+    H, n_chunks, j_begin, j_end,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The sequential part of the forward, over one sequence's chunks in order:
+    """The sequential part of the forward, over chunks j_begin .. j_end - 1 of one sequence in
+    order (a segment of it; the next segment's launch takes sT_ptr as its s0_ptr):
     Y = Q S^T + P,  SA^T = S W^T + U^T,  S <- S diag(gL) + SA^T be + V^T ke.
     Every chunk's factors are loaded one iteration ahead (their latency hides behind the
     previous chunk's products)."""
     i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, S = _scan_prologue(
         s0_ptr, cu_ptr, chunk_cu_ptr, H, N, L, BV, HAS_S0
     )
-    base_n = tl.minimum(c0, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
-    pv_n, tm_n = _scan_rows(t0, t1, 0, nc, h, offs_t, offs_v, H, N, L)
+    j_stop = tl.minimum(j_end, nc)
+    base_n = tl.minimum(c0 + tl.minimum(j_begin, tl.maximum(nc - 1, 0)), n_chunks - 1).to(tl.int64) * H + h
+    pv_n, tm_n = _scan_rows(t0, t1, j_begin, nc, h, offs_t, offs_v, H, N, L)
     gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
         gl_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N
     )
-    for j in range(nc):
+    for j in range(j_begin, j_stop):
         base, pv, tmask = base_n, pv_n, tm_n
         gl, W, be, Q, ke, U, P, V = gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n
         # the next chunk (the last iteration reloads this one: in bounds, unused)
-        jn = tl.minimum(j + 1, nc - 1)
+        jn = tl.minimum(j + 1, j_stop - 1)
         base_n = (c0 + jn).to(tl.int64) * H + h
         pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
         gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
@@ -317,7 +336,7 @@ def _fwd_scan_kernel(
     tl.store(sT_ptr + i_sh * N * N + s_offs, S)
 
 
-@triton.jit(do_not_specialize=["H", "n_chunks"])
+@triton.jit(do_not_specialize=["H", "n_chunks", "j_begin", "j_end"])
 def _bwd_scan_kernel(
     ds_ptr,  # [seqs, H, N, N] float32: the final state's gradient (unused unless HAS_S0)
     gl_ptr, kf_ptr,  # prep's outputs
@@ -325,22 +344,24 @@ def _bwd_scan_kernel(
     dstates_ptr,  # [chunks, H, N, N] out (as the states): the gradient of the state leaving each chunk
     ds0_ptr,  # [seqs, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,
-    H, n_chunks,
+    H, n_chunks, j_begin, j_end,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The sequential part of the backward, over one sequence's chunks in reverse:
+    """The sequential part of the backward, over chunks j_end - 1 .. j_begin of one sequence
+    in reverse (a segment, as in the forward scan):
     dS <- dS diag(gL) + (dS be^T) W + dY^T Q (factors loaded one iteration ahead)."""
     i_sh, h, c0, nc, t0, t1, offs_t, offs_k, offs_v, s_offs, dS = _scan_prologue(
         ds_ptr, cu_ptr, chunk_cu_ptr, H, N, L, BV, HAS_S0
     )
-    jn = tl.maximum(nc - 1, 0)
+    j_stop = tl.minimum(j_end, nc)
+    jn = tl.maximum(j_stop - 1, 0)
     base_n = tl.minimum(c0 + jn, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
     pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
     gl_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N)
-    for j in range(nc):
+    for i in range(j_stop - j_begin):
         base = base_n
         gl, W, be, Q, dY = gl_n, W_n, be_n, Q_n, dY_n
-        jn = tl.maximum(nc - 2 - j, 0)
+        jn = tl.maximum(j_stop - 2 - i, j_begin)
         base_n = (c0 + jn).to(tl.int64) * H + h
         pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
         gl_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(
@@ -438,7 +459,7 @@ def _chunk_grads(
     tl.store(db_ptr + part + pk, db.to(db_ptr.dtype.element_ty), mask=tmask)
 
 
-@triton.jit(do_not_specialize=["H", "part_stride"])
+@triton.jit(do_not_specialize=["H", "part_stride", "seg_j0", "seg_len"])
 def _bwd_chunks_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     states_ptr, dstates_ptr,  # [chunks, H, N, N] float32 or bfloat16
@@ -448,11 +469,14 @@ def _bwd_chunks_kernel(
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr,  # [NV, tokens, H, N]: partial sums over value blocks
     dv_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,
-    H, part_stride,
+    H, part_stride, seg_j0, seg_len,  # SEG: as _prep_kernel
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, BF16_DOTS: tl.constexpr,
+    SEG: tl.constexpr,
 ):
     """Every (chunk, head, value block) in parallel: all input gradients of the chunk."""
-    c = tl.program_id(0)
+    c, exists = _chunk_of(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG)
+    if not exists:
+        return
     h = tl.program_id(1)
     i_v = tl.program_id(2)
     part = i_v.to(tl.int64) * part_stride
@@ -601,6 +625,26 @@ def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
     return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else NUM_WARPS)
 
 
+def _segments(table: ChunkTable, cfg: dict) -> list[tuple[int, int]]:
+    """The segments the scans run in alongside the per-chunk kernels (``segments``): the
+    ``scan_segments`` setting (None: automatic), but one where the sequences' chunk counts
+    differ much (a segment's per-chunk launch has a program for every sequence's place in it)."""
+    n = cfg["scan_segments"]
+    if n is None:
+        n = AUTO_SEGMENTS
+    if table.n_seqs * table.max_chunks > 1.25 * table.n_chunks:
+        n = 1
+    return segments.bounds(table.max_chunks, n)
+
+
+def _seg_grid(table: ChunkTable, segs: list[tuple[int, int]], j0: int, j1: int) -> tuple[int, int, int, bool]:
+    """(programs, first place, places per sequence, SEG) of a per-chunk launch over one segment:
+    with one segment the table's chunks as they are, else every sequence's places j0 .. j1 - 1."""
+    if len(segs) == 1:
+        return table.n_chunks, 0, 0, False
+    return table.n_seqs * (j1 - j0), j0, j1 - j0, True
+
+
 def wkv7_forward(
     r, log_w, k, v, a, b, state, table: ChunkTable, cfg: dict, out_dtype: torch.dtype, *, store: bool
 ) -> tuple[torch.Tensor, ...]:
@@ -619,20 +663,29 @@ def wkv7_forward(
     vf = _empty((nc, H, 3, L, N), torch.float32, dev)
     ti = _empty((nc, H, L, L), torch.float32, dev) if store else gl
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    _prep_kernel[(nc, H, N // bv)](
-        r, log_w, k, v, a, b, *tabs, gl, kf, vf, ti, H, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, PREC=prec,
-        STORE_TI=store, num_warps=cfg["num_warps"] or NUM_WARPS,
-    )
     sbv = _scan_block_v(table, H, N, cfg, dev)
     states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gl
     sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
     sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     y = _empty(r.shape, out_dtype, dev)
-    _fwd_scan_kernel[(table.n_seqs * H, N // sbv)](
-        state if state is not None else sT, gl, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc,
-        N=N, L=L, BV=sbv, HAS_S0=state is not None, STORE=store, PREC=cfg["scan_precision"],
-        num_warps=_scan_warps(cfg, sbv, store),
-    )
+    segs = _segments(table, cfg)
+
+    def prep(j0: int, j1: int) -> None:
+        n, sj0, slen, seg = _seg_grid(table, segs, j0, j1)
+        _prep_kernel[(n, H, N // bv)](
+            r, log_w, k, v, a, b, *tabs, gl, kf, vf, ti, H, sj0, slen, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv,
+            PREC=prec, STORE_TI=store, SEG=seg, num_warps=cfg["num_warps"] or NUM_WARPS,
+        )
+
+    def scan(j0: int, j1: int) -> None:  # (from the second segment on, the state comes from sT)
+        s_in = sT if j0 > 0 or state is None else state
+        _fwd_scan_kernel[(table.n_seqs * H, N // sbv)](
+            s_in, gl, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc, j0, j1,
+            N=N, L=L, BV=sbv, HAS_S0=j0 > 0 or state is not None, STORE=store, PREC=cfg["scan_precision"],
+            num_warps=_scan_warps(cfg, sbv, store),
+        )
+
+    segments.pipeline(dev, segs, prep, scan, first_is_scan=False)
     return y, sT, ((states, sa, gl, kf, ti) if store else None)
 
 
@@ -652,20 +705,32 @@ def wkv7_backward(
     sbv = _scan_block_v(table, H, N, cfg, dev)
     dstates = _empty((nc, H, N, N), states.dtype, dev)
     ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
-    _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
-        dsT if dsT is not None else ds0, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc,
-        N=N, L=L, BV=sbv, HAS_S0=dsT is not None, PREC=cfg["scan_precision"], num_warps=_scan_warps(cfg, sbv, True),
-    )
     inputs = (r, log_w, k, a, b)
     if nv == 1:
         parts = [_empty((1, *r.shape), x.dtype, dev) for x in inputs]
     else:
         parts = [_empty((nv, *r.shape), torch.float32, dev) for _ in inputs]
     dv = _empty(r.shape, v.dtype, dev)
-    _bwd_chunks_kernel[(nc, H, nv)](
-        r, log_w, k, v, a, b, states, dstates, sa, ti, dy, *parts, dv, table.cu, table.chunk_cu, table.chunk_seq,
-        H, r.numel(), N=N, L=L, BV=bv, PREC=prec, BF16_DOTS=r.is_cuda, num_warps=cfg["bwd_num_warps"] or NUM_WARPS,
-    )
+    segs = _segments(table, cfg)
+
+    def scan(j0: int, j1: int) -> None:  # (segments last to first; after the first launch dS comes from ds0)
+        last = j1 == segs[-1][1]
+        ds_in = dsT if last and dsT is not None else ds0
+        _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
+            ds_in, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc, j0, j1,
+            N=N, L=L, BV=sbv, HAS_S0=not last or dsT is not None, PREC=cfg["scan_precision"],
+            num_warps=_scan_warps(cfg, sbv, True),
+        )
+
+    def chunks(j0: int, j1: int) -> None:
+        n, sj0, slen, seg = _seg_grid(table, segs, j0, j1)
+        _bwd_chunks_kernel[(n, H, nv)](
+            r, log_w, k, v, a, b, states, dstates, sa, ti, dy, *parts, dv, *tabs, H, r.numel(), sj0, slen,
+            N=N, L=L, BV=bv, PREC=prec, BF16_DOTS=r.is_cuda, SEG=seg, num_warps=cfg["bwd_num_warps"] or NUM_WARPS,
+        )
+
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
+    segments.pipeline(dev, segs[::-1], scan, chunks, first_is_scan=True)
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
 
@@ -729,6 +794,7 @@ def wkv7_triton(
     bwd_num_warps: int | None = None,
     scan_block_v: int | None = None,
     scan_num_warps: int | None = None,
+    scan_segments: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
     saved_dtype: torch.dtype | None = None,
@@ -745,7 +811,9 @@ def wkv7_triton(
     Tuning (None = automatic): ``chunk_size`` (16/32/64, 64 without gradients only; 16 when a
     gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
     forward's per-chunk kernel, the same for the backward's (``bwd_``) and for the two
-    sequential scans (``scan_``); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
+    sequential scans (``scan_``); ``scan_segments``, how many segments of consecutive chunks
+    the scans run in, each overlapping the per-chunk kernels of the next (``segments``; the
+    same numbers for every value); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``saved_dtype``
     (torch.float32 or torch.bfloat16) of the per-chunk states and their gradients that the
     backward keeps (None: bfloat16 when ``precision`` is tf32 and ``r`` is bfloat16, which
@@ -775,6 +843,8 @@ def wkv7_triton(
         raise ValueError(f"wkv7_triton: saved_dtype must be torch.float32 or torch.bfloat16, got {saved_dtype}")
     _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
+    if scan_segments is not None and (not isinstance(scan_segments, int) or scan_segments < 1):
+        raise ValueError(f"wkv7_triton: scan_segments must be a positive int, got {scan_segments!r}")
     out_dtype = out_dtype or r.dtype
     if cu_seqlens is not None:  # (checks the offsets, also when there is nothing to compute)
         table = varlen_table(cu_seqlens, chunk_size, T, "wkv7_triton", r.device)
@@ -786,6 +856,7 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
+        scan_segments=scan_segments,
         precision=precision, scan_precision=scan_precision, saved_dtype=saved_dtype,
     )
     xs = [x.contiguous() for x in xs]
