@@ -15,6 +15,7 @@ import torch
 from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
     DEVICE,
     assert_decoding_unchanged_by,
+    assert_segments_change_nothing,
     compare_one_output_used,
     compare_with_chunked,
     compare_with_reference,
@@ -134,36 +135,22 @@ def test_varlen_matches_one_by_one(seed):
     varlen_case([3, 17, 0], 1, 16, dtype=torch.float32, chunk_size=16, scan_block_v=16, bwd_block_v=16)
 
 
-def segmented_case(lengths, H, N, n_segments, **kw):
-    """Outputs, final states and every gradient with the scans in ``n_segments`` segments equal
-    those of one segment bit for bit (dense if ``lengths`` is an int pair (B, T), else packed)."""
-    if isinstance(lengths, tuple):
-        B, T = lengths
-        x = [t.to(DEVICE) for t in make_inputs(B, T, H, N)]
-        cu = None
-    else:
-        xs = [make_inputs(1, n, H, N) for n in lengths]
-        x = [torch.cat([t[i] for t in xs], dim=1).to(DEVICE) for i in range(6)]
-        x.append(torch.cat([t[6] for t in xs]).to(DEVICE))
-        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
-    outs = []
-    for n in (1, n_segments):
-        inp = [t.clone().requires_grad_() for t in x]
-        y, s = wkv7_triton(*inp, cu_seqlens=cu, scan_segments=n, **kw)
-        torch.manual_seed(1)
-        gy, gs = torch.randn_like(y), torch.randn_like(s)
-        outs.append((y, s, *torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inp)))
-    for name, a, b in zip(["y", "state"] + [f"d{n}" for n in NAMES], *outs):
-        assert torch.equal(a, b), f"{name} differs with {n_segments} segments"
+def packed(lengths, H, N):
+    """Per-sequence inputs packed as [1, sum(lengths), H, N] (states [S, H, N, N]) and cu_seqlens."""
+    xs = [make_inputs(1, n, H, N) for n in lengths]
+    x = [torch.cat([t[i] for t in xs], dim=1) for i in range(6)] + [torch.cat([t[6] for t in xs])]
+    return x, torch.tensor([0] + list(itertools.accumulate(lengths)), device=DEVICE, dtype=torch.int32)
 
 
 def test_segmented_scans_match(seed):
     """Scans in segments (each overlapping the per-chunk kernels of the next on CUDA): uneven
     segments, a dense batch and packed sequences where one ends a chunk early (its program in
     the last segment has no chunk), the same numbers as one launch."""
-    segmented_case((2, 70), 1, 16, 2, chunk_size=16)
-    segmented_case((1, 40), 2, 16, 3, chunk_size=16, scan_block_v=16, bwd_block_v=16)
-    segmented_case([33, 20], 1, 16, 3, chunk_size=16)
+    assert_segments_change_nothing(wkv7_triton, NAMES, make_inputs(2, 70, 1, 16), 2, chunk_size=16)
+    assert_segments_change_nothing(wkv7_triton, NAMES, make_inputs(1, 40, 2, 16), 3, chunk_size=16,
+                                   scan_block_v=16, bwd_block_v=16)
+    x, cu = packed([33, 20], 1, 16)
+    assert_segments_change_nothing(wkv7_triton, NAMES, x, 3, cu_seqlens=cu, chunk_size=16)
     table = kernels.varlen_table(torch.tensor([0, 100, 110]), 16, 110)  # 7 and 1 chunks: too uneven
     assert kernels._segments(table, {"scan_segments": 4}) == [(0, 7)]
     assert kernels._segments(kernels.dense_table(2, 100, 16, torch.device("cpu")), {"scan_segments": 3}) == [(0, 3), (3, 6), (6, 7)]

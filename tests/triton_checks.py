@@ -99,6 +99,21 @@ def compare_with_chunked(kernel, chunked, names, x, dtypes):
         assert rel_err(g, g_ref) < tol, f"grad {name}: {rel_err(g, g_ref):.2e}"
 
 
+def assert_segments_change_nothing(kernel, names, x, n_segments, *, cu_seqlens=None, **kw):
+    """Outputs, final state and every gradient of ``kernel(*x)`` (float32 CPU inputs, the
+    initial state last) with the scans in ``n_segments`` segments equal those of one segment,
+    bit for bit."""
+    outs = []
+    for n in (1, n_segments):
+        inp = [t.to(DEVICE).requires_grad_() for t in x]
+        y, s = kernel(*inp, cu_seqlens=cu_seqlens, scan_segments=n, **kw)
+        gen = torch.Generator().manual_seed(1)
+        gy, gs = (torch.randn(t.shape, generator=gen).to(DEVICE) for t in (y, s))
+        outs.append((y, s, *torch.autograd.grad((y * gy).sum() + (s * gs).sum(), inp)))
+    for name, a, b in zip(["y", "final state"] + [f"d{n}" for n in names], *outs):
+        assert torch.equal(a, b), f"{name} differs with {n_segments} segments ({kw})"
+
+
 def assert_decoding_unchanged_by(monkeypatch, env: str, arch: str, n_layer: int) -> None:
     """A small float32 ``arch`` model decoding 6 tokens (model.step_, batch 2) gives the same
     logits and final WKV state with the environment switch ``env`` at "0" and at "1"."""

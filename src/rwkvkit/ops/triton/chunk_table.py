@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 
 class ChunkTable(NamedTuple):
@@ -78,3 +79,16 @@ def varlen_table(
     return ChunkTable(
         as_i32(offsets), as_i32(chunk_cu), chunk_seq.int(), len(counts), chunk_cu[-1], max(counts, default=0)
     )
+
+
+@triton.jit
+def chunk_of(pid, chunk_cu_ptr, seg_j0, seg_len, SEG: tl.constexpr):
+    """The chunk of a per-chunk kernel's program ``pid`` and whether it exists. Without SEG the
+    table's chunk ``pid``; with SEG one segment's programs are (sequence, j) pairs, j = seg_j0 +
+    pid % seg_len the chunk's place in its sequence (past a sequence's end: none)."""
+    if SEG:
+        seq = pid // seg_len
+        j = seg_j0 + pid % seg_len
+        c0 = tl.load(chunk_cu_ptr + seq)
+        return c0 + j, j < tl.load(chunk_cu_ptr + seq + 1) - c0
+    return pid, pid >= 0

@@ -41,6 +41,16 @@ def bounds(max_chunks: int, n_segments: int) -> list[tuple[int, int]]:
     return [(j, min(j + step, max_chunks)) for j in range(0, max_chunks, step)]
 
 
+def split(n_seqs: int, n_chunks: int, max_chunks: int, n_segments: int) -> list[tuple[int, int]]:
+    """``bounds`` for a batch of ``n_seqs`` sequences with ``n_chunks`` chunks in all, at most
+    ``max_chunks`` each; one segment where the counts differ much (a segment's per-chunk launch
+    has a program for every sequence's place in it, so uneven packed sequences would launch
+    many empty programs)."""
+    if n_seqs * max_chunks > 1.25 * n_chunks:
+        n_segments = 1
+    return bounds(max_chunks, n_segments)
+
+
 def pipeline(
     device: torch.device,
     segs: list[tuple[int, int]],

@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from . import segments
-from .chunk_table import ChunkTable, dense_table, varlen_table
+from .chunk_table import ChunkTable, chunk_of, dense_table, varlen_table
 from .recurrent import launch, state_block
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,19 +155,6 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
 
 
 @triton.jit
-def _chunk_of(pid, chunk_cu_ptr, seg_j0, seg_len, SEG: tl.constexpr):
-    """The chunk of a per-chunk kernel's program ``pid`` and whether it exists. Without SEG the
-    table's chunk ``pid``; with SEG one segment's programs are (sequence, j) pairs, j = seg_j0 +
-    pid % seg_len the chunk's place in its sequence (past a sequence's end: none)."""
-    if SEG:
-        seq = pid // seg_len
-        j = seg_j0 + pid % seg_len
-        c0 = tl.load(chunk_cu_ptr + seq)
-        return c0 + j, j < tl.load(chunk_cu_ptr + seq + 1) - c0
-    return pid, pid >= 0
-
-
-@triton.jit
 def _tile(ptr, base, i: tl.constexpr, offs_t, offs_n, L: tl.constexpr, N: tl.constexpr):
     """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, 3, L, N] buffer
     (``base`` = chunk * H + head)."""
@@ -189,7 +176,7 @@ def _prep_kernel(
     """Per chunk, everything the scans need that does not depend on the state: gL, the key-side
     factors W, be, ke, Q and this value block's columns of U and P; with STORE_TI also the
     inverse (I - A_ab)^{-1} for the backward."""
-    c, exists = _chunk_of(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG)
+    c, exists = chunk_of(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG)
     if not exists:
         return
     h = tl.program_id(1)
@@ -474,7 +461,7 @@ def _bwd_chunks_kernel(
     SEG: tl.constexpr,
 ):
     """Every (chunk, head, value block) in parallel: all input gradients of the chunk."""
-    c, exists = _chunk_of(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG)
+    c, exists = chunk_of(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG)
     if not exists:
         return
     h = tl.program_id(1)
@@ -626,15 +613,9 @@ def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
 
 
 def _segments(table: ChunkTable, cfg: dict) -> list[tuple[int, int]]:
-    """The segments the scans run in alongside the per-chunk kernels (``segments``): the
-    ``scan_segments`` setting (None: automatic), but one where the sequences' chunk counts
-    differ much (a segment's per-chunk launch has a program for every sequence's place in it)."""
-    n = cfg["scan_segments"]
-    if n is None:
-        n = AUTO_SEGMENTS
-    if table.n_seqs * table.max_chunks > 1.25 * table.n_chunks:
-        n = 1
-    return segments.bounds(table.max_chunks, n)
+    """The segments the scans run in alongside the per-chunk kernels (``segments``)."""
+    n = cfg["scan_segments"] or AUTO_SEGMENTS
+    return segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
 
 
 def _seg_grid(table: ChunkTable, segs: list[tuple[int, int]], j0: int, j1: int) -> tuple[int, int, int, bool]:
