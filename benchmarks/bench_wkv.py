@@ -164,7 +164,8 @@ WKV7 = WkvOp(
     make_inputs=wkv7_inputs,
     fla=wkv7_fla,
     settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block_v=int, scan_num_warps=int, scan_segments=int, precision=PRECISIONS,
+                  scan_block_v=int, scan_num_warps=int, scan_segments=int, bwd_scan_block_v=int,
+                  bwd_scan_segments=int, precision=PRECISIONS,
                   scan_precision=PRECISIONS, saved_dtype=("float32", "bfloat16")),
     sweep_configs=wkv7_sweep_configs,
 )

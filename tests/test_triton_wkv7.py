@@ -152,8 +152,10 @@ def test_segmented_scans_match(seed):
     x, cu = packed([33, 20], 1, 16)
     assert_segments_change_nothing(wkv7_triton, NAMES, x, 3, cu_seqlens=cu, chunk_size=16)
     table = kernels.varlen_table(torch.tensor([0, 100, 110]), 16, 110)  # 7 and 1 chunks: too uneven
-    assert kernels._segments(table, {"scan_segments": 4}) == [(0, 7)]
-    assert kernels._segments(kernels.dense_table(2, 100, 16, torch.device("cpu")), {"scan_segments": 3}) == [(0, 3), (3, 6), (6, 7)]
+    assert kernels._segments(table, {"scan_segments": 4}, False) == [(0, 7)]
+    assert kernels._segments(kernels.dense_table(2, 100, 16, torch.device("cpu")), {"scan_segments": 3}, False) == [
+        (0, 3), (3, 6), (6, 7)
+    ]
 
 
 def test_varlen_rejects_bad_offsets():

@@ -597,10 +597,11 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _scan_block_v(table: ChunkTable, H: int, N: int, cfg: dict, device) -> int:
+def _scan_block_v(table: ChunkTable, H: int, N: int, cfg: dict, device, bwd: bool) -> int:
     # (H100 sweeps, docs/results/sweep_wkv7_h100_2026-11-28_scans.txt: the scans are fastest
     # with about 1.5-2 programs per SM: block 64 for 192 or 256 sequence-heads, 16 for 64 or 12)
-    bv = cfg["scan_block_v"] or _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.4)
+    bv = (bwd and cfg["bwd_scan_block_v"]) or cfg["scan_block_v"]
+    bv = bv or _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.4)
     _check_config(N, None, bv, cfg["scan_precision"])
     return bv
 
@@ -612,9 +613,9 @@ def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
     return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else NUM_WARPS)
 
 
-def _segments(table: ChunkTable, cfg: dict) -> list[tuple[int, int]]:
+def _segments(table: ChunkTable, cfg: dict, bwd: bool) -> list[tuple[int, int]]:
     """The segments the scans run in alongside the per-chunk kernels (``segments``)."""
-    n = cfg["scan_segments"] or AUTO_SEGMENTS
+    n = (bwd and cfg["bwd_scan_segments"]) or cfg["scan_segments"] or AUTO_SEGMENTS
     return segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
 
 
@@ -644,12 +645,12 @@ def wkv7_forward(
     vf = _empty((nc, H, 3, L, N), torch.float32, dev)
     ti = _empty((nc, H, L, L), torch.float32, dev) if store else gl
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    sbv = _scan_block_v(table, H, N, cfg, dev)
+    sbv = _scan_block_v(table, H, N, cfg, dev, False)
     states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gl
     sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
     sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     y = _empty(r.shape, out_dtype, dev)
-    segs = _segments(table, cfg)
+    segs = _segments(table, cfg, False)
 
     def prep(j0: int, j1: int) -> None:
         n, sj0, slen, seg = _seg_grid(table, segs, j0, j1)
@@ -683,7 +684,7 @@ def wkv7_backward(
     _check_config(N, L, bv, prec)
     nv = N // bv
     dev = r.device
-    sbv = _scan_block_v(table, H, N, cfg, dev)
+    sbv = _scan_block_v(table, H, N, cfg, dev, True)
     dstates = _empty((nc, H, N, N), states.dtype, dev)
     ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     inputs = (r, log_w, k, a, b)
@@ -692,7 +693,7 @@ def wkv7_backward(
     else:
         parts = [_empty((nv, *r.shape), torch.float32, dev) for _ in inputs]
     dv = _empty(r.shape, v.dtype, dev)
-    segs = _segments(table, cfg)
+    segs = _segments(table, cfg, True)
 
     def scan(j0: int, j1: int) -> None:  # (segments last to first; after the first launch dS comes from ds0)
         last = j1 == segs[-1][1]
@@ -776,6 +777,8 @@ def wkv7_triton(
     scan_block_v: int | None = None,
     scan_num_warps: int | None = None,
     scan_segments: int | None = None,
+    bwd_scan_block_v: int | None = None,
+    bwd_scan_segments: int | None = None,
     precision: str | None = None,
     scan_precision: str | None = None,
     saved_dtype: torch.dtype | None = None,
@@ -792,9 +795,10 @@ def wkv7_triton(
     Tuning (None = automatic): ``chunk_size`` (16/32/64, 64 without gradients only; 16 when a
     gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
     forward's per-chunk kernel, the same for the backward's (``bwd_``) and for the two
-    sequential scans (``scan_``); ``scan_segments``, how many segments of consecutive chunks
-    the scans run in, each overlapping the per-chunk kernels of the next (``segments``; the
-    same numbers for every value); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
+    sequential scans (``scan_``, both scans; ``bwd_scan_block_v`` overrides it for the backward's);
+    ``scan_segments``, how many segments of consecutive chunks the scans run in, each
+    overlapping the per-chunk kernels of the next (``segments``; the same numbers for every
+    value; ``bwd_scan_segments`` overrides it for the backward's); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
     float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``saved_dtype``
     (torch.float32 or torch.bfloat16) of the per-chunk states and their gradients that the
     backward keeps (None: bfloat16 when ``precision`` is tf32 and ``r`` is bfloat16, which
@@ -824,8 +828,9 @@ def wkv7_triton(
         raise ValueError(f"wkv7_triton: saved_dtype must be torch.float32 or torch.bfloat16, got {saved_dtype}")
     _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
-    if scan_segments is not None and (not isinstance(scan_segments, int) or scan_segments < 1):
-        raise ValueError(f"wkv7_triton: scan_segments must be a positive int, got {scan_segments!r}")
+    for name, n in (("scan_segments", scan_segments), ("bwd_scan_segments", bwd_scan_segments)):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"wkv7_triton: {name} must be a positive int, got {n!r}")
     out_dtype = out_dtype or r.dtype
     if cu_seqlens is not None:  # (checks the offsets, also when there is nothing to compute)
         table = varlen_table(cu_seqlens, chunk_size, T, "wkv7_triton", r.device)
@@ -837,7 +842,7 @@ def wkv7_triton(
     cfg = dict(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
-        scan_segments=scan_segments,
+        scan_segments=scan_segments, bwd_scan_block_v=bwd_scan_block_v, bwd_scan_segments=bwd_scan_segments,
         precision=precision, scan_precision=scan_precision, saved_dtype=saved_dtype,
     )
     xs = [x.contiguous() for x in xs]
