@@ -151,11 +151,30 @@ def test_segmented_scans_match(seed):
                                    scan_block_v=16, bwd_block_v=16)
     x, cu = packed([33, 20], 1, 16)
     assert_segments_change_nothing(wkv7_triton, NAMES, x, 3, cu_seqlens=cu, chunk_size=16)
+    cfg = dict(scan_block_v=None, scan_segments=4, bwd_scan_block_v=None, bwd_scan_segments=None,
+               scan_precision="ieee")
     table = kernels.varlen_table(torch.tensor([0, 100, 110]), 16, 110)  # 7 and 1 chunks: too uneven
-    assert kernels._segments(table, {"scan_segments": 4}, False) == [(0, 7)]
-    assert kernels._segments(kernels.dense_table(2, 100, 16, torch.device("cpu")), {"scan_segments": 3}, False) == [
-        (0, 3), (3, 6), (6, 7)
-    ]
+    assert kernels._scan_plan(table, 1, 16, cfg, torch.device("cpu"), grad=True, bwd=False)[1] == [(0, 7)]
+    dense = kernels.dense_table(2, 100, 16, torch.device("cpu"))
+    cfg.update(bwd_scan_segments=3)
+    assert kernels._scan_plan(dense, 1, 64, cfg, torch.device("cpu"), grad=True, bwd=True) == (
+        32, [(0, 3), (3, 6), (6, 7)])
+
+
+def test_segments_where_measured_faster(monkeypatch):
+    """The automatic choice: segments for long sequences, with a gradient only where the
+    sequence-heads are too few to fill the GPU (the H200 measurements in ``_overlap_pays``)."""
+    monkeypatch.setattr(kernels, "_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+
+    def pays(B, T, H, L, grad):
+        nc = -(-T // L)
+        return kernels._overlap_pays(kernels.ChunkTable(None, None, None, B, B * nc, nc), H, cuda, grad)
+
+    assert pays(2, 16384, 32, 16, True) and pays(2, 16384, 32, 32, False)
+    assert not pays(8, 4096, 32, 16, True) and pays(8, 4096, 32, 32, False)
+    assert not pays(16, 1024, 12, 16, True) and not pays(16, 1024, 12, 32, False)
+    assert not kernels._overlap_pays(kernels.ChunkTable(None, None, None, 2, 2048, 1024), 32, torch.device("cpu"), True)
 
 
 def test_varlen_rejects_bad_offsets():

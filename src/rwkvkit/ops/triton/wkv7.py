@@ -96,7 +96,10 @@ DEFAULT_CHUNK_TRAIN = 16
 DEFAULT_CHUNK_INFER = 32
 MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needed 237,568 B of shared memory on an H100 (N = 64, Triton 3.6)
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
-AUTO_SEGMENTS = 1  # scan_segments=None: how many segments the scans run in (``segments``)
+# the scans in segments alongside the per-chunk kernels (``segments``; where, see _overlap_pays):
+OVERLAP_MIN_CHUNKS = 128  # only for sequences of this many chunks or more
+OVERLAP_SEGMENTS = 4  # (H200: 4 and 8 alike at 2, 16384, 32; 2 no better; 8 slower without a gradient)
+OVERLAP_BLOCK_V = 32  # the scans' value block then (64 left no room beside them, 16 was slower)
 NUM_WARPS = 4  # every chunked kernel's default (the sweeps: 4 warps beat 8 everywhere, 2026-11-28 included)
 
 
@@ -597,13 +600,34 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _scan_block_v(table: ChunkTable, H: int, N: int, cfg: dict, device, bwd: bool) -> int:
-    # (H100 sweeps, docs/results/sweep_wkv7_h100_2026-11-28_scans.txt: the scans are fastest
-    # with about 1.5-2 programs per SM: block 64 for 192 or 256 sequence-heads, 16 for 64 or 12)
+def _overlap_pays(table: ChunkTable, H: int, device: torch.device, grad: bool) -> bool:
+    """Whether the scans should run in segments alongside the per-chunk kernels (``segments``):
+    on CUDA, for long sequences (128 chunks or more), and with a gradient only where the
+    sequence-heads are too few for the scans to fill the GPU (H200, docs/results/
+    seg_*_h200_2026-11-28.json, fwd+bwd: 2, 16384, 32 7.28 -> 6.68 ms; 8, 4096, 32 6.07 -> 6.25,
+    slower, so not there; 16, 1024, 12 slower with any segments. Without a gradient (chunk 32):
+    8, 4096, 32 2.30 -> 2.04 ms, 2, 16384, 32 2.38 -> 2.05)."""
+    if device.type != "cuda" or table.max_chunks < OVERLAP_MIN_CHUNKS:
+        return False
+    seq_heads = table.n_seqs * H
+    return seq_heads < 1.4 * _sms(device) if grad else seq_heads <= 2 * _sms(device)
+
+
+def _scan_plan(table: ChunkTable, H: int, N: int, cfg: dict, device, *, grad: bool, bwd: bool):
+    """(value block, segments) of a scan: the forward's (bwd False) or the backward's. The
+    settings where given (the backward's own, else the common ones); else in segments where
+    ``_overlap_pays``, with value blocks of OVERLAP_BLOCK_V; else one segment and the widest
+    value block that still gives about 1.4 programs per SM (H100 sweeps, docs/results/
+    sweep_wkv7_h100_2026-11-28_scans.txt: block 64 for 192 or 256 sequence-heads, 16 for 64 or 12)."""
     bv = (bwd and cfg["bwd_scan_block_v"]) or cfg["scan_block_v"]
-    bv = bv or _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.4)
+    n = (bwd and cfg["bwd_scan_segments"]) or cfg["scan_segments"]
+    if n is None:
+        n = OVERLAP_SEGMENTS if _overlap_pays(table, H, device, grad) else 1
+    segs = segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
+    if bv is None:
+        bv = min(N, OVERLAP_BLOCK_V) if len(segs) > 1 else _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.4)
     _check_config(N, None, bv, cfg["scan_precision"])
-    return bv
+    return bv, segs
 
 
 def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
@@ -611,12 +635,6 @@ def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
     # block 16, as at 2, 16384, 32, two warps took the scans from 1.90 / 1.22 ms to 1.66 / 1.17; at
     # block 64 they doubled the forward scan, and without a gradient (chunk 32) they doubled it too)
     return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else NUM_WARPS)
-
-
-def _segments(table: ChunkTable, cfg: dict, bwd: bool) -> list[tuple[int, int]]:
-    """The segments the scans run in alongside the per-chunk kernels (``segments``)."""
-    n = (bwd and cfg["bwd_scan_segments"]) or cfg["scan_segments"] or AUTO_SEGMENTS
-    return segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
 
 
 def _seg_grid(table: ChunkTable, segs: list[tuple[int, int]], j0: int, j1: int) -> tuple[int, int, int, bool]:
@@ -645,12 +663,11 @@ def wkv7_forward(
     vf = _empty((nc, H, 3, L, N), torch.float32, dev)
     ti = _empty((nc, H, L, L), torch.float32, dev) if store else gl
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
-    sbv = _scan_block_v(table, H, N, cfg, dev, False)
+    sbv, segs = _scan_plan(table, H, N, cfg, dev, grad=store, bwd=False)
     states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gl
     sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
     sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     y = _empty(r.shape, out_dtype, dev)
-    segs = _segments(table, cfg, False)
 
     def prep(j0: int, j1: int) -> None:
         n, sj0, slen, seg = _seg_grid(table, segs, j0, j1)
@@ -684,7 +701,7 @@ def wkv7_backward(
     _check_config(N, L, bv, prec)
     nv = N // bv
     dev = r.device
-    sbv = _scan_block_v(table, H, N, cfg, dev, True)
+    sbv, segs = _scan_plan(table, H, N, cfg, dev, grad=True, bwd=True)
     dstates = _empty((nc, H, N, N), states.dtype, dev)
     ds0 = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     inputs = (r, log_w, k, a, b)
@@ -693,7 +710,6 @@ def wkv7_backward(
     else:
         parts = [_empty((nv, *r.shape), torch.float32, dev) for _ in inputs]
     dv = _empty(r.shape, v.dtype, dev)
-    segs = _segments(table, cfg, True)
 
     def scan(j0: int, j1: int) -> None:  # (segments last to first; after the first launch dS comes from ds0)
         last = j1 == segs[-1][1]
@@ -795,11 +811,13 @@ def wkv7_triton(
     Tuning (None = automatic): ``chunk_size`` (16/32/64, 64 without gradients only; 16 when a
     gradient is needed, else 32); ``block_v`` and ``num_warps`` of the
     forward's per-chunk kernel, the same for the backward's (``bwd_``) and for the two
-    sequential scans (``scan_``, both scans; ``bwd_scan_block_v`` overrides it for the backward's);
-    ``scan_segments``, how many segments of consecutive chunks the scans run in, each
-    overlapping the per-chunk kernels of the next (``segments``; the same numbers for every
-    value; ``bwd_scan_segments`` overrides it for the backward's); ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3"; None: ieee for
-    float32 inputs, else tf32) and ``scan_precision`` (None: as ``precision``); ``saved_dtype``
+    sequential scans (``scan_``: both scans; ``bwd_scan_block_v`` for the backward's alone);
+    ``scan_segments`` (``bwd_scan_segments`` for the backward's alone), how many segments of
+    consecutive chunks the scans run in, each overlapping the per-chunk kernels of the next
+    (``segments``; the same numbers for every value; None: 4 on CUDA for long sequences where
+    it measured faster, else 1); ``precision`` of the matmul inputs ("ieee", "tf32",
+    "tf32x3"; None: ieee for float32 inputs, else tf32) and ``scan_precision`` (None: as
+    ``precision``); ``saved_dtype``
     (torch.float32 or torch.bfloat16) of the per-chunk states and their gradients that the
     backward keeps (None: bfloat16 when ``precision`` is tf32 and ``r`` is bfloat16, which
     halves the backward's largest traffic; else float32).
