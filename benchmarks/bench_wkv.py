@@ -165,8 +165,8 @@ WKV7 = WkvOp(
     fla=wkv7_fla,
     settings=dict(chunk_size=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
                   scan_block_v=int, scan_num_warps=int, scan_segments=int, bwd_scan_block_v=int,
-                  bwd_scan_segments=int, precision=PRECISIONS,
-                  scan_precision=PRECISIONS, saved_dtype=("float32", "bfloat16")),
+                  bwd_scan_segments=int, precision=PRECISIONS, scan_precision=PRECISIONS,
+                  saved_dtype=("float32", "bfloat16")),
     sweep_configs=wkv7_sweep_configs,
 )
 
@@ -253,8 +253,7 @@ WKV6 = WkvOp(
     make_inputs=wkv6_inputs,
     fla=wkv6_fla,
     settings=dict(chunk_size=int, block_t=int, block_v=int, num_warps=int, bwd_block_v=int, bwd_num_warps=int,
-                  scan_block=int, scan_num_warps=int, scan_segments=int, precision=PRECISIONS,
-                  impl=("blocks", "chunks"),
+                  scan_block=int, scan_num_warps=int, precision=PRECISIONS, impl=("blocks", "chunks"),
                   bwd_impl=("blocks", "chunks"), block_k=int, bwd_block_k=int),
     sweep_configs=wkv6_sweep_configs,
     accuracy_decays=("realistic", "mixed"),

@@ -19,7 +19,6 @@ from triton_checks import (  # before the kernels: sets up the interpreter, or s
     DEVICE,
     INTERPRET,
     TOL,
-    assert_segments_change_nothing,
     compare_one_output_used,
     compare_with_chunked,
     compare_with_reference,
@@ -213,22 +212,6 @@ def test_memory_accesses_in_bounds(seed, monkeypatch):
     # packed sequences, an empty one first (the backward scan's prefetch before its first chunk)
     varlen_vs_reference([0, 37, 1, 20], 2, NS, chunk_size=16)
     varlen_vs_reference([0, 37, 1, 20], 1, NS, chunk_size=32, **BLOCKS)
-    # the scans in segments: their launches start and stop inside a sequence
-    run_and_compare(make_inputs(1, 37, 2, NS, decay="mixed"), dtype=torch.float32, **SMALL_CHUNK, scan_segments=2)
-    varlen_vs_reference([37, 30], 1, NS, chunk_size=16, scan_segments=3)
-    varlen_vs_reference([37, 30], 1, NS, chunk_size=16, scan_segments=3, **BLOCKS)
-
-
-def test_segmented_scans_match(seed):
-    """Scans in segments (each overlapping the chunk kernels of the next on CUDA): both impls,
-    uneven segments, a dense batch and packed sequences where one ends a chunk early (its
-    program in the last segment has no chunk), the same numbers as one launch."""
-    for impl in (CHUNKS, BLOCKS):
-        assert_segments_change_nothing(wkv6_triton, NAMES, make_inputs(2, 70, 1, NS, decay="mixed"), 2,
-                                       **SMALL_CHUNK, **impl)
-        x, cu = packed_inputs([37, 30], 2, NS)
-        assert_segments_change_nothing(wkv6_triton, NAMES, [t.cpu() for t in x], 3, cu_seqlens=cu, **SMALL_CHUNK,
-                                       **impl)
 
 
 def test_only_one_output_used(seed):

@@ -128,8 +128,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import segments
-from .chunk_table import ChunkTable, chunk_of, varlen_table
+from .chunk_table import ChunkTable, varlen_table
 from .recurrent import launch, state_block
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -150,7 +149,6 @@ CHUNKS_KEYS_BLOCK_K = 32
 CHUNKS_NUM_WARPS = 4
 SUB_ROWS = 16  # the whole-chunk kernels' levels inside aligned blocks of 16 rows run batched on [16, 16] tiles
 DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
-AUTO_SEGMENTS = 1  # scan_segments=None: how many segments the scans run in (``segments``)
 BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
 
 
@@ -314,23 +312,12 @@ def _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh
     return T_seq, tok0, lw_base, NC, st0
 
 
-@triton.jit
-def _program_chunk(pid, chunk_cu_ptr, seg_j0, seg_len, SEG: tl.constexpr, VARLEN: tl.constexpr):
-    """The chunk of a chunk kernel's program ``pid`` (dense: the chunk's place in its sequence;
-    VARLEN: its index in the table), and whether it exists. With SEG the launch covers one
-    segment of places, seg_j0 .. seg_j0 + seg_len - 1 (``segments``): dense, pid + seg_j0;
-    VARLEN, ``chunk_of``."""
-    if VARLEN:
-        return chunk_of(pid, chunk_cu_ptr, seg_j0, seg_len, SEG)
-    return pid + seg_j0, pid >= 0
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_chunks", "seg_j0", "seg_len"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_fwd_state_kernel(
     lw_ptr,  # log w, strides (lw_sb, lw_st, lw_sh, 1)
     k_ptr, v_ptr,  # [B, T, H, N]
@@ -338,14 +325,12 @@ def _wkv6_fwd_state_kernel(
     states_ptr,  # [B, H, NC, N, N] float32 out: the state entering each chunk
     sT_ptr,  # [B, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks, seg_j0, seg_len,
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_S0: tl.constexpr,
     PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Forward state scan over the chunks seg_j0 .. seg_j0 + seg_len - 1 of a sequence (a
-    segment; the next segment's launch takes sT_ptr as its s0_ptr), one [BV, BK] tile of one
-    head's state per program (VARLEN: B = the sequences, T their own lengths, the states
-    [1, H, chunks, N, N])."""
+    """Forward state scan over the chunks, one [BV, BK] tile of one head's state per program
+    (VARLEN: B = the sequences, T their own lengths, the states [1, H, chunks, N, N])."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
     i_k = tl.program_id(2)
@@ -363,14 +348,14 @@ def _wkv6_fwd_state_kernel(
         S = tl.zeros([BV, BK], dtype=tl.float32)
 
     # inputs of the next chunk loaded one iteration ahead (the loop is latency-bound)
-    t = seg_j0 * L + offs_t
+    t = offs_t
     tmask = (t < T)[:, None]
     row = tok0 + t.to(tl.int64)[:, None] * stride_t
     k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
     v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
     lwn_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, L)
-    lw0_n = _load_lw_row(lw_ptr, lw_base, seg_j0 * L, T, lw_st, offs_k)
-    for c in range(seg_j0, tl.minimum(seg_j0 + seg_len, NC)):
+    lw0_n = _load_lw_row(lw_ptr, lw_base, 0, T, lw_st, offs_k)
+    for c in range(NC):
         k = k_n.to(tl.float32)
         v = v_n.to(tl.float32)
         lwn = lwn_n
@@ -389,23 +374,21 @@ def _wkv6_fwd_state_kernel(
     tl.store(sT_ptr + i_bh * N * N + s_offs, S)
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_chunks", "seg_j0", "seg_len"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_fwd_out_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
     states_ptr,  # [B, H, NC, N, N] float32: the state entering each chunk
     y_ptr,  # [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks, seg_j0, seg_len,  # SEG: one segment (_program_chunk)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, LOG2BT: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr, SEG: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Forward output, every (chunk, batch*head, value block) in parallel. A program walks its
     chunk in blocks of BT rows, carrying the [BV, N] state in registers:
     Y = (r e^{P}) S^T + A V, then S <- S diag(e^{Lam}) + V^T (k e^{Q})."""
-    c, exists = _program_chunk(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG, VARLEN)
-    if not exists:
-        return
+    c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
     c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
@@ -439,19 +422,18 @@ def _wkv6_fwd_out_kernel(
         S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k), PREC)
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_chunks", "seg_j0", "seg_len"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_bwd_state_kernel(
     r_ptr, lw_ptr, dy_ptr,  # [B, T, H, N]; log w through its strides
     dsT_ptr,  # [B, H, N, N] float32 (unused unless HAS_DST)
     dstates_ptr,  # [B, H, NC, N, N] float32 out: the gradient of the state leaving each chunk
     ds0_ptr,  # [B, H, N, N] float32 out
     cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks, seg_j0, seg_len,
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_DST: tl.constexpr,
     PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Backward state scan over the chunks seg_j0 + seg_len - 1 .. seg_j0 in reverse (a
-    segment, as in the forward scan): dS <- dS diag(e^{Lam}) + dY^T (r e^{P}), with
+    """Backward state scan, chunks in reverse: dS <- dS diag(e^{Lam}) + dY^T (r e^{P}), with
     Lam = sum(lwp) + log w_{L-1} (VARLEN: as in the forward scan)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
@@ -470,8 +452,7 @@ def _wkv6_bwd_state_kernel(
         dS = tl.zeros([BV, BK], dtype=tl.float32)
 
     # inputs prefetched one chunk ahead (in reverse order), as in the forward scan
-    c_stop = tl.minimum(seg_j0 + seg_len, NC)
-    t = (c_stop - 1) * L + offs_t
+    t = (NC - 1) * L + offs_t
     if VARLEN:
         tmask = ((t >= 0) & (t < T))[:, None]  # an empty sequence: no chunk, nothing to load
     else:
@@ -480,9 +461,9 @@ def _wkv6_bwd_state_kernel(
     r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
     dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
     lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
-    lwl_n = _load_lw_row(lw_ptr, lw_base, c_stop * L - 1, T, lw_st, offs_k)
-    for cc in range(c_stop - seg_j0):
-        c = c_stop - 1 - cc
+    lwl_n = _load_lw_row(lw_ptr, lw_base, NC * L - 1, T, lw_st, offs_k)
+    for cc in range(NC):
+        c = NC - 1 - cc
         r = r_n.to(tl.float32)
         dY = dy_n.to(tl.float32)
         lwp = lwp_n
@@ -503,7 +484,7 @@ def _wkv6_bwd_state_kernel(
     tl.store(ds0_ptr + i_bh * N * N + s_offs, dS)
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_chunks", "part_stride", "seg_j0", "seg_len"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks", "part_stride"])  # one compile for every T and H
 def _wkv6_bwd_chunks_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
@@ -513,17 +494,15 @@ def _wkv6_bwd_chunks_kernel(
     du_ptr,  # [NV, NC, B*H, N] float32: partial sums over value blocks and chunks
     dv_ptr,  # [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks, part_stride, seg_j0, seg_len,  # SEG: one segment (_program_chunk)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks, part_stride,
     N: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, LOG2BT: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr, SEG: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Backward of every (chunk, batch*head, value block) in parallel, from the state entering
     the chunk and the gradient of the state leaving it. A program walks its chunk's blocks of BT
     rows in reverse, carrying dS in registers; the state entering a block is recomputed from
     the chunk's (a few cheap state steps: no per-block state in memory)."""
-    c, exists = _program_chunk(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG, VARLEN)
-    if not exists:
-        return
+    c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
     n_bh = tl.num_programs(1)
@@ -705,7 +684,7 @@ def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k):
     return tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_chunks", "seg_j0", "seg_len"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_chunk_out_kernel(
     a_ptr, lw_ptr, b_ptr,  # forward: r, log w, k; backward: k, log w, r   [B, T, H, N]
     x_ptr,  # forward: v; backward: dY   [B, T, H, N]
@@ -713,9 +692,9 @@ def _wkv6_chunk_out_kernel(
     s_ptr,  # [B, H, NC, N, N] float32: forward the state entering each chunk, backward dS leaving it
     out_ptr,  # forward: y; backward: dv   [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks, seg_j0, seg_len,  # SEG: one segment (_program_chunk)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
-    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, SEG: tl.constexpr,
+    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
@@ -725,9 +704,7 @@ def _wkv6_chunk_out_kernel(
     one aligned block of SUB = 2^LOG2S rows: they (and the bonus) are batched over those blocks
     ([L/SUB, SUB, SUB] tiles, A3), the levels above take [L, L] tiles (A)."""
     SUB: tl.constexpr = 1 << LOG2S
-    c, exists = _program_chunk(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG, VARLEN)
-    if not exists:
-        return
+    c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
     c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
@@ -776,7 +753,7 @@ def _wkv6_chunk_out_kernel(
     tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
-@triton.jit(do_not_specialize=["T", "H", "n_chunks", "seg_j0", "seg_len"])  # one compile for every T and H
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_bwd_keys_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
@@ -785,9 +762,9 @@ def _wkv6_bwd_keys_kernel(
     dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
     du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks, seg_j0, seg_len,  # SEG: one segment (_program_chunk)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr, SEG: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
     are separable in the key index), from the state entering the chunk and the gradient of the
@@ -795,9 +772,7 @@ def _wkv6_bwd_keys_kernel(
     exponents and the exclusive sums of their gradients as masked products (_mask_dot); the
     levels below LOG2S batched over the aligned blocks of SUB rows, as in _wkv6_chunk_out_kernel."""
     SUB: tl.constexpr = 1 << LOG2S
-    c, exists = _program_chunk(tl.program_id(0), chunk_cu_ptr, seg_j0, seg_len, SEG, VARLEN)
-    if not exists:
-        return
+    c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_k = tl.program_id(2)
     n_bh = tl.num_programs(1)
@@ -954,23 +929,6 @@ def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int
     return table.n_seqs, table.n_chunks, tabs, dict(n_chunks=table.n_chunks, VARLEN=True)
 
 
-def _segments(r: torch.Tensor, L: int, table: ChunkTable | None, n: int | None) -> list[tuple[int, int]]:
-    """The segments the scans run in alongside the chunk kernels (``segments``; None: automatic)."""
-    n = n or AUTO_SEGMENTS
-    if table is None:
-        nc = triton.cdiv(r.shape[1], L)
-        return segments.split(r.shape[0], r.shape[0] * nc, nc, n)
-    return segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
-
-
-def _seg_args(segs: list[tuple[int, int]], j0: int, j1: int, nc: int, n_seqs: int, varlen: bool) -> tuple:
-    """(programs along the chunks, seg_j0, seg_len, SEG) of a chunk kernel's launch over one
-    segment (``_program_chunk``); with one segment, every chunk (``nc`` of them)."""
-    if len(segs) == 1:
-        return nc, 0, 0, False
-    return (n_seqs if varlen else 1) * (j1 - j0), j0, j1 - j0, True
-
-
 def _log2_sub(L: int) -> int:
     """log2 of the row blocks the whole-chunk kernels batch their lower levels over (16, the
     smallest tensor-core tile, or the chunk if shorter)."""
@@ -987,7 +945,6 @@ def wkv6_forward(
     r, log_w, k, v, u, state, *, chunk_size: int, block_t: int, block_v: int | None, num_warps: int | None,
     scan_block: int | None, scan_num_warps: int | None, precision: str, out_dtype: torch.dtype,
     impl: str = DEFAULT_IMPL, block_k: int | None = None, table: ChunkTable | None = None,
-    scan_segments: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride; with
     a ``table``, packed sequences: B == 1, state [S, H, N, N]). Returns ``(y, final state,
@@ -1003,32 +960,23 @@ def wkv6_forward(
     y = _empty((B, T, H, N), out_dtype, r.device)
     sT = _empty((S, H, N, N), torch.float32, r.device)
     states = _empty((B, H, nc, N, N), torch.float32, r.device)
-    lws = _lw_strides(log_w)
-    segs = _segments(r, L, table, scan_segments)
-
-    def scan(j0: int, j1: int) -> None:  # (from the second segment on, the state comes from sT)
-        _wkv6_fwd_state_kernel[(S * H, N // sb, N // sb)](
-            log_w, k, v, state if j0 == 0 and state is not None else sT, states, sT, *tabs[:2], T, H, *lws,
-            vl["n_chunks"], j0, j1 - j0, N=N, L=L, BV=sb, BK=sb, HAS_S0=j0 > 0 or state is not None, PREC=precision,
-            num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), VARLEN=vl["VARLEN"],
+    _wkv6_fwd_state_kernel[(S * H, N // sb, N // sb)](
+        log_w, k, v, state if state is not None else sT, states, sT, *tabs[:2], T, H, *_lw_strides(log_w),
+        N=N, L=L, BV=sb, BK=sb, HAS_S0=state is not None, PREC=precision,
+        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
+    )
+    if impl == "chunks":
+        _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
+            r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
+            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
-
-    def out(j0: int, j1: int) -> None:
-        n, sj0, slen, seg = _seg_args(segs, j0, j1, nc, S, vl["VARLEN"])
-        if impl == "chunks":
-            _wkv6_chunk_out_kernel[(n, B * H, N // bv)](
-                r, log_w, k, v, u, states, y, *tabs, T, H, *lws, vl["n_chunks"], sj0, slen,
-                N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
-                num_warps=num_warps or CHUNKS_NUM_WARPS, VARLEN=vl["VARLEN"], SEG=seg,
-            )
-        else:
-            _wkv6_fwd_out_kernel[(n, B * H, N // bv)](
-                r, log_w, k, v, u, states, y, *tabs, T, H, *lws, vl["n_chunks"], sj0, slen,
-                N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
-                num_warps=num_warps or DEFAULT_NUM_WARPS, VARLEN=vl["VARLEN"], SEG=seg,
-            )
-
-    segments.pipeline(r.device, segs, scan, out, first_is_scan=True)
+    else:
+        _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
+            r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
+            N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
+            num_warps=num_warps or DEFAULT_NUM_WARPS, **vl,
+        )
     return y, sT, states
 
 
@@ -1036,7 +984,7 @@ def wkv6_backward(
     r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
     num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
     impl: str = DEFAULT_IMPL, block_k: int | None = None, out_block_k: int | None = None,
-    table: ChunkTable | None = None, scan_segments: int | None = None,
+    table: ChunkTable | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
     all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
@@ -1053,40 +1001,30 @@ def wkv6_backward(
     bk = out_block_k or min(N, CHUNKS_BLOCK_K)
     _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
     nv = N // bv
-    lws = _lw_strides(log_w)
-    ds0 = _empty((S, H, N, N), torch.float32, r.device)
-    dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-    dv = _empty((B, T, H, N), v.dtype, r.device)
-    segs = _segments(r, L, table, scan_segments)
-
-    def scan(j0: int, j1: int) -> None:  # (segments last to first; after the first launch dS comes from ds0)
-        last = j1 == segs[-1][1]
-        _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
-            r, log_w, dy, dsT if last and dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *lws,
-            vl["n_chunks"], j0, j1 - j0, N=N, L=L, BV=sb, BK=sb, HAS_DST=not last or dsT is not None,
-            PREC=precision, num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), VARLEN=vl["VARLEN"],
-        )
-
     if impl == "chunks":
         dr, dlw, dk = (_empty((B, T, H, N), x.dtype, r.device) for x in (r, log_w, k))
         du_part = _empty((nc, B * H, N), torch.float32, r.device)
-        kbk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
-        _check_config(N, L, block_t, precision, impl, block_k=kbk)
-
-        def chunks(j0: int, j1: int) -> None:
-            n, sj0, slen, seg = _seg_args(segs, j0, j1, nc, S, vl["VARLEN"])
-            _wkv6_chunk_out_kernel[(n, B * H, nv)](
-                k, log_w, r, dy, u, dstates, dv, *tabs, T, H, *lws, vl["n_chunks"], sj0, slen,
-                N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
-                num_warps=num_warps or CHUNKS_NUM_WARPS, VARLEN=vl["VARLEN"], SEG=seg,
-            )
-            _wkv6_bwd_keys_kernel[(n, B * H, N // kbk)](
-                r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws, vl["n_chunks"],
-                sj0, slen, N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=kbk, PREC=precision,
-                num_warps=num_warps or CHUNKS_NUM_WARPS, VARLEN=vl["VARLEN"], SEG=seg,
-            )
-
-        segments.pipeline(r.device, segs[::-1], scan, chunks, first_is_scan=True)
+        dv = _empty((B, T, H, N), v.dtype, r.device)
+        ds0 = _empty((S, H, N, N), torch.float32, r.device)
+        dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
+        _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
+            r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *_lw_strides(log_w),
+            N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
+            num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
+        )
+        lws = _lw_strides(log_w)
+        _wkv6_chunk_out_kernel[(nc, B * H, nv)](
+            k, log_w, r, dy, u, dstates, dv, *tabs, T, H, *lws,
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
+            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+        )
+        bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
+        _check_config(N, L, block_t, precision, impl, block_k=bk)
+        _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
+            r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision,
+            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+        )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
     inputs = (r, log_w, k)
     if nv == 1:
@@ -1094,16 +1032,19 @@ def wkv6_backward(
     else:
         parts = [_empty((nv, B, T, H, N), torch.float32, r.device) for _ in inputs]
     du_part = _empty((nv, nc, B * H, N), torch.float32, r.device)
-
-    def chunks(j0: int, j1: int) -> None:
-        n, sj0, slen, seg = _seg_args(segs, j0, j1, nc, S, vl["VARLEN"])
-        _wkv6_bwd_chunks_kernel[(n, B * H, nv)](
-            r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, *tabs, T, H, *lws,
-            vl["n_chunks"], B * T * H * N, sj0, slen, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv,
-            PREC=precision, num_warps=num_warps or DEFAULT_NUM_WARPS, VARLEN=vl["VARLEN"], SEG=seg,
-        )
-
-    segments.pipeline(r.device, segs[::-1], scan, chunks, first_is_scan=True)
+    dv = _empty((B, T, H, N), v.dtype, r.device)
+    ds0 = _empty((S, H, N, N), torch.float32, r.device)
+    dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
+    _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
+        r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *_lw_strides(log_w),
+        N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
+        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
+    )
+    _wkv6_bwd_chunks_kernel[(nc, B * H, nv)](
+        r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, *tabs, T, H, *_lw_strides(log_w),
+        vl["n_chunks"], B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv,
+        PREC=precision, num_warps=num_warps or DEFAULT_NUM_WARPS, VARLEN=vl["VARLEN"],
+    )
     dr, dlw, dk = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     du = du_part.view(nv * nc, B, H, N).sum((0, 1)).to(u.dtype)
     return dr, dlw, dk, dv, du, ds0
@@ -1173,7 +1114,6 @@ def wkv6_triton(
     bwd_num_warps: int | None = None,
     scan_block: int | None = None,
     scan_num_warps: int | None = None,
-    scan_segments: int | None = None,
     precision: str | None = None,
     out_dtype: torch.dtype | None = None,
     impl: str | None = None,
@@ -1198,10 +1138,8 @@ def wkv6_triton(
     ``block_t`` (16/32/64, at most ``chunk_size``: the rows a chunk kernel handles at once,
     64 = the whole chunk with nothing carried inside it; see the module docstring),
     ``block_v`` / ``num_warps`` of the forward output kernel, the same two of the backward
-    chunk kernel(s), ``scan_block`` (the [b, b] state tile of the two sequential scans), their
-    ``scan_num_warps`` and ``scan_segments`` (how many segments of consecutive chunks they run
-    in, each overlapping the chunk kernels of the next: ``segments``; the same numbers for every
-    value), and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
+    chunk kernel(s), ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
+    ``scan_num_warps``, and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
     None: ieee for float32 inputs, else tf32). The backward walks blocks of at most 32 rows.
     ``impl`` / ``bwd_impl`` (forward / backward chunk kernels): "blocks" walks a chunk in
     blocks of ``block_t`` rows; "chunks" takes a whole chunk (``chunk_size`` <= 64) at once with
@@ -1226,14 +1164,12 @@ def wkv6_triton(
     impl, bwd_impl = impl or auto_impl, bwd_impl or auto_impl
     for i in (impl, bwd_impl):  # (the backward's settings checked before a forward without it)
         _check_config(N, chunk_size, block_t, precision, i)
-    if scan_segments is not None and (not isinstance(scan_segments, int) or scan_segments < 1):
-        raise ValueError(f"wkv6_triton: scan_segments must be a positive int, got {scan_segments!r}")
     if T == 0:  # (a new tensor, never the caller's state)
         s = torch.zeros(S, H, N, N, dtype=torch.float32, device=r.device) if state is None else state.float()
         return r.new_zeros(B, 0, H, N, dtype=out_dtype), (s.clone() if s is state else s)
     common = dict(
         chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
-        precision=precision, table=table, scan_segments=scan_segments,
+        precision=precision, table=table,
     )
     fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl, block_k=block_k)
     bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl, block_k=bwd_block_k,
