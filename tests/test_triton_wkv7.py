@@ -157,24 +157,33 @@ def test_segmented_scans_match(seed):
     assert kernels._scan_plan(table, 1, 16, cfg, torch.device("cpu"), grad=True, bwd=False)[1] == [(0, 7)]
     dense = kernels.dense_table(2, 100, 16, torch.device("cpu"))
     cfg.update(bwd_scan_segments=3)
-    assert kernels._scan_plan(dense, 1, 64, cfg, torch.device("cpu"), grad=True, bwd=True) == (
-        32, [(0, 3), (3, 6), (6, 7)])
+    assert kernels._scan_plan(dense, 1, 64, cfg, torch.device("cpu"), grad=True, bwd=True)[1] == [
+        (0, 3), (3, 6), (6, 7)]
 
 
-def test_segments_where_measured_faster(monkeypatch):
-    """The automatic choice: segments for long sequences, with a gradient only where the
-    sequence-heads are too few to fill the GPU (the H200 measurements in ``_overlap_pays``)."""
+def test_scan_settings_where_measured_faster(monkeypatch):
+    """The automatic scan settings (the H200 measurements in ``_overlap_pays`` and ``_scan_plan``):
+    segments for long sequences with enough work, with a gradient only where the sequence-heads
+    are too few to fill the GPU; the value block from the sequence-heads."""
     monkeypatch.setattr(kernels, "_sms", lambda device: 132)
     cuda = torch.device("cuda")
+    cfg = dict(scan_block_v=None, scan_segments=None, bwd_scan_block_v=None, bwd_scan_segments=None,
+               scan_precision="tf32")
 
-    def pays(B, T, H, L, grad):
+    def plan(B, T, H, grad):
+        L = 16 if grad else 32
         nc = -(-T // L)
-        return kernels._overlap_pays(kernels.ChunkTable(None, None, None, B, B * nc, nc), H, cuda, grad)
+        table = kernels.ChunkTable(None, None, None, B, B * nc, nc)
+        bv, segs = kernels._scan_plan(table, H, 64, cfg, cuda, grad=grad, bwd=False)
+        return bv, len(segs)
 
-    assert pays(2, 16384, 32, 16, True) and pays(2, 16384, 32, 32, False)
-    assert not pays(8, 4096, 32, 16, True) and pays(8, 4096, 32, 32, False)
-    assert not pays(16, 1024, 12, 16, True) and not pays(16, 1024, 12, 32, False)
-    assert not kernels._overlap_pays(kernels.ChunkTable(None, None, None, 2, 2048, 1024), 32, torch.device("cpu"), True)
+    assert plan(2, 16384, 32, True) == (32, 4) and plan(2, 16384, 32, False) == (32, 4)
+    assert plan(1, 16384, 12, True) == (16, 4) and plan(1, 16384, 12, False) == (16, 1)
+    assert plan(8, 4096, 32, True) == (64, 1) and plan(8, 4096, 32, False) == (32, 1)
+    assert plan(4, 4096, 12, True) == (32, 1) and plan(4, 4096, 12, False) == (32, 1)
+    assert plan(8, 16384, 32, True) == (64, 1) and plan(8, 16384, 32, False) == (32, 4)
+    table = kernels.ChunkTable(None, None, None, 2, 2048, 1024)
+    assert not kernels._overlap_pays(table, 32, torch.device("cpu"), True)
 
 
 def test_varlen_rejects_bad_offsets():

@@ -97,9 +97,9 @@ DEFAULT_CHUNK_INFER = 32
 MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needed 237,568 B of shared memory on an H100 (N = 64, Triton 3.6)
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 # the scans in segments alongside the per-chunk kernels (``segments``; where, see _overlap_pays):
-OVERLAP_MIN_CHUNKS = 128  # only for sequences of this many chunks or more
-OVERLAP_SEGMENTS = 4  # (H200: 4 and 8 alike at 2, 16384, 32; 2 no better; 8 slower without a gradient)
-OVERLAP_BLOCK_V = 32  # the scans' value block then (64 left no room beside them, 16 was slower)
+OVERLAP_MIN_CHUNKS = 512  # sequences of this many chunks or more
+OVERLAP_MIN_CHUNK_HEADS = 12288  # and this many (chunk, head) pairs in all
+OVERLAP_SEGMENTS = 4  # (H200: 4 and 8 alike at 2, 16384, 32; 2 no better; 8 slower elsewhere)
 NUM_WARPS = 4  # every chunked kernel's default (the sweeps: 4 warps beat 8 everywhere, 2026-11-28 included)
 
 
@@ -602,30 +602,35 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
 
 def _overlap_pays(table: ChunkTable, H: int, device: torch.device, grad: bool) -> bool:
     """Whether the scans should run in segments alongside the per-chunk kernels (``segments``):
-    on CUDA, for long sequences (128 chunks or more), and with a gradient only where the
-    sequence-heads are too few for the scans to fill the GPU (H200, docs/results/
-    seg_*_h200_2026-11-28.json, fwd+bwd: 2, 16384, 32 7.28 -> 6.68 ms; 8, 4096, 32 6.07 -> 6.25,
-    slower, so not there; 16, 1024, 12 slower with any segments. Without a gradient (chunk 32):
-    8, 4096, 32 2.30 -> 2.04 ms, 2, 16384, 32 2.38 -> 2.05)."""
+    on CUDA, for long sequences (512 chunks or more, and 12288 chunk-heads in all: each segment
+    costs launches on the host, ~50 us, that short work cannot hide), and with a gradient only
+    where the sequence-heads are too few for the scans to fill the GPU. H200, forward+backward
+    (docs/results/seg_*_h200_2026-11-28.json, seg_rule_h200_2026-11-28.json): 2, 16384, 32 7.26
+    -> 6.62 ms, 1, 16384, 12 2.94 -> 2.74; slower at 4, 4096, 12 (1.56 -> 2.40: 256 chunks) and
+    8, 4096, 32 (6.07 -> 6.25); without a gradient (chunk 32) 2, 16384, 32 2.39 -> 2.05, but
+    1, 16384, 12 (6144 chunk-heads) 0.91 -> 1.00."""
     if device.type != "cuda" or table.max_chunks < OVERLAP_MIN_CHUNKS:
         return False
-    seq_heads = table.n_seqs * H
-    return seq_heads < 1.4 * _sms(device) if grad else seq_heads <= 2 * _sms(device)
+    if table.n_chunks * H < OVERLAP_MIN_CHUNK_HEADS:
+        return False
+    return not grad or table.n_seqs * H < 1.4 * _sms(device)
 
 
 def _scan_plan(table: ChunkTable, H: int, N: int, cfg: dict, device, *, grad: bool, bwd: bool):
     """(value block, segments) of a scan: the forward's (bwd False) or the backward's. The
     settings where given (the backward's own, else the common ones); else in segments where
-    ``_overlap_pays``, with value blocks of OVERLAP_BLOCK_V; else one segment and the widest
-    value block that still gives about 1.4 programs per SM (H100 sweeps, docs/results/
-    sweep_wkv7_h100_2026-11-28_scans.txt: block 64 for 192 or 256 sequence-heads, 16 for 64 or 12)."""
+    ``_overlap_pays``, and the widest value block (at most 64 with a gradient, 32 without)
+    that still gives about 0.7 programs per SM. (H200, docs/results/seg_rule_h200_2026-11-28.json,
+    forward+backward / forward alone: at 256 sequence-heads block 64 6.05 ms against 32 6.43,
+    but without a gradient 32 2.02 against 64 2.29; at 48 or 64 block 32 beat 16 (1.50 / 0.47 ms
+    against 1.56 / 0.53 at 4, 4096, 12); at 12, 16 beat 32.)"""
     bv = (bwd and cfg["bwd_scan_block_v"]) or cfg["scan_block_v"]
     n = (bwd and cfg["bwd_scan_segments"]) or cfg["scan_segments"]
     if n is None:
         n = OVERLAP_SEGMENTS if _overlap_pays(table, H, device, grad) else 1
     segs = segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
     if bv is None:
-        bv = min(N, OVERLAP_BLOCK_V) if len(segs) > 1 else _auto_block_v(table.n_seqs * H, N, 0, device, min_waves=1.4)
+        bv = min(_auto_block_v(table.n_seqs * H, N, 0, device, min_waves=0.7), 64 if grad else 32)
     _check_config(N, None, bv, cfg["scan_precision"])
     return bv, segs
 
