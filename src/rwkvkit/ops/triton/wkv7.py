@@ -58,7 +58,11 @@ Kernels (every one works on a table of chunks, so packed variable-length batches
               the state leaving every chunk and of the initial state) -> _bwd_chunks (per
               chunk: every input gradient, from the stored states, SA and inverse)
 and _recurrent, the step-by-step form for decoding (small T, no gradient), which may update
-the state in place. The scans keep the diagonal part exact (S * gL) and take their products in
+the state in place. On long sequences the scans run in segments of consecutive chunks, each
+beside the per-chunk kernels of the next segment on a second stream (``segments``;
+``_overlap_pays`` says where that measured faster): the per-chunk kernels then take the
+(sequence, place) pairs of one segment (SEG, ``chunk_of``) and the scans a range of places,
+carrying the state from one launch to the next through the final-state buffer. The scans keep the diagonal part exact (S * gL) and take their products in
 their own precision. What the backward reads, per token and head: the state entering its chunk
 and its gradient (N^2 / L each) in the saved dtype (bfloat16 by default with tf32 matmuls on
 bfloat16 inputs: half the backward's largest traffic for 1-6 % more gradient error on an H200
