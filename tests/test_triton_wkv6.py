@@ -24,6 +24,7 @@ from triton_checks import (  # before the kernels: sets up the interpreter, or s
     compare_with_reference,
     gpu_only,
     poison_buffers,
+    watch_memory_accesses,
 )
 
 from conftest import rel_err
@@ -168,42 +169,7 @@ def test_memory_accesses_in_bounds(seed, monkeypatch):
     arguments (on the GPU an access outside them is an illegal address or silent garbage). The
     scans prefetch one chunk past either end of the sequence; T = 37 also leaves a partial
     chunk and a partial block; log_w as a stride-0 view; packed sequences (cu_seqlens)."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    ranges = []
-    real_init, real = interpreter.GridExecutor._init_args_hst, interpreter._interpreter
-
-    def init_args(self, args_dev, kwargs):
-        args_hst, kwargs_hst = real_init(self, args_dev, kwargs)
-        ranges.clear()
-        for a in list(args_hst) + list(kwargs_hst.values()):
-            if isinstance(a, torch.Tensor):
-                st = a.untyped_storage()
-                ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
-        return args_hst, kwargs_hst
-
-    def check(ptrs, mask, itemsize):
-        p = np.broadcast_to(ptrs, np.shape(mask))[np.asarray(mask, dtype=bool)].astype(np.int64)
-        ok = np.zeros(p.shape, dtype=bool)
-        for lo, hi in ranges:
-            ok |= (p >= lo) & (p + itemsize <= hi)
-        assert ok.all(), f"{int((~ok).sum())} accesses outside the kernel's tensors, seed {seed}"
-
-    class Checked:
-        def load(self, ptrs, mask, other, dtype):
-            check(ptrs, mask, np.dtype(dtype).itemsize)
-            return real.load(ptrs, mask, other, dtype)
-
-        def store(self, ptrs, value, mask):
-            check(ptrs, mask, value.dtype.itemsize)
-            return real.store(ptrs, value, mask)
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", init_args)
-    monkeypatch.setattr(interpreter, "_interpreter", Checked())
+    watch_memory_accesses(monkeypatch, seed)
     run_and_compare(make_inputs(1, 37, 2, NS, decay="mixed"), dtype=torch.float32, **SMALL_CHUNK)
     run_and_compare(make_inputs(1, 37, 1, NVB), dtype=torch.bfloat16, logw_dtype=torch.float32, **VB)
     r, lw, k, v, u, s0 = make_inputs(2, 37, 2, NS)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
     DEVICE,
+    INTERPRET,
     assert_decoding_unchanged_by,
     assert_segments_change_nothing,
     compare_one_output_used,
@@ -21,6 +22,7 @@ from triton_checks import (  # before the kernels: sets up the interpreter, or s
     compare_with_reference,
     gpu_only,
     poison_buffers,
+    watch_memory_accesses,
 )
 
 from conftest import rel_err
@@ -151,6 +153,8 @@ def test_segmented_scans_match(seed):
                                    scan_block_v=16, bwd_block_v=16)
     x, cu = packed([33, 20], 1, 16)
     assert_segments_change_nothing(wkv7_triton, NAMES, x, 3, cu_seqlens=cu, chunk_size=16)
+    x, cu = packed([48, 48, 48, 48, 0], 1, 16)  # even enough to segment, an empty sequence last
+    assert_segments_change_nothing(wkv7_triton, NAMES, x, 2, cu_seqlens=cu, chunk_size=16)
     cfg = dict(scan_block_v=None, scan_segments=4, bwd_scan_block_v=None, bwd_scan_segments=None,
                scan_precision="ieee")
     table = kernels.varlen_table(torch.tensor([0, 100, 110]), 16, 110)  # 7 and 1 chunks: too uneven
@@ -161,10 +165,23 @@ def test_segmented_scans_match(seed):
         (0, 3), (3, 6), (6, 7)]
 
 
-def test_scan_settings_where_measured_faster(monkeypatch):
-    """The automatic scan settings (the H200 measurements in ``_overlap_pays`` and ``_scan_plan``):
-    segments for long sequences with enough work, with a gradient only where the sequence-heads
-    are too few to fill the GPU; the value block from the sequence-heads."""
+@pytest.mark.skipif(not INTERPRET, reason="watches the interpreter's memory accesses")
+def test_memory_accesses_in_bounds(seed, monkeypatch):
+    """Every masked-in load and store stays inside the launch's tensors: the scans prefetch
+    one chunk ahead, clamped into the sequence, also where a segment starts or ends inside a
+    sequence, past a short sequence's end, or at an empty last sequence."""
+    watch_memory_accesses(monkeypatch, seed)
+    run_and_compare(make_inputs(1, 37, 2, 16), dtype=torch.float32, chunk_size=16)
+    x, cu = packed([48, 48, 48, 40, 0], 1, 16)
+    assert_segments_change_nothing(wkv7_triton, NAMES, x, 2, cu_seqlens=cu, chunk_size=16)
+    x, cu = packed([48, 48, 48, 48, 0], 1, 16)
+    assert_segments_change_nothing(wkv7_triton, NAMES, x, 3, cu_seqlens=cu, chunk_size=16)
+
+
+def test_automatic_scan_settings(monkeypatch):
+    """The automatic scan settings (from the H200 measurements in ``_overlap_pays`` and
+    ``_scan_plan``; 8, 16384, 32 was not measured): segments for long sequences with enough work
+    where the sequence-heads are too few to fill the GPU; the value block from the sequence-heads."""
     monkeypatch.setattr(kernels, "_sms", lambda device: 132)
     cuda = torch.device("cuda")
     cfg = dict(scan_block_v=None, scan_segments=None, bwd_scan_block_v=None, bwd_scan_segments=None,
@@ -178,12 +195,14 @@ def test_scan_settings_where_measured_faster(monkeypatch):
         return bv, len(segs)
 
     assert plan(2, 16384, 32, True) == (32, 4) and plan(2, 16384, 32, False) == (32, 4)
-    assert plan(1, 16384, 12, True) == (16, 4) and plan(1, 16384, 12, False) == (16, 1)
+    assert plan(1, 16384, 12, True) == (16, 4) and plan(1, 16384, 12, False) == (16, 4)
+    assert plan(1, 8192, 12, False) == (16, 1)  # (256 chunks)
     assert plan(8, 4096, 32, True) == (64, 1) and plan(8, 4096, 32, False) == (32, 1)
     assert plan(4, 4096, 12, True) == (32, 1) and plan(4, 4096, 12, False) == (32, 1)
-    assert plan(8, 16384, 32, True) == (64, 1) and plan(8, 16384, 32, False) == (32, 4)
+    assert plan(8, 16384, 32, True) == (64, 1) and plan(8, 16384, 32, False) == (32, 1)
+    assert plan(1, 32768, 4, True) == (16, 4) and plan(1, 16384, 4, True) == (16, 1)  # (4096 chunk-heads)
     table = kernels.ChunkTable(None, None, None, 2, 2048, 1024)
-    assert not kernels._overlap_pays(table, 32, torch.device("cpu"), True)
+    assert not kernels._overlap_pays(table, 32, torch.device("cpu"))
 
 
 def test_varlen_rejects_bad_offsets():
@@ -289,6 +308,11 @@ def test_rejects_bad_arguments():
         wkv7_triton(*[t.clone().requires_grad_() for t in x], chunk_size=64)
     with pytest.raises(ValueError, match="saved_dtype"):
         wkv7_triton(*x, saved_dtype=torch.float16)
+    with pytest.raises(ValueError, match="bwd_scan_block_v"):  # (a backward-only setting, checked up front)
+        wkv7_triton(*x, bwd_scan_block_v=8)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="scan_segments"):
+            wkv7_triton(*x, scan_segments=bad)
 
 
 def test_saved_dtype(seed):

@@ -114,6 +114,48 @@ def assert_segments_change_nothing(kernel, names, x, n_segments, *, cu_seqlens=N
         assert torch.equal(a, b), f"{name} differs with {n_segments} segments ({kw})"
 
 
+def watch_memory_accesses(monkeypatch, seed) -> None:
+    """Under the interpreter, from now until the test ends: every load and store that a mask
+    lets through must stay inside one of the launch's tensor arguments (on the GPU an access
+    outside them is an illegal address or silent garbage); otherwise an AssertionError."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    ranges = []
+    real_init, real = interpreter.GridExecutor._init_args_hst, interpreter._interpreter
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = real_init(self, args_dev, kwargs)
+        ranges.clear()
+        for a in list(args_hst) + list(kwargs_hst.values()):
+            if isinstance(a, torch.Tensor):
+                st = a.untyped_storage()
+                ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
+        return args_hst, kwargs_hst
+
+    def check(ptrs, mask, itemsize):
+        p = np.broadcast_to(ptrs, np.shape(mask))[np.asarray(mask, dtype=bool)].astype(np.int64)
+        ok = np.zeros(p.shape, dtype=bool)
+        for lo, hi in ranges:
+            ok |= (p >= lo) & (p + itemsize <= hi)
+        assert ok.all(), f"{int((~ok).sum())} accesses outside the kernel's tensors, seed {seed}"
+
+    class Checked:
+        def load(self, ptrs, mask, other, dtype):
+            check(ptrs, mask, np.dtype(dtype).itemsize)
+            return real.load(ptrs, mask, other, dtype)
+
+        def store(self, ptrs, value, mask):
+            check(ptrs, mask, value.dtype.itemsize)
+            return real.store(ptrs, value, mask)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", init_args)
+    monkeypatch.setattr(interpreter, "_interpreter", Checked())
+
+
 def assert_decoding_unchanged_by(monkeypatch, env: str, arch: str, n_layer: int) -> None:
     """A small float32 ``arch`` model decoding 6 tokens (model.step_, batch 2) gives the same
     logits and final WKV state with the environment switch ``env`` at "0" and at "1"."""

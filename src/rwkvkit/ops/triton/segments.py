@@ -8,27 +8,33 @@ after the other, the scan leaves most of the GPU idle. Cut every sequence into s
 consecutive chunks: the scan over segment s needs only the per-chunk work of segment s (and
 the state the scan over segment s - 1 left), so the two kinds can run at once on two streams,
 the scan on a high-priority one so that its programs are placed first as the others retire.
-The scans' state carries from one segment's launch to the next through its final-state
-buffer; the numbers are those of the one-launch form, bit for bit.
+The scans' state carries from one segment's launch to the next through their output buffer
+(the final state, or the initial state's gradient); the numbers are those of the one-launch
+form, bit for bit. The side stream is one per device and thread (a graph captured in one thread
+never takes another thread's launches).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 import triton
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_LOCAL = threading.local()
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The high-priority stream the scans run on (one per device, made once)."""
+    """The high-priority stream the scans run on (one per device and thread, made once)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
+    streams = getattr(_LOCAL, "streams", None)
+    if streams is None:
+        streams = _LOCAL.streams = {}
+    stream = streams.get(index)
     if stream is None:
         # (a priority below the device's range maps to its highest)
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device, priority=-100)
+        stream = streams[index] = torch.cuda.Stream(device, priority=-100)
     return stream
 
 
@@ -73,12 +79,14 @@ def pipeline(
     side = side_stream(device)
     side.wait_stream(main)  # (the inputs are written on the current stream)
     s1, s2 = (side, main) if first_is_scan else (main, side)
-    for seg in segs:
-        with torch.cuda.stream(s1):
-            first(*seg)
-        done = torch.cuda.Event()
-        done.record(s1)
-        s2.wait_event(done)
-        with torch.cuda.stream(s2):
-            second(*seg)
-    main.wait_stream(side)
+    try:
+        for seg in segs:
+            with torch.cuda.stream(s1):
+                first(*seg)
+            done = torch.cuda.Event()
+            done.record(s1)
+            s2.wait_event(done)
+            with torch.cuda.stream(s2):
+                second(*seg)
+    finally:  # (also when a launch raises: nothing on the side stream outlives the call unordered)
+        main.wait_stream(side)

@@ -62,12 +62,14 @@ the state in place. On long sequences the scans run in segments of consecutive c
 beside the per-chunk kernels of the next segment on a second stream (``segments``;
 ``_overlap_pays`` says where that measured faster): the per-chunk kernels then take the
 (sequence, place) pairs of one segment (SEG, ``chunk_of``) and the scans a range of places,
-carrying the state from one launch to the next through the final-state buffer. The scans keep the diagonal part exact (S * gL) and take their products in
-their own precision. What the backward reads, per token and head: the state entering its chunk
+carrying the state from one launch to the next through their output buffer (the final state;
+backward, the initial state's gradient). The scans keep the diagonal part exact (S * gL) and
+take their products in their own precision. What the backward reads, per token and head: the state entering its chunk
 and its gradient (N^2 / L each) in the saved dtype (bfloat16 by default with tf32 matmuls on
 bfloat16 inputs: half the backward's largest traffic for 1-6 % more gradient error on an H200
 against the float32 chunked form; else float32: fp16 inputs carry more mantissa bits than
-bfloat16, and an H200 probe measured 22-33 % more error there), and in float32 SA, W, be, Q (N each), the inverse (L) and gL (N / L); SA in bfloat16
+bfloat16, and an H200 probe measured 22-33 % more error there), and in float32 SA, W, be, Q
+(N each), the inverse (L) and gL (N / L); SA in bfloat16
 doubled db's error. Without a
 gradient prep's factors are scratch for the forward scan and nothing else is written but y and
 the final state. Key-side input gradients summed over value blocks go through a float32
@@ -102,7 +104,7 @@ MAX_CHUNK_TRAIN = 32  # chunk 64's backward kernel needed 237,568 B of shared me
 RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by step
 # the scans in segments alongside the per-chunk kernels (``segments``; where, see _overlap_pays):
 OVERLAP_MIN_CHUNKS = 512  # sequences of this many chunks or more
-OVERLAP_MIN_CHUNK_HEADS = 12288  # and this many (chunk, head) pairs in all
+OVERLAP_MIN_CHUNK_HEADS = 6144  # and this many (chunk, head) pairs in all
 OVERLAP_SEGMENTS = 4  # (H200: 4 and 8 alike at 2, 16384, 32; 2 no better; 8 slower elsewhere)
 NUM_WARPS = 4  # every chunked kernel's default (the sweeps: 4 warps beat 8 everywhere, 2026-11-28 included)
 
@@ -283,13 +285,14 @@ def _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base, pv, tmask, offs_t, offs_k, L:
 
 @triton.jit(do_not_specialize=["H", "n_chunks", "j_begin", "j_end"])
 def _fwd_scan_kernel(
-    s0_ptr,  # [seqs, H, N, N] float32 (unused unless HAS_S0)
+    s0_ptr,  # [seqs, H, N, N] float32 (unless HAS_S0 unused): the initial state, or after the first
+    # segment the state so far (sT_ptr, read before this program overwrites it)
     gl_ptr, kf_ptr, vf_ptr,  # prep's outputs
     v_ptr,  # [tokens, H, N]
     y_ptr,  # [tokens, H, N] out
     states_ptr,  # [chunks, H, N, N] out (if STORE; float32 or bfloat16): the state entering each chunk
     sa_ptr,  # [chunks, H, L, N] float32 out (if STORE): SA = W S0^T + U, every chunk
-    sT_ptr,  # [seqs, H, N, N] float32 out
+    sT_ptr,  # [seqs, H, N, N] float32 out: the state leaving the segment
     cu_ptr, chunk_cu_ptr,
     H, n_chunks, j_begin, j_end,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr,
@@ -332,11 +335,12 @@ def _fwd_scan_kernel(
 
 @triton.jit(do_not_specialize=["H", "n_chunks", "j_begin", "j_end"])
 def _bwd_scan_kernel(
-    ds_ptr,  # [seqs, H, N, N] float32: the final state's gradient (unused unless HAS_S0)
+    ds_ptr,  # [seqs, H, N, N] float32 (unless HAS_S0 unused): the final state's gradient, or after the
+    # first segment the gradient so far (ds0_ptr, read before this program overwrites it)
     gl_ptr, kf_ptr,  # prep's outputs
     dy_ptr,  # [tokens, H, N]
     dstates_ptr,  # [chunks, H, N, N] out (as the states): the gradient of the state leaving each chunk
-    ds0_ptr,  # [seqs, H, N, N] float32 out
+    ds0_ptr,  # [seqs, H, N, N] float32 out: the gradient of the state entering the segment
     cu_ptr, chunk_cu_ptr,
     H, n_chunks, j_begin, j_end,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
@@ -594,30 +598,31 @@ def _auto_block_v(
     return bv
 
 
-def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str) -> None:
-    """Tuning arguments (the head size is checked with the inputs; None: not checked)."""
+def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision: str,
+                  block_name: str = "block_v") -> None:
+    """Tuning arguments (the head size is checked with the inputs; None: not checked; the error
+    names the value block ``block_name``)."""
     if chunk_size is not None and chunk_size not in SUPPORTED_CHUNKS:
         raise ValueError(f"wkv7_triton: chunk_size must be one of {SUPPORTED_CHUNKS}, got {chunk_size}")
     if block_v is not None and (block_v < 16 or block_v > N or N % block_v):
-        raise ValueError(f"wkv7_triton: block_v must divide the head size {N} and be >= 16, got {block_v}")
+        raise ValueError(f"wkv7_triton: {block_name} must divide the head size {N} and be >= 16, got {block_v}")
     if precision not in PRECISIONS:
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _overlap_pays(table: ChunkTable, H: int, device: torch.device, grad: bool) -> bool:
+def _overlap_pays(table: ChunkTable, H: int, device: torch.device) -> bool:
     """Whether the scans should run in segments alongside the per-chunk kernels (``segments``):
-    on CUDA, for long sequences (512 chunks or more, and 12288 chunk-heads in all: each segment
-    costs launches on the host, ~50 us, that short work cannot hide), and with a gradient only
-    where the sequence-heads are too few for the scans to fill the GPU. H200, forward+backward
-    (docs/results/seg_*_h200_2026-11-28.json, seg_rule_h200_2026-11-28.json): 2, 16384, 32 7.26
-    -> 6.62 ms, 1, 16384, 12 2.94 -> 2.74; slower at 4, 4096, 12 (1.56 -> 2.40: 256 chunks) and
-    8, 4096, 32 (6.07 -> 6.25); without a gradient (chunk 32) 2, 16384, 32 2.39 -> 2.05, but
-    1, 16384, 12 (6144 chunk-heads) 0.91 -> 1.00."""
+    on CUDA, for long sequences (512 chunks or more, and 6144 chunk-heads in all: each segment
+    costs host launches, ~50 us, that short work does not hide), where the sequence-heads are
+    too few for the scans to fill the GPU (fewer than 1.4 per SM). H200 (docs/results/
+    seg_*_h200_2026-11-28.json, seg_rule_h200_2026-11-28.json), one segment against four at the
+    same scan block, forward+backward / forward alone (chunk 32): 2, 16384, 32 7.08 -> 6.62 /
+    2.15 -> 2.05 ms (block 32); 1, 16384, 12 2.94 -> 2.74 / 0.91 -> 0.87 (block 16); slower at
+    4, 4096, 12 (1.50 -> 2.40, block 32: 256 chunks) and at 256 sequence-heads (8, 4096, 32:
+    6.05 -> 6.14 at block 64, forward alone 2.02 -> 2.06 at block 32)."""
     if device.type != "cuda" or table.max_chunks < OVERLAP_MIN_CHUNKS:
         return False
-    if table.n_chunks * H < OVERLAP_MIN_CHUNK_HEADS:
-        return False
-    return not grad or table.n_seqs * H < 1.4 * _sms(device)
+    return table.n_chunks * H >= OVERLAP_MIN_CHUNK_HEADS and table.n_seqs * H < 1.4 * _sms(device)
 
 
 def _scan_plan(table: ChunkTable, H: int, N: int, cfg: dict, device, *, grad: bool, bwd: bool):
@@ -631,7 +636,7 @@ def _scan_plan(table: ChunkTable, H: int, N: int, cfg: dict, device, *, grad: bo
     bv = (bwd and cfg["bwd_scan_block_v"]) or cfg["scan_block_v"]
     n = (bwd and cfg["bwd_scan_segments"]) or cfg["scan_segments"]
     if n is None:
-        n = OVERLAP_SEGMENTS if _overlap_pays(table, H, device, grad) else 1
+        n = OVERLAP_SEGMENTS if _overlap_pays(table, H, device) else 1
     segs = segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
     if bv is None:
         bv = min(_auto_block_v(table.n_seqs * H, N, 0, device, min_waves=0.7), 64 if grad else 32)
@@ -641,7 +646,7 @@ def _scan_plan(table: ChunkTable, H: int, N: int, cfg: dict, device, *, grad: bo
 
 def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
     # (H200, docs/results/scan_warps_h200_2026-11-28.json: with a gradient at chunk 16 and value
-    # block 16, as at 2, 16384, 32, two warps took the scans from 1.90 / 1.22 ms to 1.66 / 1.17; at
+    # block 16, as 2, 16384, 32 had then, two warps took the scans from 1.90 / 1.22 ms to 1.66 / 1.17; at
     # block 64 they doubled the forward scan, and without a gradient (chunk 32) they doubled it too)
     return cfg["scan_num_warps"] or (2 if grad and block_v == 16 and cfg["chunk_size"] == 16 else NUM_WARPS)
 
@@ -824,7 +829,8 @@ def wkv7_triton(
     ``scan_segments`` (``bwd_scan_segments`` for the backward's alone), how many segments of
     consecutive chunks the scans run in, each overlapping the per-chunk kernels of the next
     (``segments``; the same numbers for every value; None: 4 on CUDA for long sequences where
-    it measured faster, else 1); ``precision`` of the matmul inputs ("ieee", "tf32",
+    it measured faster, else 1; at most one per chunk, and always 1 for packed sequences whose
+    chunk counts differ much); ``precision`` of the matmul inputs ("ieee", "tf32",
     "tf32x3"; None: ieee for float32 inputs, else tf32) and ``scan_precision`` (None: as
     ``precision``); ``saved_dtype``
     (torch.float32 or torch.bfloat16) of the per-chunk states and their gradients that the
@@ -855,8 +861,12 @@ def wkv7_triton(
         raise ValueError(f"wkv7_triton: saved_dtype must be torch.float32 or torch.bfloat16, got {saved_dtype}")
     _check_config(N, chunk_size, None, precision)
     _check_config(N, None, None, scan_precision)
+    blocks = dict(block_v=block_v, bwd_block_v=bwd_block_v, scan_block_v=scan_block_v,
+                  bwd_scan_block_v=bwd_scan_block_v)
+    for name, bv in blocks.items():  # (here, so that a backward-only setting fails before the forward)
+        _check_config(N, None, bv, precision, name)
     for name, n in (("scan_segments", scan_segments), ("bwd_scan_segments", bwd_scan_segments)):
-        if n is not None and (not isinstance(n, int) or n < 1):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"wkv7_triton: {name} must be a positive int, got {n!r}")
     out_dtype = out_dtype or r.dtype
     if cu_seqlens is not None:  # (checks the offsets, also when there is nothing to compute)
