@@ -111,7 +111,9 @@ def test_tail_window_prefill_equals_full_forward(seed):
     assert h_short.shape[1] == 2 * G - 1
     assert rel_err(s_short.gold_att_shift, s_full.gold_att_shift) < TOL
     assert rel_err(s_short.gold_ffn_shift, s_full.gold_ffn_shift) < TOL
-    assert rel_err(h_short[:, -1], h_full[:, -1]) > 1e-4, f"seed {seed}"
+    # (more than rounding: 400 seeds gave 5.7e-5 at least, the exact window's rounding ~2e-7; the
+    # previous bound, 1e-4, failed for 11 of those seeds)
+    assert rel_err(h_short[:, -1], h_full[:, -1]) > TOL, f"seed {seed}"
 
 
 def test_continued_prompt_is_not_rerun_through_finch_c2(seed, monkeypatch):
