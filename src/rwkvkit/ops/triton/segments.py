@@ -38,23 +38,18 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-def bounds(max_chunks: int, n_segments: int) -> list[tuple[int, int]]:
-    """[j0, j1) of each segment: ``n_segments`` (at most one per chunk) runs of about equal
-    length over the chunks of the longest sequence (one empty segment if there are none)."""
+def split(n_seqs: int, n_chunks: int, max_chunks: int, n_segments: int) -> list[tuple[int, int]]:
+    """[j0, j1) of each segment of a batch of ``n_seqs`` sequences with ``n_chunks`` chunks in
+    all, at most ``max_chunks`` each: ``n_segments`` (at most one per chunk) runs of about equal
+    length over the chunks of the longest sequence (one empty segment if there are none); one
+    segment where the counts differ much (a segment's per-chunk launch has a program for every
+    sequence's place in it, so uneven packed sequences would launch many empty programs)."""
     if max_chunks <= 0:
         return [(0, 0)]
-    step = triton.cdiv(max_chunks, max(1, min(n_segments, max_chunks)))
-    return [(j, min(j + step, max_chunks)) for j in range(0, max_chunks, step)]
-
-
-def split(n_seqs: int, n_chunks: int, max_chunks: int, n_segments: int) -> list[tuple[int, int]]:
-    """``bounds`` for a batch of ``n_seqs`` sequences with ``n_chunks`` chunks in all, at most
-    ``max_chunks`` each; one segment where the counts differ much (a segment's per-chunk launch
-    has a program for every sequence's place in it, so uneven packed sequences would launch
-    many empty programs)."""
     if n_seqs * max_chunks > 1.25 * n_chunks:
         n_segments = 1
-    return bounds(max_chunks, n_segments)
+    step = triton.cdiv(max_chunks, max(1, min(n_segments, max_chunks)))
+    return [(j, min(j + step, max_chunks)) for j in range(0, max_chunks, step)]
 
 
 def pipeline(

@@ -495,7 +495,6 @@ def _bwd_chunks_kernel(
     )
 
 
-
 @triton.jit(do_not_specialize=["T", "H"])
 def _recurrent_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [B, T, H, N]
@@ -640,8 +639,7 @@ def _scan_plan(table: ChunkTable, H: int, N: int, cfg: dict, device, *, grad: bo
     segs = segments.split(table.n_seqs, table.n_chunks, table.max_chunks, n)
     if bv is None:
         bv = min(_auto_block_v(table.n_seqs * H, N, 0, device, min_waves=0.7), 64 if grad else 32)
-    _check_config(N, None, bv, cfg["scan_precision"])
-    return bv, segs
+    return bv, segs  # (the settings were checked by wkv7_triton)
 
 
 def _scan_warps(cfg: dict, block_v: int, grad: bool) -> int:
@@ -669,8 +667,7 @@ def wkv7_forward(
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
-    bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, L, bv, prec)
+    bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)  # (settings checked by wkv7_triton)
     dev = r.device
     gl = _empty((nc, H, N), torch.float32, dev)
     kf = _empty((nc, H, 3, L, N), torch.float32, dev)
@@ -712,7 +709,6 @@ def wkv7_backward(
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
     bv = cfg["bwd_block_v"] or _auto_block_v(nc * H, N, L, r.device)
-    _check_config(N, L, bv, prec)
     nv = N // bv
     dev = r.device
     sbv, segs = _scan_plan(table, H, N, cfg, dev, grad=True, bwd=True)
@@ -724,6 +720,7 @@ def wkv7_backward(
     else:
         parts = [_empty((nv, *r.shape), torch.float32, dev) for _ in inputs]
     dv = _empty(r.shape, v.dtype, dev)
+    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
 
     def scan(j0: int, j1: int) -> None:  # (segments last to first; after the first launch dS comes from ds0)
         last = j1 == segs[-1][1]
@@ -741,7 +738,6 @@ def wkv7_backward(
             N=N, L=L, BV=bv, PREC=prec, BF16_DOTS=r.is_cuda, SEG=seg, num_warps=cfg["bwd_num_warps"] or NUM_WARPS,
         )
 
-    tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     segments.pipeline(dev, segs[::-1], scan, chunks, first_is_scan=True)
     dr, dlw, dk, da, db = (p[0] if nv == 1 else p.sum(0).to(x.dtype) for p, x in zip(parts, inputs))
     return dr, dlw, dk, dv, da, db, ds0
