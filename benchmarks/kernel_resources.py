@@ -5,7 +5,7 @@ thread, without a GPU (benchmarks/NOTES.md quotes these builds).
     python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv6:_wkv6_recurrent_kernel --warps 2 N=64 BV=32
 
 KEY=VALUE sets a constexpr (ints, True/False, strings such as PREC=tf32). Pointer arguments are
-float32 unless named in --bf16 (default: the usual input and gradient names); the chunk tables
+float32 unless named in --bf16 (default: the usual input and gradient names) or --fp16; the chunk tables
 (cu_ptr, chunk_cu_ptr, chunk_seq_ptr) are int32; every pointer is marked 16-byte aligned, as launches
 specialise them. Uses the ptxas and cuobjdump that ship with Triton. The figures are indicative:
 a build of this Triton for sm_90, not necessarily the GPU machine's Triton.
@@ -34,7 +34,8 @@ def constexpr_value(text: str):
         return text
 
 
-def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg: int | None = None) -> dict:
+def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg: int | None = None,
+          fp16: frozenset[str] = frozenset()) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,7 +47,7 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
         elif name in INT_TABLES:
             signature[name] = "*i32"
         elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in bf16 else "*fp32"
+            signature[name] = "*bf16" if name in bf16 else "*fp16" if name in fp16 else "*fp32"
         else:
             signature[name] = "i32"
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n.endswith("_ptr")}
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, default=3, help="num_stages (default: Triton's, as our launches use)")
     p.add_argument("--maxnreg", type=int, help="cap the registers per thread (Triton's maxnreg launch option)")
     p.add_argument("--bf16", default=BF16_DEFAULT, help="pointer arguments holding bf16 (comma-separated)")
+    p.add_argument("--fp16", default="", help="pointer arguments holding fp16 (comma-separated)")
     args = p.parse_intermixed_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     module, _, name = args.kernel.partition(":")
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
         if key not in fn.arg_names:
             p.error(f"{name} has no argument {key!r} (arguments: {', '.join(fn.arg_names)})")
         constexprs[key] = constexpr_value(value)
-    result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages, args.maxnreg)
+    result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages, args.maxnreg,
+                   frozenset(filter(None, args.fp16.split(","))))
     print(f"{name} warps={args.warps} {constexprs}: {result}")
     return 0
 

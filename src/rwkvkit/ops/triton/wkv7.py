@@ -68,9 +68,13 @@ take their products in their own precision. What the backward reads, per token a
 and its gradient (N^2 / L each) in the saved dtype (bfloat16 by default with tf32 matmuls on
 bfloat16 inputs: half the backward's largest traffic for 1-6 % more gradient error on an H200
 against the float32 chunked form; else float32: fp16 inputs carry more mantissa bits than
-bfloat16, and an H200 probe measured 22-33 % more error there), and in float32 SA, W, be, Q
-(N each), the inverse (L) and gL (N / L); SA in bfloat16
-doubled db's error. Without a
+bfloat16, and an H200 probe measured 22-33 % more error there), SA in float32 (N; in bfloat16
+it doubled db's error), W, be, Q (N each, as prep stored them), the inverse (L) and gL (N / L).
+Prep stores its factors (W, be, Q, ke; U and P where one program holds a whole row) with every
+row divided by a power of two (its largest magnitude in [1, 2)) and the scales beside gL
+(``_row_scales2``, ``_store_scaled``): in float16 where the scans' products are tf32 (float16
+has tf32's 10 mantissa bits and rounds where tf32 truncates, so no accuracy is lost, while the
+scale keeps float32's range), else in float32 (where the scaling is exact). Without a
 gradient prep's factors are scratch for the forward scan and nothing else is written but y and
 the final state. Key-side input gradients summed over value blocks go through a float32
 [NV, ...] buffer when there is more than one block.
@@ -164,23 +168,54 @@ def _chunk_rows(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, h, offs_t, H, N: tl.cons
 
 
 @triton.jit
-def _tile(ptr, base, i: tl.constexpr, offs_t, offs_n, L: tl.constexpr, N: tl.constexpr):
-    """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, 3, L, N] buffer
-    (``base`` = chunk * H + head)."""
-    return tl.load(ptr + (base * 3 + i) * L * N + offs_t[:, None] * N + offs_n[None, :])
+def _tile(ptr, base, i: tl.constexpr, F: tl.constexpr, offs_t, offs_n, L: tl.constexpr, N: tl.constexpr):
+    """Rows ``offs_t``, columns ``offs_n`` of factor ``i`` of a [chunks, H, F, L, N] buffer
+    (``base`` = chunk * H + head), as stored."""
+    return tl.load(ptr + (base * F + i) * L * N + offs_t[:, None] * N + offs_n[None, :])
+
+
+@triton.jit
+def _row_scales2(x, y):
+    """For every row of x and of y ([R, C] tiles), 2^floor(log2) of its largest magnitude (at
+    least 2^-100), from the exponent bits: exact powers of two. One reduction for both."""
+    m = tl.maximum(tl.max(tl.join(tl.abs(x), tl.abs(y)), axis=1), 1e-30)  # [R, 2]
+    s = (m.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.split(s)
+
+
+@triton.jit
+def _store_scaled(ptr, offs, x, s, gs_ptr, base, i: tl.constexpr, offs_t, L: tl.constexpr, N: tl.constexpr):
+    """Factor ``i`` of a chunk (x [L, N], whole rows) at ``ptr + offs`` in ptr's dtype, every row
+    divided by its scale s (_row_scales2: its largest magnitude lands in [1, 2)), and s into gs
+    (``_gs_size``). Exact in float32; in float16 it keeps float32's range (elements below their
+    row's largest by 2^-14 or more lose bits as float16 subnormals)."""
+    tl.store(ptr + offs, (x / s[:, None]).to(ptr.dtype.element_ty))
+    tl.store(gs_ptr + base * _gs_size(L, N) + N + i * L + offs_t, s)
+
+
+@triton.jit
+def _row_scales(gs_ptr, base, i: tl.constexpr, offs_t, L: tl.constexpr, N: tl.constexpr):
+    """The row scales of factor ``i`` (see ``_store_scaled``)."""
+    return tl.load(gs_ptr + base * _gs_size(L, N) + N + i * L + offs_t)
+
+
+@triton.jit
+def _gs_size(L: tl.constexpr, N: tl.constexpr):
+    """Floats per chunk-head of the gs buffer: gL [N], then the row scales of W, be, Q, ke, U, P."""
+    return N + 6 * L
 
 
 @triton.jit(do_not_specialize=["H", "seg_j0", "seg_len"])
 def _prep_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr,  # [tokens, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # chunk tables (int32)
-    gl_ptr,  # [chunks, H, N] float32 out
-    kf_ptr,  # [chunks, H, 3, L, N] float32 out: W, be, Q (key columns)
-    vf_ptr,  # [chunks, H, 3, L, N] float32 out: ke (key columns), U, P (value columns)
+    gs_ptr,  # [chunks, H, N + 6 L] float32 out: gL, then the row scales of W, be, Q, ke, U, P
+    kf_ptr,  # [chunks, H, 4, L, N] out (float16 or float32): W, be, Q, ke (key columns), rows scaled
+    vf_ptr,  # [chunks, H, 2, L, N] out: U, P (value columns), rows scaled if VS (as kf), else float32
     ti_ptr,  # [chunks, H, L, L] float32 out (if STORE_TI): (I - A_ab)^{-1}
     H, seg_j0, seg_len,  # SEG: the segment's first chunk in each sequence, its chunks per sequence
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    STORE_TI: tl.constexpr, SEG: tl.constexpr,
+    STORE_TI: tl.constexpr, SEG: tl.constexpr, VS: tl.constexpr,
 ):
     """Per chunk, everything the scans need that does not depend on the state: gL, the key-side
     factors W, be, ke, Q and this value block's columns of U and P; with STORE_TI also the
@@ -211,15 +246,24 @@ def _prep_kernel(
     base = c.to(tl.int64) * H + h
     f_v = offs_t[:, None] * N + offs_v[None, :]
     f_k = offs_t[:, None] * N + offs_k[None, :]
-    tl.store(vf_ptr + (base * 3 + 1) * L * N + f_v, U)
-    tl.store(vf_ptr + (base * 3 + 2) * L * N + f_v, P)
+    if VS:  # (whole rows: one value block)
+        sU, sP = _row_scales2(U, P)
+        _store_scaled(vf_ptr, base * 2 * L * N + f_v, U, sU, gs_ptr, base, 4, offs_t, L, N)
+        _store_scaled(vf_ptr, (base * 2 + 1) * L * N + f_v, P, sP, gs_ptr, base, 5, offs_t, L, N)
+    else:
+        tl.store(vf_ptr + base * 2 * L * N + f_v, U)
+        tl.store(vf_ptr + (base * 2 + 1) * L * N + f_v, P)
     if i_v == 0:
         W = tl.dot(Ti, aq, input_precision=PREC)  # [L, N]
-        tl.store(kf_ptr + base * 3 * L * N + f_k, W)
-        tl.store(kf_ptr + (base * 3 + 1) * L * N + f_k, be)
-        tl.store(kf_ptr + (base * 3 + 2) * L * N + f_k, rq + tl.dot(A_rb, W, input_precision=PREC))
-        tl.store(vf_ptr + base * 3 * L * N + f_k, ke)
-        tl.store(gl_ptr + base * N + offs_k, gL)
+        Q = rq + tl.dot(A_rb, W, input_precision=PREC)
+        sW, sQ = _row_scales2(W, Q)
+        sbe, ske = _row_scales2(be, ke)
+        f = base * 4 * L * N + f_k
+        _store_scaled(kf_ptr, f, W, sW, gs_ptr, base, 0, offs_t, L, N)
+        _store_scaled(kf_ptr, f + L * N, be, sbe, gs_ptr, base, 1, offs_t, L, N)
+        _store_scaled(kf_ptr, f + 2 * L * N, Q, sQ, gs_ptr, base, 2, offs_t, L, N)
+        _store_scaled(kf_ptr, f + 3 * L * N, ke, ske, gs_ptr, base, 3, offs_t, L, N)
+        tl.store(gs_ptr + base * _gs_size(L, N) + offs_k, gL)
         if STORE_TI:
             tl.store(ti_ptr + base * L * L + offs_t[:, None] * L + offs_t[None, :], Ti)
 
@@ -256,29 +300,43 @@ def _scan_rows(t0, t1, j, nc, h, offs_t, offs_v, H, N: tl.constexpr, L: tl.const
 
 
 @triton.jit
-def _fwd_step_inputs(gl_ptr, kf_ptr, vf_ptr, v_ptr, base, pv, tmask, offs_t, offs_k, offs_v, L: tl.constexpr,
-                     N: tl.constexpr):
-    """What a forward scan step reads of one chunk: gL, W, be, Q, ke, U, P and V."""
+def _fwd_step_inputs(gs_ptr, kf_ptr, vf_ptr, v_ptr, base, pv, tmask, offs_t, offs_k, offs_v, L: tl.constexpr,
+                     N: tl.constexpr, VS: tl.constexpr):
+    """What a forward scan step reads of one chunk: gL, the row scales of W, be, Q, ke, then
+    W, be, Q, ke (as stored), U, P (float32) and V."""
+    if VS:
+        sU = _row_scales(gs_ptr, base, 4, offs_t, L, N)[:, None]
+        sP = _row_scales(gs_ptr, base, 5, offs_t, L, N)[:, None]
+    else:
+        sU = 1.0
+        sP = 1.0
     return (
-        tl.load(gl_ptr + base * N + offs_k),
-        _tile(kf_ptr, base, 0, offs_t, offs_k, L, N),
-        _tile(kf_ptr, base, 1, offs_t, offs_k, L, N),
-        _tile(kf_ptr, base, 2, offs_t, offs_k, L, N),
-        _tile(vf_ptr, base, 0, offs_t, offs_k, L, N),
-        _tile(vf_ptr, base, 1, offs_t, offs_v, L, N),
-        _tile(vf_ptr, base, 2, offs_t, offs_v, L, N),
+        tl.load(gs_ptr + base * _gs_size(L, N) + offs_k),
+        _row_scales(gs_ptr, base, 0, offs_t, L, N),
+        _row_scales(gs_ptr, base, 1, offs_t, L, N),
+        _row_scales(gs_ptr, base, 2, offs_t, L, N),
+        _row_scales(gs_ptr, base, 3, offs_t, L, N),
+        _tile(kf_ptr, base, 0, 4, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 1, 4, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 2, 4, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 3, 4, offs_t, offs_k, L, N),
+        _tile(vf_ptr, base, 0, 2, offs_t, offs_v, L, N).to(tl.float32) * sU,
+        _tile(vf_ptr, base, 1, 2, offs_t, offs_v, L, N).to(tl.float32) * sP,
         tl.load(v_ptr + pv, mask=tmask, other=0.0).to(tl.float32),
     )
 
 
 @triton.jit
-def _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base, pv, tmask, offs_t, offs_k, L: tl.constexpr, N: tl.constexpr):
-    """What a backward scan step reads of one chunk: gL, W, be, Q and dY."""
+def _bwd_step_inputs(gs_ptr, kf_ptr, dy_ptr, base, pv, tmask, offs_t, offs_k, L: tl.constexpr, N: tl.constexpr):
+    """What a backward scan step reads of one chunk: gL, the row scales of be W and of Q, W, be,
+    Q (as stored) and dY."""
     return (
-        tl.load(gl_ptr + base * N + offs_k),
-        _tile(kf_ptr, base, 0, offs_t, offs_k, L, N),
-        _tile(kf_ptr, base, 1, offs_t, offs_k, L, N),
-        _tile(kf_ptr, base, 2, offs_t, offs_k, L, N),
+        tl.load(gs_ptr + base * _gs_size(L, N) + offs_k),
+        _row_scales(gs_ptr, base, 0, offs_t, L, N) * _row_scales(gs_ptr, base, 1, offs_t, L, N),
+        _row_scales(gs_ptr, base, 2, offs_t, L, N),
+        _tile(kf_ptr, base, 0, 4, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 1, 4, offs_t, offs_k, L, N),
+        _tile(kf_ptr, base, 2, 4, offs_t, offs_k, L, N),
         tl.load(dy_ptr + pv, mask=tmask, other=0.0).to(tl.float32),
     )
 
@@ -287,7 +345,7 @@ def _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base, pv, tmask, offs_t, offs_k, L:
 def _fwd_scan_kernel(
     s0_ptr,  # [seqs, H, N, N] float32 (unless HAS_S0 unused): the initial state, or after the first
     # segment the state so far (sT_ptr, read before this program overwrites it)
-    gl_ptr, kf_ptr, vf_ptr,  # prep's outputs
+    gs_ptr, kf_ptr, vf_ptr,  # prep's outputs
     v_ptr,  # [tokens, H, N]
     y_ptr,  # [tokens, H, N] out
     states_ptr,  # [chunks, H, N, N] out (if STORE; float32 or bfloat16): the state entering each chunk
@@ -296,7 +354,7 @@ def _fwd_scan_kernel(
     cu_ptr, chunk_cu_ptr,
     H, n_chunks, j_begin, j_end,
     N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, STORE: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VS: tl.constexpr,
 ):
     """The sequential part of the forward, over chunks j_begin .. j_end - 1 of one sequence in
     order (a segment of it; the next segment's launch takes sT_ptr as its s0_ptr):
@@ -309,26 +367,28 @@ def _fwd_scan_kernel(
     j_stop = tl.minimum(j_end, nc)
     base_n = tl.minimum(c0 + tl.minimum(j_begin, tl.maximum(nc - 1, 0)), n_chunks - 1).to(tl.int64) * H + h
     pv_n, tm_n = _scan_rows(t0, t1, j_begin, nc, h, offs_t, offs_v, H, N, L)
-    gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
-        gl_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N
+    gl_n, sW_n, sbe_n, sQ_n, ske_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
+        gs_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N, VS
     )
     for j in range(j_begin, j_stop):
         base, pv, tmask = base_n, pv_n, tm_n
-        gl, W, be, Q, ke, U, P, V = gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n
+        gl, sW, sbe, sQ, ske, W, be, Q, ke, U, P, V = gl_n, sW_n, sbe_n, sQ_n, ske_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n
         # the next chunk (the last iteration reloads this one: in bounds, unused)
         jn = tl.minimum(j + 1, j_stop - 1)
         base_n = (c0 + jn).to(tl.int64) * H + h
         pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
-        gl_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
-            gl_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N
+        gl_n, sW_n, sbe_n, sQ_n, ske_n, W_n, be_n, Q_n, ke_n, U_n, P_n, V_n = _fwd_step_inputs(
+            gs_ptr, kf_ptr, vf_ptr, v_ptr, base_n, pv_n, tm_n, offs_t, offs_k, offs_v, L, N, VS
         )
 
-        X = tl.dot(S, tl.trans(W), input_precision=PREC) + tl.trans(U)  # [BV, L] = SA^T
-        Y = tl.dot(Q, tl.trans(S), input_precision=PREC) + P  # [L, BV]
+        # (the key-side factors as stored times their row scales: powers of two, so exact)
+        X = tl.dot(S, tl.trans(W.to(tl.float32)), input_precision=PREC) * sW[None, :] + tl.trans(U)  # [BV, L] = SA^T
+        Y = tl.dot(Q.to(tl.float32), tl.trans(S), input_precision=PREC) * sQ[:, None] + P  # [L, BV]
         if STORE:
             tl.store(states_ptr + base * N * N + s_offs, S.to(states_ptr.dtype.element_ty))
             tl.store(sa_ptr + base * L * N + offs_t[None, :] * N + offs_v[:, None], X)
-        S = S * gl[None, :] + tl.dot(X, be, input_precision=PREC) + tl.dot(tl.trans(V), ke, input_precision=PREC)
+        S = S * gl[None, :] + tl.dot(X * sbe[None, :], be.to(tl.float32), input_precision=PREC) + tl.dot(
+            tl.trans(V * ske[:, None]), ke.to(tl.float32), input_precision=PREC)
         tl.store(y_ptr + pv, Y.to(y_ptr.dtype.element_ty), mask=tmask)
     tl.store(sT_ptr + i_sh * N * N + s_offs, S)
 
@@ -337,7 +397,7 @@ def _fwd_scan_kernel(
 def _bwd_scan_kernel(
     ds_ptr,  # [seqs, H, N, N] float32 (unless HAS_S0 unused): the final state's gradient, or after the
     # first segment the gradient so far (ds0_ptr, read before this program overwrites it)
-    gl_ptr, kf_ptr,  # prep's outputs
+    gs_ptr, kf_ptr,  # prep's outputs
     dy_ptr,  # [tokens, H, N]
     dstates_ptr,  # [chunks, H, N, N] out (as the states): the gradient of the state leaving each chunk
     ds0_ptr,  # [seqs, H, N, N] float32 out: the gradient of the state entering the segment
@@ -355,20 +415,23 @@ def _bwd_scan_kernel(
     jn = tl.maximum(j_stop - 1, 0)
     base_n = tl.minimum(c0 + jn, n_chunks - 1).to(tl.int64) * H + h  # (an empty last sequence)
     pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
-    gl_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(gl_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N)
+    gl_n, sbW_n, sQ_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(
+        gs_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N
+    )
     for i in range(j_stop - j_begin):
         base = base_n
-        gl, W, be, Q, dY = gl_n, W_n, be_n, Q_n, dY_n
+        gl, sbW, sQ, W, be, Q, dY = gl_n, sbW_n, sQ_n, W_n, be_n, Q_n, dY_n
         jn = tl.maximum(j_stop - 2 - i, j_begin)
         base_n = (c0 + jn).to(tl.int64) * H + h
         pv_n, tm_n = _scan_rows(t0, t1, jn, nc, h, offs_t, offs_v, H, N, L)
-        gl_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(
-            gl_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N
+        gl_n, sbW_n, sQ_n, W_n, be_n, Q_n, dY_n = _bwd_step_inputs(
+            gs_ptr, kf_ptr, dy_ptr, base_n, pv_n, tm_n, offs_t, offs_k, L, N
         )
 
         tl.store(dstates_ptr + base * N * N + s_offs, dS.to(dstates_ptr.dtype.element_ty))
-        Z = tl.dot(dS, tl.trans(be), input_precision=PREC)  # [BV, L]
-        dS = dS * gl[None, :] + tl.dot(Z, W, input_precision=PREC) + tl.dot(tl.trans(dY), Q, input_precision=PREC)
+        Z = tl.dot(dS, tl.trans(be.to(tl.float32)), input_precision=PREC) * sbW[None, :]  # [BV, L]: dS be^T, W's scales
+        dS = dS * gl[None, :] + tl.dot(Z, W.to(tl.float32), input_precision=PREC) + tl.dot(
+            tl.trans(dY * sQ[:, None]), Q.to(tl.float32), input_precision=PREC)
     tl.store(ds0_ptr + i_sh * N * N + s_offs, dS)
 
 
@@ -609,6 +672,14 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
         raise ValueError(f"wkv7_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def _factor_dtype(precision: str) -> torch.dtype:
+    """What prep's factors are kept in (rows scaled by powers of two, see _store_scaled): float16
+    where the scans take tf32 products anyway (float16 has tf32's 10 mantissa bits, and rounds
+    where tf32 operands are truncated: H200, the final state's error 3.9e-4 -> 2.8e-4), else
+    float32."""
+    return torch.float16 if precision == "tf32" else torch.float32
+
+
 def _overlap_pays(table: ChunkTable, H: int, device: torch.device) -> bool:
     """Whether the scans should run in segments alongside the per-chunk kernels (``segments``):
     on CUDA, for long sequences (512 chunks or more, and 6144 chunk-heads in all: each segment
@@ -669,34 +740,35 @@ def wkv7_forward(
     nc = table.n_chunks
     bv = cfg["block_v"] or _auto_block_v(nc * H, N, L, r.device)  # (settings checked by wkv7_triton)
     dev = r.device
-    gl = _empty((nc, H, N), torch.float32, dev)
-    kf = _empty((nc, H, 3, L, N), torch.float32, dev)
-    vf = _empty((nc, H, 3, L, N), torch.float32, dev)
-    ti = _empty((nc, H, L, L), torch.float32, dev) if store else gl
+    gs = _empty((nc, H, N + 6 * L), torch.float32, dev)  # (_gs_size)
+    kf = _empty((nc, H, 4, L, N), _factor_dtype(cfg["scan_precision"]), dev)
+    vs = bv == N  # (U's and P's rows scaled: whole in one program)
+    vf = _empty((nc, H, 2, L, N), kf.dtype if vs else torch.float32, dev)
+    ti = _empty((nc, H, L, L), torch.float32, dev) if store else gs
     tabs = (table.cu, table.chunk_cu, table.chunk_seq)
     sbv, segs = _scan_plan(table, H, N, cfg, dev, grad=store, bwd=False)
-    states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gl
-    sa = _empty((nc, H, L, N), torch.float32, dev) if store else gl
+    states = _empty((nc, H, N, N), cfg["saved_dtype"], dev) if store else gs
+    sa = _empty((nc, H, L, N), torch.float32, dev) if store else gs
     sT = _empty((table.n_seqs, H, N, N), torch.float32, dev)
     y = _empty(r.shape, out_dtype, dev)
 
     def prep(j0: int, j1: int) -> None:
         n, sj0, slen, seg = _seg_grid(table, segs, j0, j1)
         _prep_kernel[(n, H, N // bv)](
-            r, log_w, k, v, a, b, *tabs, gl, kf, vf, ti, H, sj0, slen, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv,
-            PREC=prec, STORE_TI=store, SEG=seg, num_warps=cfg["num_warps"] or NUM_WARPS,
+            r, log_w, k, v, a, b, *tabs, gs, kf, vf, ti, H, sj0, slen, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv,
+            PREC=prec, STORE_TI=store, SEG=seg, VS=vs, num_warps=cfg["num_warps"] or NUM_WARPS,
         )
 
     def scan(j0: int, j1: int) -> None:  # (from the second segment on, the state comes from sT)
         s_in = sT if j0 > 0 or state is None else state
         _fwd_scan_kernel[(table.n_seqs * H, N // sbv)](
-            s_in, gl, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc, j0, j1,
-            N=N, L=L, BV=sbv, HAS_S0=j0 > 0 or state is not None, STORE=store, PREC=cfg["scan_precision"],
+            s_in, gs, kf, vf, v, y, states, sa, sT, table.cu, table.chunk_cu, H, nc, j0, j1,
+            N=N, L=L, BV=sbv, HAS_S0=j0 > 0 or state is not None, STORE=store, PREC=cfg["scan_precision"], VS=vs,
             num_warps=_scan_warps(cfg, sbv, store),
         )
 
     segments.pipeline(dev, segs, prep, scan, first_is_scan=False)
-    return y, sT, ((states, sa, gl, kf, ti) if store else None)
+    return y, sT, ((states, sa, gs, kf, ti) if store else None)
 
 
 def wkv7_backward(
@@ -704,7 +776,7 @@ def wkv7_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels (``saved``: the forward's). Returns ``(dr, dlog_w, dk, dv, da,
     db, dstate0)``, the input gradients in their inputs' dtypes and dstate0 [S, H, N, N] in float32."""
-    states, sa, gl, kf, ti = saved
+    states, sa, gs, kf, ti = saved
     H, N = r.shape[-2:]
     L, prec = cfg["chunk_size"], cfg["precision"]
     nc = table.n_chunks
@@ -726,7 +798,7 @@ def wkv7_backward(
         last = j1 == segs[-1][1]
         ds_in = dsT if last and dsT is not None else ds0
         _bwd_scan_kernel[(table.n_seqs * H, N // sbv)](
-            ds_in, gl, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc, j0, j1,
+            ds_in, gs, kf, dy, dstates, ds0, table.cu, table.chunk_cu, H, nc, j0, j1,
             N=N, L=L, BV=sbv, HAS_S0=not last or dsT is not None, PREC=cfg["scan_precision"],
             num_warps=_scan_warps(cfg, sbv, True),
         )
