@@ -674,9 +674,10 @@ def _check_config(N: int, chunk_size: int | None, block_v: int | None, precision
 
 def _factor_dtype(precision: str) -> torch.dtype:
     """What prep's factors are kept in (rows scaled by powers of two, see _store_scaled): float16
-    where the scans take tf32 products anyway (float16 has tf32's 10 mantissa bits, and rounds
-    where tf32 operands are truncated: H200, the final state's error 3.9e-4 -> 2.8e-4), else
-    float32."""
+    where the scans take tf32 products anyway (float16 has tf32's 10 mantissa bits and is
+    rounded to nearest on the store, where Triton hands float32 operands to the tensor cores,
+    which truncate them: no cvt.rna in the PTX of an offline sm_90 build; H200, the final
+    state's error 3.9e-4 -> 2.8e-4), else float32."""
     return torch.float16 if precision == "tf32" else torch.float32
 
 
