@@ -67,6 +67,7 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
         "wgmma": sass.count("HGMMA"),
         "mma_sync": sass.count("HMMA"),
         "barriers": sass.count("BAR.SYNC"),
+        "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
     }
 
 

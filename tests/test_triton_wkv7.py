@@ -25,6 +25,9 @@ from triton_checks import (  # before the kernels: sets up the interpreter, or s
     watch_memory_accesses,
 )
 
+import triton  # (after triton_checks: installed, or the module was skipped)
+import triton.language as tl
+
 from conftest import rel_err
 from test_ops import wkv7_inputs
 
@@ -451,3 +454,26 @@ def test_dispatcher_uses_kernels(seed):
         y_t = ops.wkv7_(*[x[:, t].detach() for x in inp], state)
         assert rel_err(y_t, y_ref[:, t]) < 1e-5
     assert rel_err(state, s_ref) < 1e-5
+
+
+@triton.jit
+def _dot_bf16x2_probe(x_ptr, y_ptr, o_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    offs_m = tl.arange(0, M)
+    offs_k = tl.arange(0, K)
+    offs_n = tl.arange(0, N)
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :])
+    y = tl.load(y_ptr + offs_k[:, None] * N + offs_n[None, :])
+    tl.store(o_ptr + offs_m[:, None] * N + offs_n[None, :], kernels._dot_bf16x2(x, y))
+
+
+@gpu_only
+def test_dot_bf16x2_keeps_16_bits(seed):
+    """The backward's split products (float32 x as two bfloat16 parts times bfloat16 y) against
+    float64: about 2^-16 relative, where x as one bfloat16 (2^-9) or tf32 (2^-11) would fail."""
+    x = torch.randn(16, 64, device="cuda")
+    y = torch.randn(64, 64, device="cuda").bfloat16()
+    out = torch.empty(16, 64, device="cuda")
+    _dot_bf16x2_probe[(1,)](x, y, out, M=16, K=64, N=64)
+    ref = x.double() @ y.double()
+    assert rel_err(out, ref) < 5e-5
+    assert rel_err(x.bfloat16().double() @ y.double(), ref) > 5e-4  # (what one part would give)

@@ -110,6 +110,10 @@ RECURRENT_MAX_T = 16  # the dispatcher decodes up to this many tokens step by st
 OVERLAP_MIN_CHUNKS = 512  # sequences of this many chunks or more
 OVERLAP_MIN_CHUNK_HEADS = 6144  # and this many (chunk, head) pairs in all
 OVERLAP_SEGMENTS = 4  # (H200: 4 and 8 alike at 2, 16384, 32; 2 no better; 8 slower elsewhere)
+# prep's register cap with a gradient at chunk 16 and tf32 products: four programs per SM instead
+# of three, for a few spills (H200: prep 1.20 -> 1.12 ms at 8, 4096, 32, a cap of 96 1.16; at
+# chunk 32 without a gradient a cap of 128 was slower on an H100, 2.38 -> 2.99 ms)
+PREP_MAXNREG_TRAIN = 128
 NUM_WARPS = 4  # every chunked kernel's default (the sweeps: 4 warps beat 8 everywhere, 2026-11-28 included)
 
 
@@ -436,6 +440,15 @@ def _bwd_scan_kernel(
 
 
 @triton.jit
+def _dot_bf16x2(x, yh):
+    """x @ yh for float32 x and bfloat16 yh: x split into two bfloat16 parts (16 of its mantissa
+    bits, where a tf32 operand keeps 10), two exact bfloat16 products with float32 sums. yh
+    stays bfloat16 in registers, where a tf32 product needs a float32 copy."""
+    xh = x.to(tl.bfloat16)
+    return tl.dot((x - xh.to(tl.float32)).to(tl.bfloat16), yh, acc=tl.dot(xh, yh))
+
+
+@triton.jit
 def _chunk_grads(
     r_ptr, lw_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr,
     dr_ptr, dlw_ptr, dk_ptr, da_ptr, db_ptr, dv_ptr,
@@ -457,22 +470,31 @@ def _chunk_grads(
     incl = offs_t[:, None] >= offs_t[None, :]
     # LOW: the states were saved in bfloat16 and v, dY are bfloat16: their products dY S, V dS and
     # dY V^T take those operands as they are (exact products, float32 sums: the tf32 products'
-    # numbers, at half the operand registers). Not under the Triton CPU interpreter (BF16_DOTS
-    # off), whose bfloat16 dot is wrong (Triton 3.9).
+    # numbers, at half the operand registers), and be dS^T and dX S take S, dS as they are with
+    # the float32 side split in two bfloat16 parts (_dot_bf16x2: 16 bits where tf32 keeps 10; H200,
+    # _bwd_chunks 3.34 -> 3.30 ms at 8, 4096, 32; the same for ke dS^T and SA dS was slower,
+    # 3.42). Not under the Triton CPU interpreter (BF16_DOTS off), whose bfloat16 dot is wrong
+    # (Triton 3.9).
     LOW: tl.constexpr = BF16_DOTS and S.dtype == tl.bfloat16 and vh.dtype == tl.bfloat16 and dYh.dtype == tl.bfloat16
 
     # S and dS are converted to float32 at each use, not once: one float32 copy kept live across
     # the whole chunk spilled more (offline sm_90, bfloat16 states: 344 -> 624 B of stack)
     g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk = _chunk_keyside(r, lw, k, a, b, offs_t, L, PREC)
 
-    dSA = tl.dot(be, tl.trans(dS.to(tl.float32)), input_precision=PREC)
+    if LOW:
+        dSA = _dot_bf16x2(be, tl.trans(dS))
+    else:
+        dSA = tl.dot(be, tl.trans(dS.to(tl.float32)), input_precision=PREC)
     dSA += tl.dot(tl.trans(A_rb), dY, input_precision=PREC)
     dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
     if LOW:
         drq = tl.dot(dYh, S)  # [L, N]
     else:
         drq = tl.dot(dY, S.to(tl.float32), input_precision=PREC)
-    daq = tl.dot(dX, S.to(tl.float32), input_precision=PREC)
+    if LOW:
+        daq = _dot_bf16x2(dX, S)
+    else:
+        daq = tl.dot(dX, S.to(tl.float32), input_precision=PREC)
     dgL = tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=0)  # [N]
 
     dv = tl.dot(ke, tl.trans(dS.to(tl.float32)), input_precision=PREC)
@@ -758,6 +780,7 @@ def wkv7_forward(
         _prep_kernel[(n, H, N // bv)](
             r, log_w, k, v, a, b, *tabs, gs, kf, vf, ti, H, sj0, slen, N=N, L=L, LOG2L=int(math.log2(L)), BV=bv,
             PREC=prec, STORE_TI=store, SEG=seg, VS=vs, num_warps=cfg["num_warps"] or NUM_WARPS,
+            **({"maxnreg": PREP_MAXNREG_TRAIN} if store and L == 16 and prec == "tf32" and r.is_cuda else {}),
         )
 
     def scan(j0: int, j1: int) -> None:  # (from the second segment on, the state comes from sT)
