@@ -387,11 +387,9 @@ def _fwd_scan_kernel(
 
         # (the key-side factors as stored times their row scales: powers of two, so exact)
         X = tl.dot(S, tl.trans(W.to(tl.float32)), input_precision=PREC) * sW[None, :] + tl.trans(U)  # [BV, L] = SA^T
-        if BV == 64:  # Y^T = S Q^T: S the left operand as in X, both warpgroup MMAs (M = 64; H200:
-            # this scan 0.91 -> 0.75 ms at 8, 4096, 32; block 128, N = 128, not measured: the old form)
-            Y = tl.trans(tl.dot(S, tl.trans(Q.to(tl.float32)), input_precision=PREC) * sQ[None, :] + tl.trans(P))
-        else:  # (at 16 or 32 rows neither is a warpgroup MMA; this form measured 1-3 % faster there)
-            Y = tl.dot(Q.to(tl.float32), tl.trans(S), input_precision=PREC) * sQ[:, None] + P  # [L, BV]
+        # Y^T = S Q^T: S is the left operand here as in X (at a block of 64 both are warpgroup
+        # MMAs; H200, this scan 0.91 -> 0.75 ms at 8, 4096, 32, where Q S^T had M = 16)
+        Y = tl.trans(tl.dot(S, tl.trans(Q.to(tl.float32)), input_precision=PREC) * sQ[None, :] + tl.trans(P))  # [L, BV]
         if STORE:
             tl.store(states_ptr + base * N * N + s_offs, S.to(states_ptr.dtype.element_ty))
             tl.store(sa_ptr + base * L * N + offs_t[None, :] * N + offs_v[:, None], X)
