@@ -491,11 +491,9 @@ def _chunk_grads(
     dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
     if LOW:
         drq = tl.dot(dYh, S)  # [L, N]
-    else:
-        drq = tl.dot(dY, S.to(tl.float32), input_precision=PREC)
-    if LOW:
         daq = _dot_bf16x2(dX, S)
     else:
+        drq = tl.dot(dY, S.to(tl.float32), input_precision=PREC)
         daq = tl.dot(dX, S.to(tl.float32), input_precision=PREC)
     dgL = tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=0)  # [N]
 
