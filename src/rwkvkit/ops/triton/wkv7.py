@@ -475,15 +475,16 @@ def _chunk_grads(
     # numbers, at half the operand registers), and be dS^T and dX S take S, dS as they are with
     # the float32 side split in two bfloat16 parts (_dot_bf16x2: 16 bits where tf32 keeps 10; H200,
     # _bwd_chunks 3.34 -> 3.30 ms at 8, 4096, 32; the same for ke dS^T and SA dS was slower,
-    # 3.42). Not under the Triton CPU interpreter (BF16_DOTS off), whose bfloat16 dot is wrong
-    # (Triton 3.9).
+    # 3.42; SPLIT: only where they replace tf32 products, never ieee or tf32x3 ones). Not under the
+    # Triton CPU interpreter (BF16_DOTS off), whose bfloat16 dot is wrong (Triton 3.9).
     LOW: tl.constexpr = BF16_DOTS and S.dtype == tl.bfloat16 and vh.dtype == tl.bfloat16 and dYh.dtype == tl.bfloat16
+    SPLIT: tl.constexpr = LOW and PREC == "tf32"
 
     # S and dS are converted to float32 at each use, not once: one float32 copy kept live across
     # the whole chunk spilled more (offline sm_90, bfloat16 states: 344 -> 624 B of stack)
     g, gp, gi, ge, gL, aq, rq, ki, bi, ke, be, A_ak, A_rb, A_rk = _chunk_keyside(r, lw, k, a, b, offs_t, L, PREC)
 
-    if LOW:
+    if SPLIT:
         dSA = _dot_bf16x2(be, tl.trans(dS))
     else:
         dSA = tl.dot(be, tl.trans(dS.to(tl.float32)), input_precision=PREC)
@@ -491,9 +492,11 @@ def _chunk_grads(
     dX = tl.dot(tl.trans(Ti), dSA, input_precision=PREC)
     if LOW:
         drq = tl.dot(dYh, S)  # [L, N]
-        daq = _dot_bf16x2(dX, S)
     else:
         drq = tl.dot(dY, S.to(tl.float32), input_precision=PREC)
+    if SPLIT:
+        daq = _dot_bf16x2(dX, S)
+    else:
         daq = tl.dot(dX, S.to(tl.float32), input_precision=PREC)
     dgL = tl.sum(dS.to(tl.float32) * S.to(tl.float32), axis=0)  # [N]
 
