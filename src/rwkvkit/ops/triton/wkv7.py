@@ -81,7 +81,10 @@ the final state. Key-side input gradients summed over value blocks go through a 
 
 Matmul precision: "ieee" (exact float32, CUDA cores), "tf32" (tensor cores; ~4e-4 relative
 error) or "tf32x3" (tensor cores, ~float32 accuracy at 3x the MMA work). Default: ieee for
-float32 inputs, tf32 for bf16/fp16 inputs. Accumulation is float32 everywhere.
+float32 inputs, tf32 for bf16/fp16 inputs. Accumulation is float32 everywhere. Under tf32,
+where the backward holds bfloat16 states, its products with them take bfloat16 operands
+instead: exact where the other side is bfloat16 too (v, dY), and with a float32 side split
+into two bfloat16 parts (16 mantissa bits, more than tf32's 10) in two more (_dot_bf16x2).
 """
 
 from __future__ import annotations
