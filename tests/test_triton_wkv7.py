@@ -84,8 +84,9 @@ def test_small_decay_extremes(seed, decay):
 @pytest.mark.parametrize("block_v", [None, 16])
 def test_small_factor_range(seed, scale, block_v):
     """r, k, v (and the state as k v) far from 1 in bf16: the factors the scans read are kept
-    in float16 with tf32 products, whose range alone would overflow (1e6) or lose bits (1e-6). The tolerance is twice bf16's (dlog_w's error reached 1.04e-2 at 1e-6 with
-    float32 factors too). With two value blocks in prep, U and P stay float32."""
+    in float16 with tf32 products, whose range alone would overflow (1e6) or lose bits (1e-6).
+    The tolerance is twice bf16's (dlog_w's error reached 1.04e-2 at 1e-6 with float32 factors
+    too). With two value blocks in prep, U and P stay float32."""
     x = make_inputs(1, 37, 2, 32)
     for i in (0, 2, 3):
         x[i] = x[i] * scale
