@@ -664,6 +664,57 @@ def _mask_dot_sub(m, x3, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
+def _wide_prefix_blocks(offs_b, G, KIND: tl.constexpr):
+    """Per block of SUB rows (offs_b: the chunk's NB blocks), whether an exponent of a window of
+    2^G blocks is a prefix sum there (else a suffix sum): KIND 0 always, 1 never, 2 in the right
+    half of the 2^(G+1)-block (pre_h / suf_h of a level, E_h of the module docstring)."""
+    if KIND == 0:
+        pref = offs_b >= 0
+    elif KIND == 1:
+        pref = offs_b < 0
+    else:
+        pref = ((offs_b >> G) & 1) == 1
+    return pref
+
+
+@triton.jit
+def _wide_sum(lw3, offs_s, offs_b, G, KIND: tl.constexpr, PREC: tl.constexpr):
+    """The exponents of windows of 2^G whole blocks of SUB rows (P, Q over the chunk and the
+    levels from LOG2S up), for the rows lw3 [NB, SUB, BK] of log w: on a prefix block, the sum
+    of log w over the rows of the window before t; on a suffix block, after t. Computed as the
+    block-local exclusive sum (a masked product on [SUB, SUB] tiles, _mask_dot) plus the totals
+    of the window's whole blocks before (after) t's block: still a sum of exactly the log-decays
+    the exponent spans, all <= 0, in place of one [L, L] masked product per exponent (H200,
+    B=8, T=4096, H=32: those cost about a quarter of the backward)."""
+    pref = _wide_prefix_blocks(offs_b, G, KIND)
+    t = offs_s[None, :, None]
+    q = offs_s[None, None, :]
+    loc = _mask_dot(tl.where(pref[:, None, None], q < t, q > t).to(tl.float32), lw3, PREC)
+    b = offs_b[:, None]
+    m = offs_b[None, :]
+    sel = ((b >> G) == (m >> G)) & tl.where(pref[:, None], m < b, m > b)  # [NB (t's block), NB]
+    carry = tl.sum(tl.where(sel[:, :, None], tl.sum(lw3, axis=1)[None, :, :], 0.0), axis=1)
+    return loc + carry[:, None, :]
+
+
+@triton.jit
+def _wide_sum_grad(dx3, offs_s, offs_b, G, KIND: tl.constexpr, PREC: tl.constexpr):
+    """The transpose of _wide_sum: the gradient of log w [NB, SUB, BK] from dx3, the gradient of
+    the exponent on every row: each row q gets the sum of dx over the rows t whose window holds
+    q (block-local part, then the block sums of dx of the window's other blocks). Each output is
+    a sum of exactly its terms, none added and subtracted again."""
+    pref = _wide_prefix_blocks(offs_b, G, KIND)
+    q = offs_s[None, :, None]
+    t = offs_s[None, None, :]
+    loc = _mask_dot(tl.where(pref[:, None, None], q < t, q > t).to(tl.float32), dx3, PREC)
+    m = offs_b[:, None]  # q's block
+    b = offs_b[None, :]  # t's block
+    sel = ((b >> G) == (m >> G)) & tl.where(pref[None, :], m < b, m > b)  # [NB (q's block), NB]
+    carry = tl.sum(tl.where(sel[:, :, None], tl.sum(dx3, axis=1)[None, :, :], 0.0), axis=1)
+    return loc + carry[:, None, :]
+
+
+@triton.jit
 def _pair_mask_ts(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
     """_pair_mask with t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T, the
     transpose ([s, t] with s in offs_a)."""
@@ -712,6 +763,7 @@ def _wkv6_chunk_out_kernel(
     stride_t = H * N
     offs_t = tl.arange(0, L)
     offs_s = tl.arange(0, SUB)
+    offs_b = tl.arange(0, L // SUB)  # the chunk's blocks of SUB rows
     offs_v = i_v * BV + tl.arange(0, BV)
     t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
@@ -739,11 +791,11 @@ def _wkv6_chunk_out_kernel(
             A3 += tl.where(_pair_mask_ts(offs_s, offs_s, lvl, not BWD)[None, :, :],
                            tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, PREC), (L, BK)))
             A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
-        g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, PREC))
+        g = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1 if BWD else 0, PREC), (L, BK)))
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
         out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
@@ -782,6 +834,7 @@ def _wkv6_bwd_keys_kernel(
     offs_t = tl.arange(0, L)
     offs_n = tl.arange(0, N)
     offs_s = tl.arange(0, SUB)
+    offs_b = tl.arange(0, L // SUB)  # the chunk's blocks of SUB rows
     offs_k = i_k * BK + tl.arange(0, BK)
     t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
@@ -808,13 +861,14 @@ def _wkv6_bwd_keys_kernel(
     dlam = tl.sum(dS * S0, axis=0) * tl.exp(tl.sum(lw, axis=0))  # Lam: a column sum of same-sign terms
 
     # state side: P, Q over the chunk
-    dr *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0), lw, PREC))  # drq e^{P}
-    dk *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1), lw, PREC))  # dke e^{Q}
+    lw3 = _sub(lw, L, SUB, BK)
+    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 0, PREC), (L, BK)))  # drq e^{P}
+    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1, PREC), (L, BK)))  # dke e^{Q}
     # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
     # dLam on every row
-    dlw = _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 0), dr * r, PREC)
-    dlw += _mask_dot(_sum_mask(offs_t, offs_t, LOG2L, False, 1), dk * k, PREC)
-    dlw += dlam[None, :]
+    dlw3 = _wide_sum_grad(_sub(dr * r, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 0, PREC)
+    dlw3 += _wide_sum_grad(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, PREC)
+    dlw3 += dlam[None, None, :]
 
     # the bonus
     ruk = bd[:, None] * u[None, :]
@@ -825,11 +879,9 @@ def _wkv6_bwd_keys_kernel(
     # the levels below LOG2S, batched over the aligned blocks of SUB rows; level 0 has no decay
     r3 = _sub(r, L, SUB, BK)
     k3 = _sub(k, L, SUB, BK)
-    lw3 = _sub(lw, L, SUB, BK)
     dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
     dr3 = tl.dot(dAm3, k3, input_precision=PREC)
     dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
-    dlw3 = tl.zeros([L // SUB, SUB, BK], dtype=tl.float32)
     for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
         e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, PREC))
         Rh3 = r3 * e3
@@ -843,11 +895,10 @@ def _wkv6_bwd_keys_kernel(
         dlw3 += _mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, False, 2), dRh3 * Rh3 + dKh3 * Kh3, L, SUB, PREC)
     dr += tl.reshape(dr3, (L, BK))
     dk += tl.reshape(dk3, (L, BK))
-    dlw += tl.reshape(dlw3, (L, BK))
     # the levels from LOG2S up, on [L, L] tiles
     if LOG2L > LOG2S:
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, PREC), (L, BK)))
             Rh = r * e
             Kh = k * e
             dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
@@ -855,11 +906,11 @@ def _wkv6_bwd_keys_kernel(
             dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
             dr += dRh * e
             dk += dKh * e
-            dlw += _mask_dot(_sum_mask(offs_t, offs_t, lvl, False, 2), dRh * Rh + dKh * Kh, PREC)
+            dlw3 += _wide_sum_grad(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, PREC)
 
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
-    tl.store(dlw_ptr + pk, dlw.to(dlw_ptr.dtype.element_ty), mask=tmask)
+    tl.store(dlw_ptr + pk, tl.reshape(dlw3, (L, BK)).to(dlw_ptr.dtype.element_ty), mask=tmask)
     tl.store(du_ptr + (c * n_bh + i_bh) * N + offs_k, du)
 
 
