@@ -715,14 +715,6 @@ def _wide_sum_grad(dx3, offs_s, offs_b, G, KIND: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
-def _dot_split(xh, y):
-    """xh @ y for bfloat16 xh and float32 y: y split into two bfloat16 parts (16 of its mantissa
-    bits, where a tf32 operand keeps 10), two exact bfloat16 products with float32 sums."""
-    yh = y.to(tl.bfloat16)
-    return tl.dot(xh, (y - yh.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(xh, yh))
-
-
-@triton.jit
 def _pair_mask_ts(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
     """_pair_mask with t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T, the
     transpose ([s, t] with s in offs_a)."""
@@ -824,7 +816,7 @@ def _wkv6_bwd_keys_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr, BF16_DOTS: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
     are separable in the key index), from the state entering the chunk and the gradient of the
@@ -851,31 +843,21 @@ def _wkv6_bwd_keys_kernel(
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
-    v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0)  # [L, N] (all values)
-    dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
-    LOW: tl.constexpr = BF16_DOTS and v.dtype == tl.bfloat16 and dY.dtype == tl.bfloat16 and PREC == "tf32"
-    if not LOW:
-        v = v.to(tl.float32)
-        dY = dY.to(tl.float32)
+    v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)  # [L, N] (all values)
+    dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
     s_offs = (i_bh * NC + c) * N * N + offs_n[:, None] * N + offs_k[None, :]  # [N (value), BK]
 
     # everything that reads v and dY first (fewer live registers): the bonus bd (the diagonal of
     # dA), dA on the blocks of SUB rows and (for the upper levels) whole, drq = dY S0, dke = V dS
-    v32 = v.to(tl.float32)
-    dY32 = dY.to(tl.float32)
-    bd = tl.sum(dY32 * v32, axis=1)
-    dA3 = tl.dot(_sub(dY32, L, SUB, N), tl.permute(_sub(v32, L, SUB, N), (0, 2, 1)), input_precision=PREC)
+    bd = tl.sum(dY * v, axis=1)
+    dA3 = tl.dot(_sub(dY, L, SUB, N), tl.permute(_sub(v, L, SUB, N), (0, 2, 1)), input_precision=PREC)
     if LOG2L > LOG2S:
         dA = tl.dot(dY, tl.trans(v), input_precision=PREC)  # [L, L], only the upper levels' pairs are used
     S0 = tl.load(states_ptr + s_offs)
     dS = tl.load(dstates_ptr + s_offs)
-    if LOW:  # bfloat16 v and dY as they are, the states split in two bfloat16 parts (_dot_split)
-        dr = _dot_split(dY, S0)
-        dk = _dot_split(v, dS)
-    else:
-        dr = tl.dot(dY, S0, input_precision=PREC)
-        dk = tl.dot(v, dS, input_precision=PREC)
+    dr = tl.dot(dY, S0, input_precision=PREC)
+    dk = tl.dot(v, dS, input_precision=PREC)
     dlam = tl.sum(dS * S0, axis=0) * tl.exp(tl.sum(lw, axis=0))  # Lam: a column sum of same-sign terms
 
     # state side: P, Q over the chunk
@@ -1091,7 +1073,7 @@ def wkv6_backward(
         _check_config(N, L, block_t, precision, impl, block_k=bk)
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
             r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
-            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision, BF16_DOTS=r.is_cuda,
+            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision,
             num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
