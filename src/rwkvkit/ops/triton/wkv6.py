@@ -763,7 +763,6 @@ def _wkv6_chunk_out_kernel(
     stride_t = H * N
     offs_t = tl.arange(0, L)
     offs_s = tl.arange(0, SUB)
-    offs_b = tl.arange(0, L // SUB)  # the chunk's blocks of SUB rows
     offs_v = i_v * BV + tl.arange(0, BV)
     t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
@@ -791,11 +790,11 @@ def _wkv6_chunk_out_kernel(
             A3 += tl.where(_pair_mask_ts(offs_s, offs_s, lvl, not BWD)[None, :, :],
                            tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, PREC), (L, BK)))
+            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
             A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
-        g = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1 if BWD else 0, PREC), (L, BK)))
+        g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, PREC))
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
         out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
