@@ -869,6 +869,19 @@ def _wkv6_bwd_keys_kernel(
     dlw3 += _wide_sum_grad(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, PREC)
     dlw3 += dlam[None, None, :]
 
+    # the levels from LOG2S up, on [L, L] tiles
+    if LOG2L > LOG2S:
+        for lvl in range(LOG2S, LOG2L):
+            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, PREC), (L, BK)))
+            Rh = r * e
+            Kh = k * e
+            dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
+            dRh = tl.dot(dAm, Kh, input_precision=PREC)
+            dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
+            dr += dRh * e
+            dk += dKh * e
+            dlw3 += _wide_sum_grad(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, PREC)
+
     # the bonus
     ruk = bd[:, None] * u[None, :]
     dr += ruk * k
@@ -894,18 +907,6 @@ def _wkv6_bwd_keys_kernel(
         dlw3 += _mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, False, 2), dRh3 * Rh3 + dKh3 * Kh3, L, SUB, PREC)
     dr += tl.reshape(dr3, (L, BK))
     dk += tl.reshape(dk3, (L, BK))
-    # the levels from LOG2S up, on [L, L] tiles
-    if LOG2L > LOG2S:
-        for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, PREC), (L, BK)))
-            Rh = r * e
-            Kh = k * e
-            dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
-            dRh = tl.dot(dAm, Kh, input_precision=PREC)
-            dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
-            dr += dRh * e
-            dk += dKh * e
-            dlw3 += _wide_sum_grad(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, PREC)
 
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
