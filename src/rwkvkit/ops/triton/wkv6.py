@@ -318,63 +318,6 @@ def _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
-def _wkv6_fwd_state_kernel(
-    lw_ptr,  # log w, strides (lw_sb, lw_st, lw_sh, 1)
-    k_ptr, v_ptr,  # [B, T, H, N]
-    s0_ptr,  # [B, H, N, N] float32 (unused unless HAS_S0)
-    states_ptr,  # [B, H, NC, N, N] float32 out: the state entering each chunk
-    sT_ptr,  # [B, H, N, N] float32 out
-    cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_S0: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr,
-):
-    """Forward state scan over the chunks, one [BV, BK] tile of one head's state per program
-    (VARLEN: B = the sequences, T their own lengths, the states [1, H, chunks, N, N])."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
-    T, tok0, lw_base, NC, st0 = _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh,
-                                             L, N, VARLEN)
-    stride_t = H * N
-    offs_t = tl.arange(0, L)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]
-
-    if HAS_S0:
-        S = tl.load(s0_ptr + i_bh * N * N + s_offs).to(tl.float32)
-    else:
-        S = tl.zeros([BV, BK], dtype=tl.float32)
-
-    # inputs of the next chunk loaded one iteration ahead (the loop is latency-bound)
-    t = offs_t
-    tmask = (t < T)[:, None]
-    row = tok0 + t.to(tl.int64)[:, None] * stride_t
-    k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-    lwn_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, L)
-    lw0_n = _load_lw_row(lw_ptr, lw_base, 0, T, lw_st, offs_k)
-    for c in range(NC):
-        k = k_n.to(tl.float32)
-        v = v_n.to(tl.float32)
-        lwn = lwn_n
-        lw0 = lw0_n
-        t = (c + 1) * L + offs_t
-        tmask = (t < T)[:, None]  # all false past the last chunk: no memory access
-        row = tok0 + t.to(tl.int64)[:, None] * stride_t
-        k_n = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        v_n = tl.load(v_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-        lwn_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, 1, L)
-        lw0_n = _load_lw_row(lw_ptr, lw_base, (c + 1) * L, T, lw_st, offs_k)
-
-        tl.store(states_ptr + (st0 + c) * N * N + s_offs, S)
-        S = _state_step(S, k, v, lwn, lw0, PREC)
-
-    tl.store(sT_ptr + i_bh * N * N + s_offs, S)
-
-
-@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_fwd_out_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
@@ -420,68 +363,6 @@ def _wkv6_fwd_out_kernel(
         # (unconditional: the update after the last block is unused; a loop-carried tensor
         # changed under a branch gave wrong outputs on sm_90 with triton 3.6)
         S = _state_step(S, k, v, lwn, _load_lw_row(lw_ptr, lw_base, t0, T, lw_st, offs_k), PREC)
-
-
-@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
-def _wkv6_bwd_state_kernel(
-    r_ptr, lw_ptr, dy_ptr,  # [B, T, H, N]; log w through its strides
-    dsT_ptr,  # [B, H, N, N] float32 (unused unless HAS_DST)
-    dstates_ptr,  # [B, H, NC, N, N] float32 out: the gradient of the state leaving each chunk
-    ds0_ptr,  # [B, H, N, N] float32 out
-    cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
-    T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, HAS_DST: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr,
-):
-    """Backward state scan, chunks in reverse: dS <- dS diag(e^{Lam}) + dY^T (r e^{P}), with
-    Lam = sum(lwp) + log w_{L-1} (VARLEN: as in the forward scan)."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
-    T, tok0, lw_base, NC, st0 = _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, lw_sb, lw_st, lw_sh,
-                                             L, N, VARLEN)
-    stride_t = H * N
-    offs_t = tl.arange(0, L)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    s_offs = offs_v[:, None] * N + offs_k[None, :]
-
-    if HAS_DST:
-        dS = tl.load(dsT_ptr + i_bh * N * N + s_offs).to(tl.float32)
-    else:
-        dS = tl.zeros([BV, BK], dtype=tl.float32)
-
-    # inputs prefetched one chunk ahead (in reverse order), as in the forward scan
-    t = (NC - 1) * L + offs_t
-    if VARLEN:
-        tmask = ((t >= 0) & (t < T))[:, None]  # an empty sequence: no chunk, nothing to load
-    else:
-        tmask = (t < T)[:, None]
-    row = tok0 + t.to(tl.int64)[:, None] * stride_t
-    r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-    dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-    lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
-    lwl_n = _load_lw_row(lw_ptr, lw_base, NC * L - 1, T, lw_st, offs_k)
-    for cc in range(NC):
-        c = NC - 1 - cc
-        r = r_n.to(tl.float32)
-        dY = dy_n.to(tl.float32)
-        lwp = lwp_n
-        lwl = lwl_n
-        t = (c - 1) * L + offs_t
-        tmask = ((t >= 0) & (t < T))[:, None]  # all false before the first chunk
-        row = tok0 + t.to(tl.int64)[:, None] * stride_t
-        r_n = tl.load(r_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
-        dy_n = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
-        lwp_n = _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, -1, L)
-        lwl_n = _load_lw_row(lw_ptr, lw_base, c * L - 1, T, lw_st, offs_k)  # (c = 0: masked, unused)
-
-        tl.store(dstates_ptr + (st0 + c) * N * N + s_offs, dS)
-        rq = r * tl.exp(tl.cumsum(lwp, axis=0))  # r_t e^{P_t}
-        dS = dS * tl.exp(tl.sum(lwp, axis=0) + lwl)[None, :]
-        dS += tl.dot(tl.trans(dY), rq, input_precision=PREC)
-
-    tl.store(ds0_ptr + i_bh * N * N + s_offs, dS)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks", "part_stride"])  # one compile for every T and H
@@ -915,6 +796,124 @@ def _wkv6_bwd_keys_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# The chunk states by a diagonal scan: the chunks' updates in parallel, then an elementwise scan
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
+def _wkv6_chunk_update_kernel(
+    a_ptr, lw_ptr, x_ptr,  # forward: k, log w, v; backward: r, log w, dY   [B, T, H, N]
+    u_ptr,  # [B, H, NC, N, N] float32 out: the chunk's update [value, key]
+    g_ptr,  # [B, H, NC, N] float32 out: e^{Lam}, the chunk's decay per key channel
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """One chunk's term of the state recurrence, all chunks in parallel: forward
+    V^T (k e^{Q}) (S_next = S diag(e^{Lam}) + this), backward dY^T (r e^{P}) (dS_prev = dS
+    diag(e^{Lam}) + this); the exponent by a masked product, as in _wkv6_chunk_out_kernel."""
+    c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2)
+    c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
+                                                 lw_sb, lw_st, lw_sh, L, N, VARLEN)
+    offs_t = tl.arange(0, L)
+    offs_k = tl.arange(0, N)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    t = c_loc * L + offs_t
+    tmask = (t < T)[:, None]
+    row = tok0 + t.to(tl.int64)[:, None] * (H * N)
+    a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+    lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
+    a *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0 if BWD else 1), lw, PREC))
+    x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+    slot = i_bh * NC + c
+    tl.store(u_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :],
+             tl.dot(tl.trans(x), a, input_precision=PREC))
+    if i_v == 0:
+        tl.store(g_ptr + slot * N + offs_k, tl.exp(tl.sum(lw, axis=0)))  # Lam: a sum of same-sign terms
+
+
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
+def _wkv6_diag_scan_kernel(
+    st_ptr,  # [B, H, NC, N, N] float32: in, the chunks' updates; out, the forward's state entering each
+    # chunk (REVERSE: the gradient of the state leaving it)
+    g_ptr,  # [B, H, NC, N] float32: e^{Lam} per chunk
+    s0_ptr,  # [S, H, N, N] float32: the initial state (REVERSE: the final state's gradient); unused unless HAS_S0
+    sT_ptr,  # [S, H, N, N] float32 out: the final state (REVERSE: the initial state's gradient)
+    cu_ptr, chunk_cu_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, n_chunks,
+    N: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """S <- S diag(e^{Lam_c}) + U_c over the chunks of one sequence and head, elementwise on BLOCK
+    entries (whole rows) of the [N, N] state per program (the update is diagonal in the key
+    index), storing the state before each update in place of that update; the next chunk's
+    update is loaded one step ahead."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col = offs % N
+    _, _, _, NC, st0 = _sequence_at(cu_ptr, chunk_cu_ptr, i_bh, T, H, n_chunks, 0, 0, 0, L, N, VARLEN)
+    st0 = st0.to(tl.int64)
+    if HAS_S0:
+        S = tl.load(s0_ptr + i_bh * N * N + offs)
+    else:
+        S = tl.zeros([BLOCK], dtype=tl.float32)
+    first = NC - 1 if REVERSE else 0
+    ok = (offs * 0 + NC) > 0  # an empty sequence (VARLEN): nothing to load
+    u_n = tl.load(st_ptr + (st0 + first) * N * N + offs, mask=ok, other=0.0)
+    g_n = tl.load(g_ptr + (st0 + first) * N + col, mask=ok, other=0.0)
+    for cc in range(NC):
+        c = NC - 1 - cc if REVERSE else cc
+        u = u_n
+        g = g_n
+        nxt = c - 1 if REVERSE else c + 1
+        ok = (offs * 0 + cc + 1) < NC
+        u_n = tl.load(st_ptr + (st0 + nxt) * N * N + offs, mask=ok, other=0.0)
+        g_n = tl.load(g_ptr + (st0 + nxt) * N + col, mask=ok, other=0.0)
+        tl.store(st_ptr + (st0 + c) * N * N + offs, S)
+        S = S * g + u
+    tl.store(sT_ptr + i_bh * N * N + offs, S)
+
+
+def _auto_scan_block(n_heads: int, N: int, device: torch.device) -> int:
+    """Rows of the state per program of the elementwise scan: the most (up to 1024 entries)
+    that still give four programs per SM, down to 256 entries."""
+    b = max(1, min(N, 1024 // N))
+    if device.type != "cuda":
+        return b
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    while b * N > 256 and n_heads * (N // b) < 4 * sms:
+        b //= 2
+    return b
+
+
+def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dict, precision: str,
+                  scan_block: int, scan_num_warps: int | None, bwd: bool) -> torch.Tensor:
+    """Fill ``states`` [B, H, chunks, N, N] with the state entering every chunk (bwd: the
+    gradient of the state leaving it; a, x = r, dY, else k, v) and return the final state (bwd:
+    the initial state's gradient), from ``s0`` (None: zeros): the chunks' updates in parallel
+    (_wkv6_chunk_update_kernel), then the elementwise scan (_wkv6_diag_scan_kernel), ``scan_block``
+    rows of the state per program."""
+    B, T, H, N = a.shape
+    nc = states.shape[2]
+    g = _empty((B, H, nc, N), torch.float32, a.device)
+    _wkv6_chunk_update_kernel[(nc, B * H, 1)](
+        a, log_w, x, states, g, *tabs, T, H, *_lw_strides(log_w),
+        N=N, L=L, LOG2L=int(math.log2(L)), BV=N, BWD=bwd, PREC=precision, num_warps=4 if L * N <= 4096 else 8,
+        **vl,
+    )
+    sT = _empty((n_seqs, H, N, N), torch.float32, a.device)
+    _wkv6_diag_scan_kernel[(n_seqs * H, N // scan_block)](
+        states, g, s0 if s0 is not None else sT, sT, *tabs[:2], T, H, vl["n_chunks"],
+        N=N, L=L, BLOCK=scan_block * N, HAS_S0=s0 is not None, REVERSE=bwd, VARLEN=vl["VARLEN"],
+        num_warps=scan_num_warps or 4,
+    )
+    return sT
+
+
+# --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 
@@ -935,21 +934,8 @@ def _auto_block_v(N: int, bt: int, budget: int) -> int:
     return bv
 
 
-def _auto_scan_block(n_heads: int, N: int, device: torch.device) -> int:
-    """The state tile of the scan kernels ([b, b] of an [N, N] state): the widest (up to 64) that
-    still gives one program per SM. (H200, B*H = 256, N = 64: tile 64 (256 programs) took 0.61 /
-    0.51 ms forward / backward, tile 32 (1024 programs) 0.84 / 0.64 ms, 16: 1.9 / 1.5 ms.)"""
-    b = min(N, 64)
-    if device.type != "cuda":
-        return b
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    while b > 16 and n_heads * (N // b) ** 2 < sms:
-        b //= 2
-    return b
-
-
 def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: str = DEFAULT_IMPL,
-                  **blocks: int) -> None:
+                  scan_block: int | None = None, **blocks: int) -> None:
     if impl not in IMPLS:
         raise ValueError(f"wkv6_triton: impl / bwd_impl must be one of {IMPLS}, got {impl!r}")
     if impl == "chunks" and chunk_size > CHUNKS_MAX:
@@ -962,6 +948,9 @@ def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: s
         raise ValueError(
             f"wkv6_triton: block_t must be one of {SUPPORTED_BLOCK_T} and <= chunk_size, got {block_t}"
         )
+    if scan_block is not None and (scan_block < 1 or scan_block > N or N % scan_block):
+        raise ValueError(f"wkv6_triton: scan_block (rows of the state per scan program) must divide the head "
+                         f"size {N}, got {scan_block}")
     for name, b in blocks.items():
         if b < 16 or b > N or N % b:
             raise ValueError(f"wkv6_triton: {name} must divide the head size {N} and be >= 16, got {b}")
@@ -1007,15 +996,11 @@ def wkv6_forward(
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))
     sb = scan_block or _auto_scan_block(S * H, N, r.device)
     bk = block_k or min(N, CHUNKS_BLOCK_K)
-    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
+    _check_config(N, L, block_t, precision, impl, scan_block=sb, block_v=bv, block_k=bk)
     y = _empty((B, T, H, N), out_dtype, r.device)
-    sT = _empty((S, H, N, N), torch.float32, r.device)
     states = _empty((B, H, nc, N, N), torch.float32, r.device)
-    _wkv6_fwd_state_kernel[(S * H, N // sb, N // sb)](
-        log_w, k, v, state if state is not None else sT, states, sT, *tabs[:2], T, H, *_lw_strides(log_w),
-        N=N, L=L, BV=sb, BK=sb, HAS_S0=state is not None, PREC=precision,
-        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
-    )
+    sT = _chunk_states(k, log_w, v, state, states, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
+                       scan_block=sb, scan_num_warps=scan_num_warps, bwd=False)
     if impl == "chunks":
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
             r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
@@ -1050,19 +1035,15 @@ def wkv6_backward(
     bv = block_v or (N if impl == "chunks" else _auto_block_v(N, block_t, 1 << 16))  # N=64: one value block
     sb = scan_block or _auto_scan_block(S * H, N, r.device)
     bk = out_block_k or min(N, CHUNKS_BLOCK_K)
-    _check_config(N, L, block_t, precision, impl, block_v=bv, scan_block=sb, block_k=bk)
+    _check_config(N, L, block_t, precision, impl, scan_block=sb, block_v=bv, block_k=bk)
     nv = N // bv
     if impl == "chunks":
         dr, dlw, dk = (_empty((B, T, H, N), x.dtype, r.device) for x in (r, log_w, k))
         du_part = _empty((nc, B * H, N), torch.float32, r.device)
         dv = _empty((B, T, H, N), v.dtype, r.device)
-        ds0 = _empty((S, H, N, N), torch.float32, r.device)
         dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-        _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
-            r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *_lw_strides(log_w),
-            N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
-            num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
-        )
+        ds0 = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
+                            scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
         lws = _lw_strides(log_w)
         _wkv6_chunk_out_kernel[(nc, B * H, nv)](
             k, log_w, r, dy, u, dstates, dv, *tabs, T, H, *lws,
@@ -1084,13 +1065,9 @@ def wkv6_backward(
         parts = [_empty((nv, B, T, H, N), torch.float32, r.device) for _ in inputs]
     du_part = _empty((nv, nc, B * H, N), torch.float32, r.device)
     dv = _empty((B, T, H, N), v.dtype, r.device)
-    ds0 = _empty((S, H, N, N), torch.float32, r.device)
     dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-    _wkv6_bwd_state_kernel[(S * H, N // sb, N // sb)](
-        r, log_w, dy, dsT if dsT is not None else ds0, dstates, ds0, *tabs[:2], T, H, *_lw_strides(log_w),
-        N=N, L=L, BV=sb, BK=sb, HAS_DST=dsT is not None, PREC=precision,
-        num_warps=scan_num_warps or (8 if sb * sb >= 4096 else 4), **vl,
-    )
+    ds0 = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
+                        scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
     _wkv6_bwd_chunks_kernel[(nc, B * H, nv)](
         r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, *tabs, T, H, *_lw_strides(log_w),
         vl["n_chunks"], B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv,
