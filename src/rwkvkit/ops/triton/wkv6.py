@@ -56,14 +56,18 @@ Kernels. The formula is used at two granularities: chunks of ``chunk_size`` C st
 whose entering states are stored, and blocks of ``block_t`` steps (16) inside a chunk, where
 the levels are computed (log2(16) = 4 levels of [16, N] x [N, 16] products: cheap, and few live
 registers; ``block_t`` 32 or 64 trades more levels and wider tiles for fewer blocks in series,
-64 with chunk 64 carrying nothing inside a chunk). Four kernels, two per direction:
-  * a lean sequential scan over the chunks for the state (forward: S <- S diag(e^{Lam})
-    + V^T (k e^{Q}); backward: dS <- dS diag(e^{Lam}) + dY^T (r e^{P})). The update is
-    diagonal in the key index, so a program owns a [b, b] tile of one head's state: grid
-    (batch*head, N/scan_block, N/scan_block), one [b, C] x [C, b] product per chunk, the next
-    chunk's inputs prefetched. It stores the state entering (forward) / the gradient of the
-    state leaving (backward) every chunk, float32 [B, H, T/C, N, N] (packed sequences:
-    [1, H, chunks, N, N]);
+64 with chunk 64 carrying nothing inside a chunk). Per direction:
+  * the chunk states by a diagonal scan (forward: S <- S diag(e^{Lam}) + V^T (k e^{Q});
+    backward: dS <- dS diag(e^{Lam}) + dY^T (r e^{P})). Every chunk's update term and e^{Lam}
+    come from one kernel over all chunks in parallel (_wkv6_chunk_update_kernel, the exponent
+    by a masked product as below), written where the chunk's state goes; since the recurrence
+    is diagonal in the key index, the scan over the chunks is then elementwise
+    (_wkv6_diag_scan_kernel, ``scan_block`` rows of one head's state per program, the next
+    update loaded one chunk ahead), overwriting each update with the state entering (forward)
+    / the gradient of the state leaving (backward) the chunk: float32 [B, H, T/C, N, N]
+    (packed sequences: [1, H, chunks, N, N]). It replaced a sequential scan with one
+    [b, C] x [C, b] product per chunk, latency-bound (H200, B=8, T=4096, H=32: 1.13 -> 1.04 ms
+    for both directions; 1, 16384, 12: 1.15 -> 0.38);
   * a kernel over all chunks in parallel, grid (T/C, batch*head, N/block_v), whose program walks
     its chunk in blocks of block_t rows: forward, Y = (r e^{P}) S^T + A V block by block while
     the [block_v, N] state advances in registers; backward, the blocks in reverse with dS in
@@ -77,7 +81,7 @@ writing and reading the chunk states: N*N*4/C bytes per token and head (256 B at
 for every pass over them (forward: written once, read once; backward: read once, and dS
 written and read once). Without gradients the states are still written: the output kernel
 needs them. Compiled for sm_90 (Triton 3.9, offline) at the defaults (N=64, bf16, tf32): the
-scans use 206-247 registers without spills, the forward output kernel 255 registers and 48 B
+update kernel uses 164 registers, the scan 54, without spills; the forward output kernel 255 registers and 48 B
 of stack, the backward chunk kernel (one value block, 8 warps) 255 registers and 304 B of
 stack (88 B with block_v 32, but then the partial sums over value blocks cost more).
 
@@ -97,9 +101,13 @@ program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputin
 aligned block of 16 rows, so both kernels run them batched over those blocks ([C/16, 16, 16]
 tiles, a 3-D ``tl.dot``) and only the levels from 4 up on [C, C] tiles: at C = 64 that is a
 quarter of the level products' work for four of the six levels (H200: forward 2.01 -> 1.64 ms,
-forward + backward 8.86 -> 7.49 at B=8, T=4096, H=32). Offline sm_90 builds (Triton 3.9, N=64,
-C=64, bf16, tf32) still spill in the key-side kernel (1.5 KB at key block 32, 0.6 KB at 16, which
-measured slower): see benchmarks/NOTES.md. The block kernels above
+forward + backward 8.86 -> 7.49 at B=8, T=4096, H=32). In the key-side kernel the exponents
+whose windows are whole 16-row blocks (P, Q and the levels from 4 up) and the sums of their
+gradients are the block-local part (a masked product on [16, 16] tiles) plus the sums of the
+window's other blocks (_wide_sum, _wide_sum_grad), not [C, C] masked products: still a sum of
+exactly its terms, and 1504 -> 632 B of spills offline (sm_90, key block 32): 4.24 -> 3.43 ms
+there (H200). The output kernel keeps the [C, C] products (the block sums made it slower, 2.12
+-> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are
@@ -217,7 +225,7 @@ def _level_decay(lwp, lwn, offs_t, LVL: tl.constexpr, L: tl.constexpr, N: tl.con
 def _load_lw_shifted(lw_ptr, lw_base, t, offs_t, T, lw_st, offs_k, SHIFT: tl.constexpr, LEN: tl.constexpr):
     """log w at row t + SHIFT (SHIFT = -1: lwp, +1: lwn) for the rows t of a block of LEN rows
     (offs_t = position in the block), float32; 0 where that row lies outside the block or
-    outside [0, T) (the scans prefetch one block past either end)."""
+    outside [0, T)."""
     if SHIFT < 0:
         m = (offs_t >= 1) & (t >= 1) & (t <= T)
     else:
@@ -1022,7 +1030,7 @@ def wkv6_backward(
     impl: str = DEFAULT_IMPL, block_k: int | None = None, out_block_k: int | None = None,
     table: ChunkTable | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the backward kernels: the reverse scan of dS (storing dS per chunk, float32), then
+    """Launch the backward kernels: the reverse diagonal scan of dS (storing dS per chunk, float32), then
     all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
     gradients in another, in blocks of ``out_block_k`` and ``block_k`` key channels). Returns
     ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
@@ -1166,7 +1174,8 @@ def wkv6_triton(
     ``block_t`` (16/32/64, at most ``chunk_size``: the rows a chunk kernel handles at once,
     64 = the whole chunk with nothing carried inside it; see the module docstring),
     ``block_v`` / ``num_warps`` of the forward output kernel, the same two of the backward
-    chunk kernel(s), ``scan_block`` (the [b, b] state tile of the two sequential scans) and their
+    chunk kernel(s), ``scan_block`` (rows of the [N, N] state per program of the two elementwise
+    scans over the chunks; default: up to 1024 entries, fewer for few heads) and their
     ``scan_num_warps``, and the ``precision`` of the matmul inputs ("ieee", "tf32", "tf32x3";
     None: ieee for float32 inputs, else tf32). The backward walks blocks of at most 32 rows.
     ``impl`` / ``bwd_impl`` (forward / backward chunk kernels): "blocks" walks a chunk in
