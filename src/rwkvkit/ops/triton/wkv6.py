@@ -104,7 +104,7 @@ quarter of the level products' work for four of the six levels (H200: forward 2.
 forward + backward 8.86 -> 7.49 at B=8, T=4096, H=32). In the key-side kernel the exponents
 whose windows are whole 16-row blocks (P, Q and the levels from 4 up) and the sums of their
 gradients are the block-local part (a masked product on [16, 16] tiles) plus the sums of the
-window's other blocks (_wide_sum, _wide_sum_grad), not [C, C] masked products: still a sum of
+window's other blocks (_wide_sum), not [C, C] masked products: still a sum of
 exactly its terms, and 1504 -> 632 B of spills offline (sm_90, key block 32): 4.24 -> 3.43 ms
 there (H200). The output kernel keeps the [C, C] products (the block sums made it slower, 2.12
 -> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
@@ -567,39 +567,29 @@ def _wide_prefix_blocks(offs_b, G, KIND: tl.constexpr):
 
 
 @triton.jit
-def _wide_sum(lw3, offs_s, offs_b, G, KIND: tl.constexpr, PREC: tl.constexpr):
+def _wide_sum(x3, offs_s, offs_b, G, KIND: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):
     """The exponents of windows of 2^G whole blocks of SUB rows (P, Q over the chunk and the
-    levels from LOG2S up), for the rows lw3 [NB, SUB, BK] of log w: on a prefix block, the sum
+    levels from LOG2S up), for the rows x3 [NB, SUB, BK] of log w: on a prefix block, the sum
     of log w over the rows of the window before t; on a suffix block, after t. Computed as the
     block-local exclusive sum (a masked product on [SUB, SUB] tiles, _mask_dot) plus the totals
     of the window's whole blocks before (after) t's block: still a sum of exactly the log-decays
     the exponent spans, all <= 0, in place of one [L, L] masked product per exponent (H200,
-    B=8, T=4096, H=32: those cost about a quarter of the backward)."""
+    B=8, T=4096, H=32: those cost about a quarter of the backward). TRANS: the transpose, for
+    the gradient: x3 the gradient of the exponent on every row, and each row q gets the sum of
+    x over the rows t whose window holds q; each a sum of exactly its terms, none added and
+    subtracted again."""
     pref = _wide_prefix_blocks(offs_b, G, KIND)
-    t = offs_s[None, :, None]
-    q = offs_s[None, None, :]
-    loc = _mask_dot(tl.where(pref[:, None, None], q < t, q > t).to(tl.float32), lw3, PREC)
-    b = offs_b[:, None]
-    m = offs_b[None, :]
-    sel = ((b >> G) == (m >> G)) & tl.where(pref[:, None], m < b, m > b)  # [NB (t's block), NB]
-    carry = tl.sum(tl.where(sel[:, :, None], tl.sum(lw3, axis=1)[None, :, :], 0.0), axis=1)
-    return loc + carry[:, None, :]
-
-
-@triton.jit
-def _wide_sum_grad(dx3, offs_s, offs_b, G, KIND: tl.constexpr, PREC: tl.constexpr):
-    """The transpose of _wide_sum: the gradient of log w [NB, SUB, BK] from dx3, the gradient of
-    the exponent on every row: each row q gets the sum of dx over the rows t whose window holds
-    q (block-local part, then the block sums of dx of the window's other blocks). Each output is
-    a sum of exactly its terms, none added and subtracted again."""
-    pref = _wide_prefix_blocks(offs_b, G, KIND)
-    q = offs_s[None, :, None]
-    t = offs_s[None, None, :]
-    loc = _mask_dot(tl.where(pref[:, None, None], q < t, q > t).to(tl.float32), dx3, PREC)
-    m = offs_b[:, None]  # q's block
-    b = offs_b[None, :]  # t's block
-    sel = ((b >> G) == (m >> G)) & tl.where(pref[None, :], m < b, m > b)  # [NB (q's block), NB]
-    carry = tl.sum(tl.where(sel[:, :, None], tl.sum(dx3, axis=1)[None, :, :], 0.0), axis=1)
+    i = offs_s[None, :, None]  # the output's row
+    j = offs_s[None, None, :]  # the summed row, in the same block
+    loc = _mask_dot(tl.where(pref[:, None, None] != TRANS, j < i, j > i).to(tl.float32), x3, PREC)
+    o = offs_b[:, None]  # the output's block
+    m = offs_b[None, :]  # the summed block
+    if TRANS:  # the summed block's rows are the t whose window holds the output's rows
+        sel = tl.where(pref[None, :], m > o, m < o)
+    else:
+        sel = tl.where(pref[:, None], m < o, m > o)
+    sel = sel & ((o >> G) == (m >> G))
+    carry = tl.sum(tl.where(sel[:, :, None], tl.sum(x3, axis=1)[None, :, :], 0.0), axis=1)
     return loc + carry[:, None, :]
 
 
@@ -750,18 +740,18 @@ def _wkv6_bwd_keys_kernel(
 
     # state side: P, Q over the chunk
     lw3 = _sub(lw, L, SUB, BK)
-    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 0, PREC), (L, BK)))  # drq e^{P}
-    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1, PREC), (L, BK)))  # dke e^{Q}
+    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 0, False, PREC), (L, BK)))  # drq e^{P}
+    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1, False, PREC), (L, BK)))  # dke e^{Q}
     # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
     # dLam on every row
-    dlw3 = _wide_sum_grad(_sub(dr * r, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 0, PREC)
-    dlw3 += _wide_sum_grad(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, PREC)
+    dlw3 = _wide_sum(_sub(dr * r, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 0, True, PREC)
+    dlw3 += _wide_sum(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, True, PREC)
     dlw3 += dlam[None, None, :]
 
     # the levels from LOG2S up, on [L, L] tiles
     if LOG2L > LOG2S:
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, PREC), (L, BK)))
+            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, PREC), (L, BK)))
             Rh = r * e
             Kh = k * e
             dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
@@ -769,7 +759,7 @@ def _wkv6_bwd_keys_kernel(
             dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
             dr += dRh * e
             dk += dKh * e
-            dlw3 += _wide_sum_grad(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, PREC)
+            dlw3 += _wide_sum(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, True, PREC)
 
     # the bonus
     ruk = bd[:, None] * u[None, :]
@@ -815,32 +805,28 @@ def _wkv6_chunk_update_kernel(
     g_ptr,  # [B, H, NC, N] float32 out: e^{Lam}, the chunk's decay per key channel
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """One chunk's term of the state recurrence, all chunks in parallel: forward
     V^T (k e^{Q}) (S_next = S diag(e^{Lam}) + this), backward dY^T (r e^{P}) (dS_prev = dS
     diag(e^{Lam}) + this); the exponent by a masked product, as in _wkv6_chunk_out_kernel."""
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_v = tl.program_id(2)
     c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
                                                  lw_sb, lw_st, lw_sh, L, N, VARLEN)
     offs_t = tl.arange(0, L)
     offs_k = tl.arange(0, N)
-    offs_v = i_v * BV + tl.arange(0, BV)
     t = c_loc * L + offs_t
     tmask = (t < T)[:, None]
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
     a *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0 if BWD else 1), lw, PREC))
-    x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     slot = i_bh * NC + c
-    tl.store(u_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :],
-             tl.dot(tl.trans(x), a, input_precision=PREC))
-    if i_v == 0:
-        tl.store(g_ptr + slot * N + offs_k, tl.exp(tl.sum(lw, axis=0)))  # Lam: a sum of same-sign terms
+    tl.store(u_ptr + slot * N * N + offs_k[:, None] * N + offs_k[None, :], tl.dot(tl.trans(x), a, input_precision=PREC))
+    tl.store(g_ptr + slot * N + offs_k, tl.exp(tl.sum(lw, axis=0)))  # Lam: a sum of same-sign terms
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
@@ -907,10 +893,10 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
     B, T, H, N = a.shape
     nc = states.shape[2]
     g = _empty((B, H, nc, N), torch.float32, a.device)
-    _wkv6_chunk_update_kernel[(nc, B * H, 1)](
+    # (H200, B=8, T=4096, H=32: value blocks of 32 or 8 warps were slower, NOTES)
+    _wkv6_chunk_update_kernel[(nc, B * H)](
         a, log_w, x, states, g, *tabs, T, H, *_lw_strides(log_w),
-        N=N, L=L, LOG2L=int(math.log2(L)), BV=N, BWD=bwd, PREC=precision, num_warps=4 if L * N <= 4096 else 8,
-        **vl,
+        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, num_warps=4 if L * N <= 4096 else 8, **vl,
     )
     sT = _empty((n_seqs, H, N, N), torch.float32, a.device)
     _wkv6_diag_scan_kernel[(n_seqs * H, N // scan_block)](
