@@ -215,8 +215,8 @@ def wkv6_sweep_configs(quick: bool) -> list[dict]:
     """impl "blocks": chunk size (the stored states) and block_t with the chunk kernels' blocks
     and warps (the backward walks at most 32-row blocks); impl "chunks" (whole-chunk kernels,
     forward and backward, the default at chunks up to 64; then each with the other's "blocks")
-    with its key block and warps; then the scans' tile and warps at the default chunk (the knobs
-    are largely independent: read the per-kernel times)."""
+    with its key block and warps; then the elementwise scans' rows of the state per program and
+    warps at the default chunk (the knobs are largely independent: read the per-kernel times)."""
     configs = []
     for C in (32, 64, 128):
         for bt in (16, 32, 64):
@@ -236,7 +236,7 @@ def wkv6_sweep_configs(quick: bool) -> list[dict]:
                                     num_warps=w, bwd_num_warps=w))
     configs.append(dict(impl="chunks", bwd_impl="blocks"))  # forward "chunks", the backward "blocks"
     configs.append(dict(impl="blocks", bwd_impl="chunks"))  # the reverse
-    for sb, sw in ((16, 4), (32, 8), (64, 8), (64, 4)):
+    for sb, sw in ((4, 4), (8, 4), (32, 4), (16, 8)):
         configs.append(dict(scan_block=sb, scan_num_warps=sw))
     return configs
 
