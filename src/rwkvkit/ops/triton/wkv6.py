@@ -621,10 +621,11 @@ def _wkv6_chunk_out_kernel(
     u_ptr,  # [H, N]
     s_ptr,  # [B, H, NC, N, N] float32: forward the state entering each chunk, backward dS leaving it
     out_ptr,  # forward: y; backward: dv   [B, T, H, N]
+    amat_ptr,  # [B, H, NC, L, L] float32 out (STORE_A): A of every chunk
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
-    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, STORE_A: tl.constexpr,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
@@ -632,7 +633,9 @@ def _wkv6_chunk_out_kernel(
     A (A^T) summed over key blocks of BK channels, each block's part from its LOG2L levels, their
     exponents as masked products (_mask_dot), no scans. The levels below LOG2S pair rows inside
     one aligned block of SUB = 2^LOG2S rows: they (and the bonus) are batched over those blocks
-    ([L/SUB, SUB, SUB] tiles, A3), the levels above take [L, L] tiles (A)."""
+    ([L/SUB, SUB, SUB] tiles, A3), the levels above take [L, L] tiles (A).
+    STORE_A (forward): A is also stored, for the backward's _wkv6_bwd_values_kernel (which then
+    reads it rather than rebuilding it)."""
     SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -680,7 +683,55 @@ def _wkv6_chunk_out_kernel(
     out += tl.reshape(tl.dot(A3, _sub(x, L, SUB, BV), input_precision=PREC), (L, BV))
     if LOG2L > LOG2S:
         out = tl.dot(A, x, acc=out, input_precision=PREC)
+    if STORE_A:  # the diagonal blocks from A3, the rest from A (zero there)
+        if i_v == 0:
+            a_base = amat_ptr + (i_bh * NC + c) * L * L
+            bt = (tl.arange(0, L // SUB) * SUB)[:, None, None]
+            tl.store(a_base + (bt + offs_s[None, :, None]) * L + bt + offs_s[None, None, :], A3)
+            if LOG2L > LOG2S:
+                other = (offs_t[:, None] >> LOG2S) != (offs_t[None, :] >> LOG2S)
+                tl.store(a_base + offs_t[:, None] * L + offs_t[None, :], A, mask=other)
     tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
+
+
+@triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
+def _wkv6_bwd_values_kernel(
+    lw_ptr, k_ptr, dy_ptr,  # [B, T, H, N]; log w through its strides
+    amat_ptr,  # [B, H, NC, L, L] float32: the forward's A of every chunk
+    dstates_ptr,  # [B, H, NC, N, N] float32: the gradient of the state leaving each chunk
+    dv_ptr,  # [B, T, H, N]
+    cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    T, H, lw_sb, lw_st, lw_sh, n_chunks,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """dV = A^T dY + (k e^{Q}) dS^T of one chunk and BV value channels with the forward's A
+    (one product in place of rebuilding A from its levels, as _wkv6_chunk_out_kernel does when
+    there is no saved A); e^{Q} by blocks of 2^LOG2S rows (_wide_sum)."""
+    SUB: tl.constexpr = 1 << LOG2S
+    c = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2)
+    c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
+                                                 lw_sb, lw_st, lw_sh, L, N, VARLEN)
+    offs_t = tl.arange(0, L)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    t = c_loc * L + offs_t
+    tmask = (t < T)[:, None]
+    row = tok0 + t.to(tl.int64)[:, None] * (H * N)
+    slot = i_bh * NC + c
+    dY = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+    At = tl.load(amat_ptr + slot * L * L + offs_t[None, :] * L + offs_t[:, None])  # [s, t]
+    dv = tl.dot(At, dY, input_precision=PREC)
+    for i_k in range(N // BK):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+        lw3 = _sub(_load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k), L, SUB, BK)
+        gq = tl.exp(tl.reshape(_wide_sum(lw3, tl.arange(0, SUB), tl.arange(0, L // SUB), LOG2L - LOG2S, 1, False,
+                                         PREC), (L, BK)))  # e^{Q}
+        dS = tl.load(dstates_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :])  # [BV, BK]
+        dv = tl.dot(k * gq, tl.trans(dS), acc=dv, input_precision=PREC)
+    tl.store(dv_ptr + row + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=tmask)
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
@@ -978,12 +1029,13 @@ def _lw_strides(log_w: torch.Tensor) -> tuple[int, int, int]:
 def wkv6_forward(
     r, log_w, k, v, u, state, *, chunk_size: int, block_t: int, block_v: int | None, num_warps: int | None,
     scan_block: int | None, scan_num_warps: int | None, precision: str, out_dtype: torch.dtype,
-    impl: str = DEFAULT_IMPL, block_k: int | None = None, table: ChunkTable | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl: str = DEFAULT_IMPL, block_k: int | None = None, table: ChunkTable | None = None, save_a: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the forward kernels (r, k, v, u contiguous; log_w with a unit last stride; with
     a ``table``, packed sequences: B == 1, state [S, H, N, N]). Returns ``(y, final state,
-    states)``, ``states`` [B, H, chunks, N, N] float32 the state entering each chunk (the
-    backward's input)."""
+    states, amat)``, ``states`` [B, H, chunks, N, N] float32 the state entering each chunk (the
+    backward's input), ``amat`` [B, H, chunks, C, C] float32 every chunk's A (impl "chunks" with
+    ``save_a``, for the backward's dv; else None)."""
     B, T, H, N = r.shape
     L = chunk_size
     S, nc, tabs, vl = _layout(r, L, table)
@@ -995,11 +1047,13 @@ def wkv6_forward(
     states = _empty((B, H, nc, N, N), torch.float32, r.device)
     sT = _chunk_states(k, log_w, v, state, states, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
                        scan_block=sb, scan_num_warps=scan_num_warps, bwd=False)
+    amat = None
     if impl == "chunks":
+        amat = _empty((B, H, nc, L, L), torch.float32, r.device) if save_a else None
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
-            r, log_w, k, v, u, states, y, *tabs, T, H, *_lw_strides(log_w),
+            r, log_w, k, v, u, states, y, y if amat is None else amat, *tabs, T, H, *_lw_strides(log_w),
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
-            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+            STORE_A=amat is not None, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
     else:
         _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
@@ -1007,14 +1061,14 @@ def wkv6_forward(
             N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv, PREC=precision,
             num_warps=num_warps or DEFAULT_NUM_WARPS, **vl,
         )
-    return y, sT, states
+    return y, sT, states, amat
 
 
 def wkv6_backward(
     r, log_w, k, v, u, states, dy, dsT, *, chunk_size: int, block_t: int, block_v: int | None,
     num_warps: int | None, scan_block: int | None, scan_num_warps: int | None, precision: str,
     impl: str = DEFAULT_IMPL, block_k: int | None = None, out_block_k: int | None = None,
-    table: ChunkTable | None = None,
+    table: ChunkTable | None = None, amat: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse diagonal scan of dS (storing dS per chunk, float32), then
     all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
@@ -1039,11 +1093,18 @@ def wkv6_backward(
         ds0 = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
                             scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
         lws = _lw_strides(log_w)
-        _wkv6_chunk_out_kernel[(nc, B * H, nv)](
-            k, log_w, r, dy, u, dstates, dv, *tabs, T, H, *lws,
-            N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
-            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
-        )
+        if amat is None:
+            _wkv6_chunk_out_kernel[(nc, B * H, nv)](
+                k, log_w, r, dy, u, dstates, dv, dv, *tabs, T, H, *lws,
+                N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
+                STORE_A=False, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+            )
+        else:
+            _wkv6_bwd_values_kernel[(nc, B * H, nv)](
+                log_w, k, dy, amat, dstates, dv, *tabs, T, H, *lws,
+                N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, PREC=precision,
+                num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+            )
         bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
         _check_config(N, L, block_t, precision, impl, block_k=bk)
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
@@ -1080,19 +1141,21 @@ def wkv6_backward(
 class _WKV6Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, u, state, fwd_cfg, bwd_cfg, out_dtype):
-        y, sT, states = wkv6_forward(r, log_w, k, v, u, state, out_dtype=out_dtype, **fwd_cfg)
-        if any(ctx.needs_input_grad[:6]):  # (grad mode is off inside forward)
-            ctx.save_for_backward(r, log_w, k, v, u, states)
+        grad = any(ctx.needs_input_grad[:6])  # (grad mode is off inside forward)
+        save_a = grad and fwd_cfg["impl"] == bwd_cfg["impl"] == "chunks"
+        y, sT, states, amat = wkv6_forward(r, log_w, k, v, u, state, out_dtype=out_dtype, save_a=save_a, **fwd_cfg)
+        if grad:
+            ctx.save_for_backward(r, log_w, k, v, u, states, amat)
             ctx.bwd_cfg = bwd_cfg
             ctx.has_state = state is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, log_w, k, v, u, states = ctx.saved_tensors
+        r, log_w, k, v, u, states, amat = ctx.saved_tensors
         dy = torch.zeros_like(r) if dy is None else dy.contiguous()
         dsT = None if dsT is None else dsT.float().contiguous()
-        dr, dlw, dk, dv, du, ds0 = wkv6_backward(r, log_w, k, v, u, states, dy, dsT, **ctx.bwd_cfg)
+        dr, dlw, dk, dv, du, ds0 = wkv6_backward(r, log_w, k, v, u, states, dy, dsT, amat=amat, **ctx.bwd_cfg)
         return dr, dlw, dk, dv, du, (ds0 if ctx.has_state else None), None, None, None
 
 
