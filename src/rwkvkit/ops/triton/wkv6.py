@@ -95,9 +95,14 @@ spans (a masked-out term adds an exact 0: log w is clamped at -1e30 to stay fini
 tensor cores the other operand is split into its tf32 head and the rest (two products, ~2^-21
 per term). Everything key-side is separable in the key index, so the kernels work in blocks of
 ``block_k`` key channels: forward, Y = (r e^{P}) S0^T + A V with A summed over the key blocks;
-backward, the same kernel gives dV = (k e^{Q}) dS^T + A^T dY, and a second kernel, one
+when a backward follows, the forward also stores every chunk's A (float32 [C, C] per chunk and
+head: as many bytes as the chunk states at N = C = 64, kept for the backward like them), and
+the backward's dV = (k e^{Q}) dS^T + A^T dY takes it from there (_wkv6_bwd_values_kernel: one
+product for A^T dY in place of the levels; H200, B=8, T=4096, H=32: the dV kernel 1.06 ->
+0.54 ms, the forward's +0.03; without a saved A, e.g. after an impl "blocks" forward, the
+output kernel rebuilds A^T). A second backward kernel, one
 program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T
-(one product) rather than passing it through memory. The levels below 4 pair rows inside one
+(one product) rather than passing it through memory (passing it was timed: no faster). The levels below 4 pair rows inside one
 aligned block of 16 rows, so both kernels run them batched over those blocks ([C/16, 16, 16]
 tiles, a 3-D ``tl.dot``) and only the levels from 4 up on [C, C] tiles: at C = 64 that is a
 quarter of the level products' work for four of the six levels (H200: forward 2.01 -> 1.64 ms,
@@ -1235,6 +1240,9 @@ def wkv6_triton(
     "chunks" works on blocks of key channels: ``block_k`` in the output kernels (forward y,
     backward dv; default min(N, 64)), ``bwd_block_k`` in the backward key-side kernel
     (default min(N, 32)).
+    Memory kept for the backward (when an input requires grad): the inputs, the state entering
+    every chunk (float32 [B, H, T/C, N, N]) and, with "chunks" both ways, every chunk's A
+    (float32 [B, H, T/C, C, C]; at N = C = 64 each is 256 bytes per token and head).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
     """
     B, T, H, N = check_inputs("wkv6_triton", r, log_w, k, v, u)
