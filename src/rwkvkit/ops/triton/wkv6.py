@@ -100,9 +100,9 @@ head: as many bytes as the chunk states at N = C = 64, kept for the backward lik
 the backward's dV = (k e^{Q}) dS^T + A^T dY takes it from there (_wkv6_bwd_values_kernel: one
 product for A^T dY in place of the levels; H200, B=8, T=4096, H=32: the dV kernel 1.06 ->
 0.54 ms, the forward's +0.03; without a saved A, e.g. after an impl "blocks" forward, the
-output kernel rebuilds A^T). A second backward kernel, one
-program per (chunk, batch*head, key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T
-(one product) rather than passing it through memory (passing it was timed: no faster). The levels below 4 pair rows inside one
+output kernel rebuilds A^T). A second backward kernel, one program per (chunk, batch*head,
+key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T (one product) rather than passing
+it through memory (passing it was timed: no faster). The levels below 4 pair rows inside one
 aligned block of 16 rows, so both kernels run them batched over those blocks ([C/16, 16, 16]
 tiles, a 3-D ``tl.dot``) and only the levels from 4 up on [C, C] tiles: at C = 64 that is a
 quarter of the level products' work for four of the six levels (H200: forward 2.01 -> 1.64 ms,
@@ -1076,9 +1076,9 @@ def wkv6_backward(
     table: ChunkTable | None = None, amat: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernels: the reverse diagonal scan of dS (storing dS per chunk, float32), then
-    all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, the key-side
-    gradients in another, in blocks of ``out_block_k`` and ``block_k`` key channels). Returns
-    ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
+    all chunks in parallel (impl "blocks": one kernel; "chunks": dv in one kernel, from the forward's
+    ``amat`` when given, the key-side gradients in another, in blocks of ``out_block_k`` and
+    ``block_k`` key channels). Returns ``(dr, dlog_w, dk, dv, du, dstate0)``: the input gradients
     in their inputs' dtypes (dlog_w dense [B, T, H, N]), dstate0 in float32 ([S, H, N, N] with a
     ``table`` of packed sequences)."""
     B, T, H, N = r.shape
