@@ -68,6 +68,12 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
         "mma_sync": sass.count("HMMA"),
         "barriers": sass.count("BAR.SYNC"),
         "layout_conversions": kernel.asm["ttgir"].count("ttg.convert_layout"),
+        # static instruction counts (loops counted once): all, and the kinds ncu found costly in
+        # the WKV-6 key-side kernel (benchmarks/NOTES.md, eighth session)
+        "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s", sass, flags=re.M)),
+        "shuffles": sass.count("SHFL"),
+        "shared_ld_st": len(re.findall(r"\b(?:LDS|STS|LDSM|STSM)\b", sass)),
+        "selects": len(re.findall(r"\b(?:SEL|FSEL)\b", sass)),
     }
 
 
