@@ -128,6 +128,28 @@ def test_small_chunks_forward_only_mixed_with_blocks(seed):
     run_and_compare(x, dtype=torch.float32, impl="blocks", bwd_impl="chunks")
 
 
+def test_small_saved_a_only_with_grad(seed, monkeypatch):
+    """The forward stores every chunk's A ([B, H, chunks, C, C]) only when a backward can
+    follow: not under no_grad, even with u a parameter that requires a gradient (as in a model
+    generating text), and the output is the same either way."""
+    r, lw, k, v, u, _ = make_inputs(1, 70, 1, NS)
+    u = u.clone().requires_grad_()
+    shapes = []
+
+    def recording(shape, dtype, device):
+        shapes.append(tuple(shape))
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_empty", recording)
+    a_shape = (1, 1, 2, 64, 64)
+    with torch.no_grad():
+        y0, _ = wkv6_triton(r, lw, k, v, u)
+    assert a_shape not in shapes
+    y1, _ = wkv6_triton(r, lw, k, v, u)
+    assert a_shape in shapes
+    assert rel_err(y1.detach(), y0) < 1e-6
+
+
 def test_small_mixed_dtypes(seed):
     """As the RWKV-6 layer calls it: bf16 r/k/v, float32 log_w, float32 u and state."""
     run_and_compare(make_inputs(2, 20, 1, NS), dtype=torch.bfloat16, logw_dtype=torch.float32)

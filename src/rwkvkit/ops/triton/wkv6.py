@@ -1146,10 +1146,8 @@ def wkv6_backward(
 class _WKV6Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, u, state, fwd_cfg, bwd_cfg, out_dtype):
-        grad = any(ctx.needs_input_grad[:6])  # (grad mode is off inside forward)
-        save_a = grad and fwd_cfg["impl"] == bwd_cfg["impl"] == "chunks"
-        y, sT, states, amat = wkv6_forward(r, log_w, k, v, u, state, out_dtype=out_dtype, save_a=save_a, **fwd_cfg)
-        if grad:
+        y, sT, states, amat = wkv6_forward(r, log_w, k, v, u, state, out_dtype=out_dtype, **fwd_cfg)
+        if any(ctx.needs_input_grad[:6]):
             ctx.save_for_backward(r, log_w, k, v, u, states, amat)
             ctx.bwd_cfg = bwd_cfg
             ctx.has_state = state is not None
@@ -1265,7 +1263,11 @@ def wkv6_triton(
         chunk_size=chunk_size, block_t=block_t, scan_block=scan_block, scan_num_warps=scan_num_warps,
         precision=precision, table=table,
     )
-    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl, block_k=block_k)
+    # A is stored for the backward only when one can follow: grad mode on (it is off inside the
+    # autograd Function's forward, where a parameter such as u still counts as needing a gradient)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, log_w, k, v, u, state))
+    fwd_cfg = dict(common, block_v=block_v, num_warps=num_warps, impl=impl, block_k=block_k,
+                   save_a=grad and impl == bwd_impl == "chunks")
     bwd_cfg = dict(common, block_v=bwd_block_v, num_warps=bwd_num_warps, impl=bwd_impl, block_k=bwd_block_k,
                    out_block_k=block_k)
     r, k, v, u = (x.contiguous() for x in (r, k, v, u))

@@ -853,7 +853,9 @@ def wkv7_backward(
 class _WKV7Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, table, cfg, out_dtype):
-        store = any(ctx.needs_input_grad[:7])  # (grad mode is off inside forward)
+        # (grad mode is off inside forward, where a parameter, e.g. a tuned state, still counts as
+        # needing a gradient: whether a backward can follow was decided in wkv7_triton)
+        store = cfg["grad"] and any(ctx.needs_input_grad[:7])
         y, sT, saved = wkv7_forward(r, log_w, k, v, a, b, state, table, cfg, out_dtype, store=store)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, *saved)
@@ -978,7 +980,7 @@ def wkv7_triton(
         chunk_size=chunk_size, block_v=block_v, num_warps=num_warps, bwd_block_v=bwd_block_v,
         bwd_num_warps=bwd_num_warps, scan_block_v=scan_block_v, scan_num_warps=scan_num_warps,
         scan_segments=scan_segments, bwd_scan_block_v=bwd_scan_block_v, bwd_scan_segments=bwd_scan_segments,
-        precision=precision, scan_precision=scan_precision, saved_dtype=saved_dtype,
+        precision=precision, scan_precision=scan_precision, saved_dtype=saved_dtype, grad=grad,
     )
     xs = [x.contiguous() for x in xs]
     s0 = None if state is None else state.float().contiguous()
