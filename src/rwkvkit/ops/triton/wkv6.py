@@ -1238,7 +1238,7 @@ def wkv6_triton(
     "chunks" works on blocks of key channels: ``block_k`` in the output kernels (forward y,
     backward dv; default min(N, 64)), ``bwd_block_k`` in the backward key-side kernel
     (default min(N, 32)).
-    Memory kept for the backward (when an input requires grad): the inputs, the state entering
+    Memory kept for the backward (grad mode on and an input requiring grad): the inputs, the state entering
     every chunk (float32 [B, H, T/C, N, N]) and, with "chunks" both ways, every chunk's A
     (float32 [B, H, T/C, C, C]; at N = C = 64 each is 256 bytes per token and head).
     Returns ``(y [B, T, H, N] in out_dtype (default r.dtype), final state float32)``.
