@@ -132,8 +132,8 @@ def test_small_saved_a_only_with_grad(seed, monkeypatch):
     """The forward stores every chunk's A ([B, H, chunks, C, C]) only when a backward can
     follow: not under no_grad, even with u a parameter that requires a gradient (as in a model
     generating text), and the output is the same either way."""
-    r, lw, k, v, u, _ = make_inputs(1, 70, 1, NS)
-    u = u.clone().requires_grad_()
+    r, lw, k, v, u, _ = (t.to(DEVICE) for t in make_inputs(1, 70, 1, NS))
+    u.requires_grad_()
     shapes = []
 
     def recording(shape, dtype, device):
@@ -147,7 +147,7 @@ def test_small_saved_a_only_with_grad(seed, monkeypatch):
     assert a_shape not in shapes
     y1, _ = wkv6_triton(r, lw, k, v, u)
     assert a_shape in shapes
-    assert rel_err(y1.detach(), y0) < 1e-6
+    assert rel_err(y1.detach(), y0) < 1e-5
 
 
 def test_small_mixed_dtypes(seed):
