@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", default=BF16_DEFAULT, help="pointer arguments holding bf16 (comma-separated)")
     p.add_argument("--fp16", default="", help="pointer arguments holding fp16 (comma-separated)")
     args = p.parse_intermixed_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: another tree can be measured
     module, _, name = args.kernel.partition(":")
     fn = getattr(importlib.import_module(module), name)
     constexprs = {}
