@@ -448,6 +448,40 @@ def test_chunks_impl_precisions_fp32(seed, precision, tol):
                     **CHUNKS)
 
 
+def test_log_w_sum_precision_rule():
+    """One product for the exponents' sums only where log w is exact in tf32 (bfloat16,
+    float16); a float32 log w keeps the two-part split at tf32 and tf32x3, and ieee stays ieee."""
+    lw = {d: torch.zeros(1, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16)}
+    assert kernels._lw_precision(lw[torch.bfloat16], "tf32") == "exact"
+    assert kernels._lw_precision(lw[torch.float16], "tf32x3") == "exact"
+    assert kernels._lw_precision(lw[torch.float32], "tf32") == "tf32"
+    assert kernels._lw_precision(lw[torch.float32], "tf32x3") == "tf32x3"
+    assert kernels._lw_precision(lw[torch.bfloat16], "ieee") == "ieee"
+
+
+@gpu_only
+@pytest.mark.parametrize("decay", ["realistic", "mixed"])
+def test_bfloat16_log_w_summed_in_one_product(seed, decay):
+    """A bfloat16 log w is exact in tf32, so the exponents' sums take one tensor-core product
+    where a float32 log w takes two (its tf32 head and the rest): the same log w values as
+    float32 or as bfloat16 give the same outputs and gradients (float32 r, k, v at precision
+    tf32, so that nothing else differs; a tf32 rounding of the exponents would be off by
+    ~|x| * 5e-4)."""
+    r, lw, k, v, u, s0 = make_inputs(2, 200, 2, 64, decay=decay)
+    lw = lw.to(torch.bfloat16).float()
+    outs = []
+    for lw_dtype in (torch.float32, torch.bfloat16):
+        xs = [t.to(DEVICE).requires_grad_() for t in (r, k, v, u, s0)]
+        lw_in = lw.to(DEVICE, lw_dtype).requires_grad_()
+        y, s = wkv6_triton(xs[0], lw_in, *xs[1:], precision="tf32")
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        grads = torch.autograd.grad((y * gy).sum() + s.sum(), [lw_in] + xs)
+        outs.append([y, s, *grads])
+    for name, a, b in zip(["y", "state", "dlog_w", "dr", "dk", "dv", "du", "dstate"], *outs):
+        tol = 1e-2 if name == "dlog_w" else 1e-5  # dlog_w in log w's dtype
+        assert rel_err(b.float(), a.float()) < tol, name
+
+
 @gpu_only
 def test_chunks_impl_large_shape_vs_chunked(seed):
     x = make_inputs(2, 4096, 4, 64, decay="mixed")

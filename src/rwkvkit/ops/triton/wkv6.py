@@ -91,9 +91,14 @@ chunk (and key or value block), with the chunk's own LOG2(C) levels on [C, C] ti
 carried, no state replay, no scans. Every exponent (P, Q, pre_h / suf_h) and every exclusive
 sum of an exponent's gradient is a product with a 0/1 matrix (pre_h and suf_h in one matrix
 per level, chosen by the row's half), so each output is still a sum of exactly the terms it
-spans (a masked-out term adds an exact 0: log w is clamped at -1e30 to stay finite); with
-tensor cores the other operand is split into its tf32 head and the rest (two products, ~2^-21
-per term). Everything key-side is separable in the key index, so the kernels work in blocks of
+spans (a masked-out term adds an exact 0: log w is clamped at -1e30 to stay finite). With
+tensor cores, the exponents' sums of a float32 log w split it into its tf32 head and the rest
+(two products, ~2^-21 per term: an exponent's error is multiplied by its size); a bfloat16 or
+float16 log w is exact in tf32, one product (H200, B=8, T=4096, H=32, bf16: forward 1.55 ->
+1.36 ms, forward + backward 6.10 -> 5.66). The sums of the exponents' gradients are plain sums:
+one tf32 product at precision tf32 (each term rounded as in the kernels' other products: the
+key-side kernel 3.25 -> 3.02 ms, dlog w's error 2.46e-3 -> 2.56e-3 against fla's 2.67e-3), split
+at tf32x3. Everything key-side is separable in the key index, so the kernels work in blocks of
 ``block_k`` key channels: forward, Y = (r e^{P}) S0^T + A V with A summed over the key blocks;
 when a backward follows, the forward also stores every chunk's A (float32 [C, C] per chunk and
 head: as many bytes as the chunk states at N = C = 64, kept for the backward like them), and
@@ -535,9 +540,13 @@ def _mask_dot(m, x, PREC: tl.constexpr):
     added and subtracted again), so these products are the block-local (exclusive) cumulative
     sums of the module docstring, on tensor cores. tf32: x split into its tf32 head (the top
     10 mantissa bits, exact in tf32) and the rest, two products; the 0/1 matrix is exact in
-    tf32, so the relative error per term is ~2^-21 (x must be finite)."""
+    tf32, so the relative error per term is ~2^-21 (x must be finite). PREC "exact": x is
+    exact in tf32 already (log w from bfloat16 or float16: at most 10 mantissa bits), one
+    product with float32 sums."""
     if PREC == "ieee":
         out = tl.dot(m, x, input_precision="ieee")
+    elif PREC == "exact":
+        out = tl.dot(m, x, input_precision="tf32")
     else:
         hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
         out = tl.dot(m, hi, input_precision="tf32")
@@ -630,7 +639,8 @@ def _wkv6_chunk_out_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
-    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, STORE_A: tl.constexpr,
+    BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
+    STORE_A: tl.constexpr,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
@@ -673,15 +683,15 @@ def _wkv6_chunk_out_kernel(
         A3 += tl.where(_pair_mask_ts(offs_s, offs_s, 0, not BWD)[None, :, :],
                        tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
-            e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, PREC))
+            e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, LWP))
             A3 += tl.where(_pair_mask_ts(offs_s, offs_s, lvl, not BWD)[None, :, :],
                            tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, PREC))
+            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, LWP))
             A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
-        g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, PREC))
+        g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, LWP))
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
         out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
@@ -708,7 +718,7 @@ def _wkv6_bwd_values_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dV = A^T dY + (k e^{Q}) dS^T of one chunk and BV value channels with the forward's A
     (one product in place of rebuilding A from its levels, as _wkv6_chunk_out_kernel does when
@@ -733,7 +743,7 @@ def _wkv6_bwd_values_kernel(
         k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
         lw3 = _sub(_load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k), L, SUB, BK)
         gq = tl.exp(tl.reshape(_wide_sum(lw3, tl.arange(0, SUB), tl.arange(0, L // SUB), LOG2L - LOG2S, 1, False,
-                                         PREC), (L, BK)))  # e^{Q}
+                                         LWP), (L, BK)))  # e^{Q}
         dS = tl.load(dstates_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :])  # [BV, BK]
         dv = tl.dot(k * gq, tl.trans(dS), acc=dv, input_precision=PREC)
     tl.store(dv_ptr + row + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=tmask)
@@ -750,13 +760,16 @@ def _wkv6_bwd_keys_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr,
+    PREC: tl.constexpr, LWP: tl.constexpr, GP: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
     are separable in the key index), from the state entering the chunk and the gradient of the
     state leaving it; dA = dY V^T recomputed (one [L, N] x [N, L] product per program), the
     exponents and the exclusive sums of their gradients as masked products (_mask_dot); the
-    levels below LOG2S batched over the aligned blocks of SUB rows, as in _wkv6_chunk_out_kernel."""
+    levels below LOG2S batched over the aligned blocks of SUB rows, as in _wkv6_chunk_out_kernel.
+    LWP: the precision of the exponents' sums of log w (_lw_precision); GP: that of the sums of
+    their gradients ("exact", one product, at precision tf32: each term rounded to tf32 as in the
+    kernels' other products; split at tf32x3)."""
     SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -796,18 +809,18 @@ def _wkv6_bwd_keys_kernel(
 
     # state side: P, Q over the chunk
     lw3 = _sub(lw, L, SUB, BK)
-    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 0, False, PREC), (L, BK)))  # drq e^{P}
-    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1, False, PREC), (L, BK)))  # dke e^{Q}
+    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 0, False, LWP), (L, BK)))  # drq e^{P}
+    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1, False, LWP), (L, BK)))  # dke e^{Q}
     # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
     # dLam on every row
-    dlw3 = _wide_sum(_sub(dr * r, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 0, True, PREC)
-    dlw3 += _wide_sum(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, True, PREC)
+    dlw3 = _wide_sum(_sub(dr * r, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 0, True, GP)
+    dlw3 += _wide_sum(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, True, GP)
     dlw3 += dlam[None, None, :]
 
     # the levels from LOG2S up, on [L, L] tiles
     if LOG2L > LOG2S:
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, PREC), (L, BK)))
+            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, LWP), (L, BK)))
             Rh = r * e
             Kh = k * e
             dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
@@ -815,7 +828,7 @@ def _wkv6_bwd_keys_kernel(
             dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
             dr += dRh * e
             dk += dKh * e
-            dlw3 += _wide_sum(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, True, PREC)
+            dlw3 += _wide_sum(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, True, GP)
 
     # the bonus
     ruk = bd[:, None] * u[None, :]
@@ -830,7 +843,7 @@ def _wkv6_bwd_keys_kernel(
     dr3 = tl.dot(dAm3, k3, input_precision=PREC)
     dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
     for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
-        e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, PREC))
+        e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, LWP))
         Rh3 = r3 * e3
         Kh3 = k3 * e3
         dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
@@ -839,7 +852,7 @@ def _wkv6_bwd_keys_kernel(
         dr3 += dRh3 * e3
         dk3 += dKh3 * e3
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
-        dlw3 += _mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, False, 2), dRh3 * Rh3 + dKh3 * Kh3, L, SUB, PREC)
+        dlw3 += _mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, False, 2), dRh3 * Rh3 + dKh3 * Kh3, L, SUB, GP)
     dr += tl.reshape(dr3, (L, BK))
     dk += tl.reshape(dk3, (L, BK))
 
@@ -862,7 +875,7 @@ def _wkv6_chunk_update_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
-    VARLEN: tl.constexpr,
+    LWP: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One chunk's term of the state recurrence, all chunks in parallel: forward
     V^T (k e^{Q}) (S_next = S diag(e^{Lam}) + this), backward dY^T (r e^{P}) (dS_prev = dS
@@ -878,7 +891,7 @@ def _wkv6_chunk_update_kernel(
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
-    a *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0 if BWD else 1), lw, PREC))
+    a *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0 if BWD else 1), lw, LWP))
     x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     slot = i_bh * NC + c
     tl.store(u_ptr + slot * N * N + offs_k[:, None] * N + offs_k[None, :], tl.dot(tl.trans(x), a, input_precision=PREC))
@@ -952,7 +965,7 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
     # (H200, B=8, T=4096, H=32: value blocks of 32 or 8 warps were slower, NOTES)
     _wkv6_chunk_update_kernel[(nc, B * H)](
         a, log_w, x, states, g, *tabs, T, H, *_lw_strides(log_w),
-        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, num_warps=4 if L * N <= 4096 else 8, **vl,
+        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, LWP=_lw_precision(log_w, precision), num_warps=4 if L * N <= 4096 else 8, **vl,
     )
     sT = _empty((n_seqs, H, N, N), torch.float32, a.device)
     _wkv6_diag_scan_kernel[(n_seqs * H, N // scan_block)](
@@ -1008,6 +1021,13 @@ def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: s
         raise ValueError(f"wkv6_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def _lw_precision(log_w: torch.Tensor, precision: str) -> str:
+    """The precision of the masked products that sum log w (the exponents): "exact" (one tf32
+    product) when log w is bfloat16 or float16, whose values tf32 holds exactly, unless
+    ``precision`` is "ieee"; else ``precision`` (tf32: the two-part split of _mask_dot)."""
+    return "exact" if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16) else precision
+
+
 def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int, tuple, dict]:
     """(sequences, chunks, the table's three pointers, the kernels' VARLEN and n_chunks) of
     a dense batch (table None: the kernels index [B, T] directly, the pointers are unused
@@ -1058,6 +1078,7 @@ def wkv6_forward(
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
             r, log_w, k, v, u, states, y, y if amat is None else amat, *tabs, T, H, *_lw_strides(log_w),
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
+            LWP=_lw_precision(log_w, precision),
             STORE_A=amat is not None, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
     else:
@@ -1102,12 +1123,14 @@ def wkv6_backward(
             _wkv6_chunk_out_kernel[(nc, B * H, nv)](
                 k, log_w, r, dy, u, dstates, dv, dv, *tabs, T, H, *lws,
                 N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
+                LWP=_lw_precision(log_w, precision),
                 STORE_A=False, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
             )
         else:
             _wkv6_bwd_values_kernel[(nc, B * H, nv)](
                 log_w, k, dy, amat, dstates, dv, *tabs, T, H, *lws,
                 N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, PREC=precision,
+                LWP=_lw_precision(log_w, precision),
                 num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
             )
         bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
@@ -1115,6 +1138,7 @@ def wkv6_backward(
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
             r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision,
+            LWP=_lw_precision(log_w, precision), GP="exact" if precision == "tf32" else precision,
             num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
