@@ -842,7 +842,7 @@ def _wkv6_bwd_keys_kernel(
     dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
     dr3 = tl.dot(dAm3, k3, input_precision=PREC)
     dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
-    for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
+    for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
         e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, LWP))
         Rh3 = r3 * e3
         Kh3 = k3 * e3
@@ -965,7 +965,8 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
     # (H200, B=8, T=4096, H=32: value blocks of 32 or 8 warps were slower, NOTES)
     _wkv6_chunk_update_kernel[(nc, B * H)](
         a, log_w, x, states, g, *tabs, T, H, *_lw_strides(log_w),
-        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, LWP=_lw_precision(log_w, precision), num_warps=4 if L * N <= 4096 else 8, **vl,
+        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, LWP=_lw_precision(log_w, precision),
+        num_warps=4 if L * N <= 4096 else 8, **vl,
     )
     sT = _empty((n_seqs, H, N, N), torch.float32, a.device)
     _wkv6_diag_scan_kernel[(n_seqs * H, N // scan_block)](
