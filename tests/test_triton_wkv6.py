@@ -452,8 +452,8 @@ def test_log_w_sum_precision_rule():
     """One product for the exponents' sums only where log w is exact in tf32 (bfloat16,
     float16); a float32 log w keeps the two-part split at tf32 and tf32x3, and ieee stays ieee."""
     lw = {d: torch.zeros(1, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16)}
-    assert kernels._lw_precision(lw[torch.bfloat16], "tf32") == "exact"
-    assert kernels._lw_precision(lw[torch.float16], "tf32x3") == "exact"
+    assert kernels._lw_precision(lw[torch.bfloat16], "tf32") == "one"
+    assert kernels._lw_precision(lw[torch.float16], "tf32x3") == "one"
     assert kernels._lw_precision(lw[torch.float32], "tf32") == "tf32"
     assert kernels._lw_precision(lw[torch.float32], "tf32x3") == "tf32x3"
     assert kernels._lw_precision(lw[torch.bfloat16], "ieee") == "ieee"

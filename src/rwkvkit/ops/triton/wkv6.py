@@ -540,12 +540,12 @@ def _mask_dot(m, x, PREC: tl.constexpr):
     added and subtracted again), so these products are the block-local (exclusive) cumulative
     sums of the module docstring, on tensor cores. tf32: x split into its tf32 head (the top
     10 mantissa bits, exact in tf32) and the rest, two products; the 0/1 matrix is exact in
-    tf32, so the relative error per term is ~2^-21 (x must be finite). PREC "exact": x is
-    exact in tf32 already (log w from bfloat16 or float16: at most 10 mantissa bits), one
-    product with float32 sums."""
+    tf32, so the relative error per term is ~2^-21 (x must be finite). PREC "one": one tf32
+    product with float32 sums, exact where x is exact in tf32 (log w from bfloat16 or float16:
+    at most 10 mantissa bits), else each term rounded to tf32 (~2^-11)."""
     if PREC == "ieee":
         out = tl.dot(m, x, input_precision="ieee")
-    elif PREC == "exact":
+    elif PREC == "one":
         out = tl.dot(m, x, input_precision="tf32")
     else:
         hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
@@ -768,7 +768,7 @@ def _wkv6_bwd_keys_kernel(
     exponents and the exclusive sums of their gradients as masked products (_mask_dot); the
     levels below LOG2S batched over the aligned blocks of SUB rows, as in _wkv6_chunk_out_kernel.
     LWP: the precision of the exponents' sums of log w (_lw_precision); GP: that of the sums of
-    their gradients ("exact", one product, at precision tf32: each term rounded to tf32 as in the
+    their gradients ("one" product at precision tf32: each term rounded to tf32 as in the
     kernels' other products; split at tf32x3)."""
     SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
@@ -1023,10 +1023,10 @@ def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: s
 
 
 def _lw_precision(log_w: torch.Tensor, precision: str) -> str:
-    """The precision of the masked products that sum log w (the exponents): "exact" (one tf32
-    product) when log w is bfloat16 or float16, whose values tf32 holds exactly, unless
+    """The precision of the masked products that sum log w (the exponents): "one" (one tf32
+    product, exact) when log w is bfloat16 or float16, whose values tf32 holds exactly, unless
     ``precision`` is "ieee"; else ``precision`` (tf32: the two-part split of _mask_dot)."""
-    return "exact" if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16) else precision
+    return "one" if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16) else precision
 
 
 def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int, tuple, dict]:
@@ -1139,7 +1139,7 @@ def wkv6_backward(
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
             r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision,
-            LWP=_lw_precision(log_w, precision), GP="exact" if precision == "tf32" else precision,
+            LWP=_lw_precision(log_w, precision), GP="one" if precision == "tf32" else precision,
             num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
