@@ -13,6 +13,8 @@ automatic blocks).
 import functools
 import itertools
 
+import math
+
 import pytest
 import torch
 from triton_checks import (  # before the kernels: sets up the interpreter, or skips this module
@@ -457,6 +459,27 @@ def test_log_w_sum_precision_rule():
     assert kernels._lw_precision(lw[torch.float32], "tf32") == "tf32"
     assert kernels._lw_precision(lw[torch.float32], "tf32x3") == "tf32x3"
     assert kernels._lw_precision(lw[torch.bfloat16], "ieee") == "ieee"
+
+
+@pytest.mark.parametrize("L", [16, 64])
+def test_mask_table_sums(L):
+    """The kernels' table of 0/1 matrices, applied to random x, gives the exclusive prefix and
+    suffix sums over each aligned block of 2^lvl rows (kind 0, 1), pre_h on the right halves and
+    suf_h on the left halves of each 2h-block (kind 2), and the transposes the gradients use."""
+    table = kernels._mask_table(L, torch.device("cpu"))
+    assert table.shape == (int(math.log2(L)) + 1, 3, 2, L, L)
+    x = torch.randn(L, 3, dtype=torch.float64)
+    for lvl in range(table.shape[0]):
+        h = 1 << lvl
+        blocks = x.view(L // h, h, 3)
+        incl = blocks.cumsum(1)
+        pre = (incl - blocks).reshape(L, 3)  # sum before t in its block
+        suf = (blocks.sum(1, keepdim=True) - incl).reshape(L, 3)  # sum after t in its block
+        right = ((torch.arange(L) >> lvl) & 1 == 1)[:, None]
+        for kind, want in enumerate([pre, suf, torch.where(right, pre, suf)]):
+            m = table[lvl, kind].double()
+            torch.testing.assert_close(m[0] @ x, want)
+            torch.testing.assert_close(m[1], m[0].T)
 
 
 @gpu_only

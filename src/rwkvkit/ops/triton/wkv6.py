@@ -106,8 +106,14 @@ the backward's dV = (k e^{Q}) dS^T + A^T dY takes it from there (_wkv6_bwd_value
 product for A^T dY in place of the levels; H200, B=8, T=4096, H=32: the dV kernel 1.06 ->
 0.54 ms, the forward's +0.03; without a saved A, e.g. after an impl "blocks" forward, the
 output kernel rebuilds A^T). A second backward kernel, one program per (chunk, batch*head,
-key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T (one product) rather than passing
-it through memory (passing it was timed: no faster). The levels below 4 pair rows inside one
+key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T rather than passing it through
+memory (passing it was timed: no faster): on the 16-row blocks once, and whole for each upper
+level from v and dY loaded again (a [C, C] dA held from the start spilled; with bfloat16 v and
+dY its products and the state's take bfloat16 operands, exact or split in two, so v and dY are
+never widened: H200, B=8, T=4096, H=32, the key side 3.01 -> 2.61 ms). The 0/1 matrices of the
+exponents' sums come from a small table in memory (_mask_table) rather than being built from
+the indices in every program (the updates 0.62 -> 0.58 ms, dv 0.53 -> 0.42; with dv's Q a
+[C, C] product again). The levels below 4 pair rows inside one
 aligned block of 16 rows, so both kernels run them batched over those blocks ([C/16, 16, 16]
 tiles, a 3-D ``tl.dot``) and only the levels from 4 up on [C, C] tiles: at C = 64 that is a
 quarter of the level products' work for four of the six levels (H200: forward 2.01 -> 1.64 ms,
@@ -116,8 +122,8 @@ whose windows are whole 16-row blocks (P, Q and the levels from 4 up) and the su
 gradients are the block-local part (a masked product on [16, 16] tiles) plus the sums of the
 window's other blocks (_wide_sum), not [C, C] masked products: still a sum of
 exactly its terms, and 1504 -> 632 B of spills offline (sm_90, key block 32): 4.24 -> 3.43 ms
-there (H200). The output kernel keeps the [C, C] products (the block sums made it slower, 2.12
--> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
+there (H200). The output and dv kernels keep the [C, C] products (the block sums made them
+slower, 2.12 -> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are
@@ -510,30 +516,6 @@ def _wkv6_bwd_chunks_kernel(
 
 
 @triton.jit
-def _sum_mask(offs_a, offs_b, LVL, A_IS_ROW: tl.constexpr, KIND: tl.constexpr):
-    """A 0/1 float32 matrix of the exponent sums at one level, for t in ``offs_a`` and q in
-    ``offs_b`` ([len(a), len(b)] if A_IS_ROW, else the transpose [len(b), len(a)]): q lies in
-    t's aligned block of 2^LVL rows and KIND 0: q < t (an exclusive prefix sum), 1: q > t (an
-    exclusive suffix sum), 2: q < t if t is in the right half of its 2^(LVL+1)-block, else
-    q > t (E_h of the module docstring: pre_h on right-half rows, suf_h on left-half rows)."""
-    if A_IS_ROW:
-        t = offs_a[:, None]
-        q = offs_b[None, :]
-    else:
-        t = offs_a[None, :]
-        q = offs_b[:, None]
-    same = (t >> LVL) == (q >> LVL)
-    if KIND == 0:
-        m = same & (q < t)
-    elif KIND == 1:
-        m = same & (q > t)
-    else:
-        right = ((t >> LVL) & 1) == 1
-        m = same & tl.where(right, q < t, q > t)
-    return m.to(tl.float32)
-
-
-@triton.jit
 def _mask_dot(m, x, PREC: tl.constexpr):
     """m @ x for a 0/1 matrix m [L, L] and x [L, N] float32, to float32 accuracy: every output
     is a sum of exactly the rows of x that m selects (the others add an exact 0, never a value
@@ -581,7 +563,8 @@ def _wide_prefix_blocks(offs_b, G, KIND: tl.constexpr):
 
 
 @triton.jit
-def _wide_sum(x3, offs_s, offs_b, G, KIND: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr):
+def _wide_sum(x3, offs_s, offs_b, G, KIND: tl.constexpr, TRANS: tl.constexpr, PREC: tl.constexpr, masks_ptr,
+              L: tl.constexpr, LOG2S: tl.constexpr):
     """The exponents of windows of 2^G whole blocks of SUB rows (P, Q over the chunk and the
     levels from LOG2S up), for the rows x3 [NB, SUB, BK] of log w: on a prefix block, the sum
     of log w over the rows of the window before t; on a suffix block, after t. Computed as the
@@ -591,11 +574,19 @@ def _wide_sum(x3, offs_s, offs_b, G, KIND: tl.constexpr, TRANS: tl.constexpr, PR
     B=8, T=4096, H=32: those cost about a quarter of the backward). TRANS: the transpose, for
     the gradient: x3 the gradient of the exponent on every row, and each row q gets the sum of
     x over the rows t whose window holds q; each a sum of exactly its terms, none added and
-    subtracted again."""
+    subtracted again. The block-local masks come from the table (_mask)."""
+    SUB: tl.constexpr = 1 << LOG2S
+    NB: tl.constexpr = L // SUB
     pref = _wide_prefix_blocks(offs_b, G, KIND)
-    i = offs_s[None, :, None]  # the output's row
-    j = offs_s[None, None, :]  # the summed row, in the same block
-    loc = _mask_dot(tl.where(pref[:, None, None] != TRANS, j < i, j > i).to(tl.float32), x3, PREC)
+    # the block-local exclusive sums: rows j < i on prefix blocks, j > i on suffix blocks
+    if KIND == 2:
+        lt = _mask(masks_ptr, LOG2S, 0, False, offs_s, offs_s, L)
+        gt = _mask(masks_ptr, LOG2S, 1, False, offs_s, offs_s, L)
+        m3 = tl.where((pref != TRANS)[:, None, None], lt[None, :, :], gt[None, :, :])
+    else:
+        m3 = tl.broadcast_to(_mask(masks_ptr, LOG2S, KIND ^ TRANS, False, offs_s, offs_s, L)[None, :, :],
+                             (NB, SUB, SUB))
+    loc = _mask_dot(m3, x3, PREC)
     o = offs_b[:, None]  # the output's block
     m = offs_b[None, :]  # the summed block
     if TRANS:  # the summed block's rows are the t whose window holds the output's rows
@@ -605,6 +596,18 @@ def _wide_sum(x3, offs_s, offs_b, G, KIND: tl.constexpr, TRANS: tl.constexpr, PR
     sel = sel & ((o >> G) == (m >> G))
     carry = tl.sum(tl.where(sel[:, :, None], tl.sum(x3, axis=1)[None, :, :], 0.0), axis=1)
     return loc + carry[:, None, :]
+
+
+@triton.jit
+def _dot_in(a, b, PREC: tl.constexpr, BF16_DOTS: tl.constexpr):
+    """a @ b for inputs as stored: two bfloat16 operands on the tensor cores as they are (each
+    product exact, float32 sums: what tf32 gives them), if BF16_DOTS (off under the Triton CPU
+    interpreter, whose bfloat16 dot is wrong: Triton 3.9), else in float32 at PREC."""
+    if BF16_DOTS and a.dtype == tl.bfloat16 and b.dtype == tl.bfloat16:
+        out = tl.dot(a, b)
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -618,6 +621,18 @@ def _pair_mask_ts(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
         s = offs_a[:, None]
         t = offs_b[None, :]
     return ((t >> (LVL + 1)) == (s >> (LVL + 1))) & (((t >> LVL) & 1) == 1) & (((s >> LVL) & 1) == 0)
+
+
+@triton.jit
+def _mask(masks_ptr, lvl, KIND: tl.constexpr, TRANS: tl.constexpr, offs_a, offs_b, L: tl.constexpr):
+    """The 0/1 matrix of the exponent sums of level ``lvl``, KIND and TRANS (_mask_table), rows
+    offs_a and columns offs_b of its [L, L] entry (offs in [0, SUB) give its top-left block, the
+    same as every aligned diagonal block below level LOG2S). Loaded (cached) rather than built
+    from the indices, which took ~5 integer instructions per element: offline (sm_90), the output
+    kernel 3,680 -> 3,280 instructions and no more spills. (The pair masks of tl.where stay
+    built: loaded, the key-side kernel had more instructions.)"""
+    base = masks_ptr + ((lvl * 3 + KIND) * 2 + TRANS) * L * L
+    return tl.load(base + offs_a[:, None] * L + offs_b[None, :])
 
 
 @triton.jit
@@ -637,6 +652,7 @@ def _wkv6_chunk_out_kernel(
     out_ptr,  # forward: y; backward: dv   [B, T, H, N]
     amat_ptr,  # [B, H, NC, L, L] float32 out (STORE_A): A of every chunk
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
     BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
@@ -683,15 +699,15 @@ def _wkv6_chunk_out_kernel(
         A3 += tl.where(_pair_mask_ts(offs_s, offs_s, 0, not BWD)[None, :, :],
                        tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
-            e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, LWP))
+            e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
             A3 += tl.where(_pair_mask_ts(offs_s, offs_s, lvl, not BWD)[None, :, :],
                            tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, lvl, True, 2), lw, LWP))
+            e = tl.exp(_mask_dot(_mask(masks_ptr, lvl, 2, False, offs_t, offs_t, L), lw, LWP))
             A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
-        g = tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 1 if BWD else 0), lw, LWP))
+        g = tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 1 if BWD else 0, False, offs_t, offs_t, L), lw, LWP))
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
         out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
@@ -716,14 +732,15 @@ def _wkv6_bwd_values_kernel(
     dstates_ptr,  # [B, H, NC, N, N] float32: the gradient of the state leaving each chunk
     dv_ptr,  # [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+    PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dV = A^T dY + (k e^{Q}) dS^T of one chunk and BV value channels with the forward's A
     (one product in place of rebuilding A from its levels, as _wkv6_chunk_out_kernel does when
-    there is no saved A); e^{Q} by blocks of 2^LOG2S rows (_wide_sum)."""
-    SUB: tl.constexpr = 1 << LOG2S
+    there is no saved A); Q by a masked product (offline sm_90: 1,656 -> 1,120 instructions and
+    155 -> 128 registers against block sums, _wide_sum)."""
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
@@ -741,9 +758,8 @@ def _wkv6_bwd_values_kernel(
     for i_k in range(N // BK):
         offs_k = i_k * BK + tl.arange(0, BK)
         k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
-        lw3 = _sub(_load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k), L, SUB, BK)
-        gq = tl.exp(tl.reshape(_wide_sum(lw3, tl.arange(0, SUB), tl.arange(0, L // SUB), LOG2L - LOG2S, 1, False,
-                                         LWP), (L, BK)))  # e^{Q}
+        gq = tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 1, False, offs_t, offs_t, L),
+                              _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k), LWP))  # e^{Q}
         dS = tl.load(dstates_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :])  # [BV, BK]
         dv = tl.dot(k * gq, tl.trans(dS), acc=dv, input_precision=PREC)
     tl.store(dv_ptr + row + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=tmask)
@@ -754,22 +770,26 @@ def _wkv6_bwd_keys_kernel(
     r_ptr, lw_ptr, k_ptr, v_ptr,  # [B, T, H, N]; log w through its strides
     u_ptr,  # [H, N]
     states_ptr, dstates_ptr,  # [B, H, NC, N, N] float32
+    glam_ptr,  # [B, H, NC, N] float32: e^{Lam} of every chunk (from _chunk_states)
     dy_ptr,  # [B, T, H, N]
     dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
     du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, LWP: tl.constexpr, GP: tl.constexpr, VARLEN: tl.constexpr,
+    PREC: tl.constexpr, LWP: tl.constexpr, GP: tl.constexpr, VARLEN: tl.constexpr, BF16_DOTS: tl.constexpr,
 ):
     """Key-side gradients (dr, dk, dlog w, du) of one whole chunk and BK key channels (they
     are separable in the key index), from the state entering the chunk and the gradient of the
-    state leaving it; dA = dY V^T recomputed (one [L, N] x [N, L] product per program), the
-    exponents and the exclusive sums of their gradients as masked products (_mask_dot); the
-    levels below LOG2S batched over the aligned blocks of SUB rows, as in _wkv6_chunk_out_kernel.
-    LWP: the precision of the exponents' sums of log w (_lw_precision); GP: that of the sums of
-    their gradients ("one" product at precision tf32: each term rounded to tf32 as in the
-    kernels' other products; split at tf32x3)."""
+    state leaving it; dA = dY V^T recomputed (on the blocks of SUB rows once, and whole for each
+    level from LOG2S up), the exponents and the exclusive sums of their gradients as masked
+    products (_mask_dot); the levels below LOG2S batched over the aligned blocks of SUB rows, as
+    in _wkv6_chunk_out_kernel; dLam from the scan's e^{Lam} (glam_ptr). LWP: the precision of the
+    exponents' sums of log w (_lw_precision); GP: that of the sums of their gradients ("one"
+    product at precision tf32: each term rounded to tf32 as in the kernels' other products; split
+    at tf32x3). BF16_DOTS: bfloat16 v and dY stay bfloat16 in the products that take them (see
+    below; on the GPU only, at 4 warps)."""
     SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -790,47 +810,64 @@ def _wkv6_bwd_keys_kernel(
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
-    v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)  # [L, N] (all values)
-    dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0)  # [L, N] (all values), as stored
+    dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
     s_offs = (i_bh * NC + c) * N * N + offs_n[:, None] * N + offs_k[None, :]  # [N (value), BK]
 
-    # everything that reads v and dY first (fewer live registers): the bonus bd (the diagonal of
-    # dA), dA on the blocks of SUB rows and (for the upper levels) whole, drq = dY S0, dke = V dS
-    bd = tl.sum(dY * v, axis=1)
-    dA3 = tl.dot(_sub(dY, L, SUB, N), tl.permute(_sub(v, L, SUB, N), (0, 2, 1)), input_precision=PREC)
-    if LOG2L > LOG2S:
-        dA = tl.dot(dY, tl.trans(v), input_precision=PREC)  # [L, L], only the upper levels' pairs are used
+    # everything that reads v and dY first (fewer live registers): dA on the blocks of SUB rows
+    # (float32: a 3-D bfloat16 product crashed the GPU in the seventh session), drq = dY S0,
+    # dke = V dS. With bfloat16 v and dY at tf32 the state's products take bfloat16 operands: S0
+    # (dS) split into two bfloat16 parts, 16 of its mantissa bits where tf32 keeps 10, v and dY
+    # never converted to float32 (fewer registers: H200, 8, 4096, 32, the key side 3.01 -> 2.61 ms
+    # with dA's reloads below, the bonus from dA3 and e^{Lam} from _chunk_states)
+    dA3 = tl.dot(_sub(dY, L, SUB, N).to(tl.float32), tl.permute(_sub(v, L, SUB, N), (0, 2, 1)).to(tl.float32),
+                 input_precision=PREC)
     S0 = tl.load(states_ptr + s_offs)
     dS = tl.load(dstates_ptr + s_offs)
-    dr = tl.dot(dY, S0, input_precision=PREC)
-    dk = tl.dot(v, dS, input_precision=PREC)
-    dlam = tl.sum(dS * S0, axis=0) * tl.exp(tl.sum(lw, axis=0))  # Lam: a column sum of same-sign terms
+    if BF16_DOTS and dY.dtype == tl.bfloat16 and v.dtype == tl.bfloat16 and PREC == "tf32":
+        s0h = S0.to(tl.bfloat16)
+        dr = tl.dot(dY, (S0 - s0h.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(dY, s0h))
+        dsh = dS.to(tl.bfloat16)
+        dk = tl.dot(v, (dS - dsh.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(v, dsh))
+    else:
+        dr = tl.dot(dY.to(tl.float32), S0, input_precision=PREC)
+        dk = tl.dot(v.to(tl.float32), dS, input_precision=PREC)
+    dlam = tl.sum(dS * S0, axis=0) * tl.load(glam_ptr + (i_bh * NC + c) * N + offs_k)  # e^{Lam}: the scan's
 
     # state side: P, Q over the chunk
     lw3 = _sub(lw, L, SUB, BK)
-    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 0, False, LWP), (L, BK)))  # drq e^{P}
-    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, LOG2L - LOG2S, 1, False, LWP), (L, BK)))  # dke e^{Q}
+    G: tl.constexpr = LOG2L - LOG2S  # P and Q span the chunk's 2^G blocks
+    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, G, 0, False, LWP, masks_ptr, L, LOG2S), (L, BK)))  # e^{P}
+    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, G, 1, False, LWP, masks_ptr, L, LOG2S), (L, BK)))  # e^{Q}
     # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
     # dLam on every row
-    dlw3 = _wide_sum(_sub(dr * r, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 0, True, GP)
-    dlw3 += _wide_sum(_sub(dk * k, L, SUB, BK), offs_s, offs_b, LOG2L - LOG2S, 1, True, GP)
+    dlw3 = _wide_sum(_sub(dr * r, L, SUB, BK), offs_s, offs_b, G, 0, True, GP, masks_ptr, L, LOG2S)
+    dlw3 += _wide_sum(_sub(dk * k, L, SUB, BK), offs_s, offs_b, G, 1, True, GP, masks_ptr, L, LOG2S)
     dlw3 += dlam[None, None, :]
 
     # the levels from LOG2S up, on [L, L] tiles
     if LOG2L > LOG2S:
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, LWP), (L, BK)))
+            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, LWP, masks_ptr, L, LOG2S),
+                                  (L, BK)))
             Rh = r * e
             Kh = k * e
+            # dA = dY V^T for each level from v and dY loaded again (cached; bfloat16 products if
+            # they are bfloat16, exact): a [L, L] dA kept live from the start spilled more
+            dYl = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
+            vl = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
+            dA = _dot_in(dYl, tl.trans(vl), PREC, BF16_DOTS)
             dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
             dRh = tl.dot(dAm, Kh, input_precision=PREC)
             dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
             dr += dRh * e
             dk += dKh * e
-            dlw3 += _wide_sum(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, True, GP)
+            dlw3 += _wide_sum(_sub(dRh * Rh + dKh * Kh, L, SUB, BK), offs_s, offs_b, lvl - LOG2S, 2, True, GP,
+                              masks_ptr, L, LOG2S)
 
-    # the bonus
+    # the bonus: bd, the diagonal of dA
+    bd = tl.reshape(tl.sum(tl.where((offs_s[:, None] == offs_s[None, :])[None, :, :], dA3, 0.0), axis=2), (L,))
     ruk = bd[:, None] * u[None, :]
     dr += ruk * k
     dk += ruk * r
@@ -843,7 +880,7 @@ def _wkv6_bwd_keys_kernel(
     dr3 = tl.dot(dAm3, k3, input_precision=PREC)
     dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
     for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
-        e3 = tl.exp(_mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, True, 2), lw3, L, SUB, LWP))
+        e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
         Rh3 = r3 * e3
         Kh3 = k3 * e3
         dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
@@ -852,7 +889,8 @@ def _wkv6_bwd_keys_kernel(
         dr3 += dRh3 * e3
         dk3 += dKh3 * e3
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
-        dlw3 += _mask_dot_sub(_sum_mask(offs_s, offs_s, lvl, False, 2), dRh3 * Rh3 + dKh3 * Kh3, L, SUB, GP)
+        dlw3 += _mask_dot_sub(_mask(masks_ptr, lvl, 2, True, offs_s, offs_s, L), dRh3 * Rh3 + dKh3 * Kh3, L, SUB,
+                              GP)
     dr += tl.reshape(dr3, (L, BK))
     dk += tl.reshape(dk3, (L, BK))
 
@@ -873,6 +911,7 @@ def _wkv6_chunk_update_kernel(
     u_ptr,  # [B, H, NC, N, N] float32 out: the chunk's update [value, key]
     g_ptr,  # [B, H, NC, N] float32 out: e^{Lam}, the chunk's decay per key channel
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
     LWP: tl.constexpr, VARLEN: tl.constexpr,
@@ -891,7 +930,7 @@ def _wkv6_chunk_update_kernel(
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
-    a *= tl.exp(_mask_dot(_sum_mask(offs_t, offs_t, LOG2L, True, 0 if BWD else 1), lw, LWP))
+    a *= tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 0 if BWD else 1, False, offs_t, offs_t, L), lw, LWP))
     x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     slot = i_bh * NC + c
     tl.store(u_ptr + slot * N * N + offs_k[:, None] * N + offs_k[None, :], tl.dot(tl.trans(x), a, input_precision=PREC))
@@ -953,10 +992,11 @@ def _auto_scan_block(n_heads: int, N: int, device: torch.device) -> int:
 
 
 def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dict, precision: str,
-                  scan_block: int, scan_num_warps: int | None, bwd: bool) -> torch.Tensor:
+                  scan_block: int, scan_num_warps: int | None, bwd: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill ``states`` [B, H, chunks, N, N] with the state entering every chunk (bwd: the
     gradient of the state leaving it; a, x = r, dY, else k, v) and return the final state (bwd:
-    the initial state's gradient), from ``s0`` (None: zeros): the chunks' updates in parallel
+    the initial state's gradient) and every chunk's decay e^{Lam} [B, H, chunks, N], from ``s0``
+    (None: zeros): the chunks' updates in parallel
     (_wkv6_chunk_update_kernel), then the elementwise scan (_wkv6_diag_scan_kernel), ``scan_block``
     rows of the state per program."""
     B, T, H, N = a.shape
@@ -964,7 +1004,7 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
     g = _empty((B, H, nc, N), torch.float32, a.device)
     # (H200, B=8, T=4096, H=32: value blocks of 32 or 8 warps were slower, NOTES)
     _wkv6_chunk_update_kernel[(nc, B * H)](
-        a, log_w, x, states, g, *tabs, T, H, *_lw_strides(log_w),
+        a, log_w, x, states, g, *tabs, _mask_table(L, a.device), T, H, *_lw_strides(log_w),
         N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, LWP=_lw_precision(log_w, precision),
         num_warps=4 if L * N <= 4096 else 8, **vl,
     )
@@ -974,12 +1014,40 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
         N=N, L=L, BLOCK=scan_block * N, HAS_S0=s0 is not None, REVERSE=bwd, VARLEN=vl["VARLEN"],
         num_warps=scan_num_warps or 4,
     )
-    return sT
+    return sT, g
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+
+
+_MASK_TABLES: dict = {}
+
+
+def _mask_table(L: int, device: torch.device) -> torch.Tensor:
+    """The 0/1 matrices of the exponent sums the chunk kernels load (_mask), float32
+    [log2(L) + 1, 3, 2, L, L], made once per chunk size and device. Entry [lvl, kind, 0] at row t,
+    column q is 1 where q lies in t's aligned block of 2^lvl rows and, kind 0: q < t (an exclusive
+    prefix sum), 1: q > t (an exclusive suffix sum), 2: q < t if t is in the right half of its
+    2^(lvl+1)-block, else q > t (E_h of the module docstring: pre_h on right-half rows, suf_h on
+    left-half rows); [lvl, kind, 1] is its transpose (the sums of the exponents' gradients).
+    Multiplied into log w by _mask_dot, row t gets the sum of exactly the log w its exponent
+    spans."""
+    key = (L, str(device))
+    if key not in _MASK_TABLES:
+        i = torch.arange(L)
+        t, q = i[:, None], i[None, :]  # row, column
+        out = torch.zeros(int(math.log2(L)) + 1, 3, 2, L, L)
+        for lvl in range(out.shape[0]):
+            same = (t >> lvl) == (q >> lvl)
+            right = ((t >> lvl) & 1) == 1
+            kinds = [same & (q < t), same & (q > t), same & torch.where(right, q < t, q > t)]
+            for kind, m in enumerate(kinds):
+                out[lvl, kind, 0] = m.float()
+                out[lvl, kind, 1] = m.float().T
+        _MASK_TABLES[key] = out.to(device)
+    return _MASK_TABLES[key]
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -1071,13 +1139,14 @@ def wkv6_forward(
     _check_config(N, L, block_t, precision, impl, scan_block=sb, block_v=bv, block_k=bk)
     y = _empty((B, T, H, N), out_dtype, r.device)
     states = _empty((B, H, nc, N, N), torch.float32, r.device)
-    sT = _chunk_states(k, log_w, v, state, states, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
-                       scan_block=sb, scan_num_warps=scan_num_warps, bwd=False)
+    sT, _ = _chunk_states(k, log_w, v, state, states, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
+                          scan_block=sb, scan_num_warps=scan_num_warps, bwd=False)
     amat = None
     if impl == "chunks":
         amat = _empty((B, H, nc, L, L), torch.float32, r.device) if save_a else None
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
-            r, log_w, k, v, u, states, y, y if amat is None else amat, *tabs, T, H, *_lw_strides(log_w),
+            r, log_w, k, v, u, states, y, y if amat is None else amat, *tabs, _mask_table(L, r.device), T, H,
+            *_lw_strides(log_w),
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
             LWP=_lw_precision(log_w, precision),
             STORE_A=amat is not None, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
@@ -1117,30 +1186,35 @@ def wkv6_backward(
         du_part = _empty((nc, B * H, N), torch.float32, r.device)
         dv = _empty((B, T, H, N), v.dtype, r.device)
         dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-        ds0 = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
-                            scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
+        ds0, glam = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl,
+                                  precision=precision, scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
         lws = _lw_strides(log_w)
         if amat is None:
             _wkv6_chunk_out_kernel[(nc, B * H, nv)](
-                k, log_w, r, dy, u, dstates, dv, dv, *tabs, T, H, *lws,
+                k, log_w, r, dy, u, dstates, dv, dv, *tabs, _mask_table(L, r.device), T, H, *lws,
                 N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=True, PREC=precision,
                 LWP=_lw_precision(log_w, precision),
                 STORE_A=False, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
             )
         else:
             _wkv6_bwd_values_kernel[(nc, B * H, nv)](
-                log_w, k, dy, amat, dstates, dv, *tabs, T, H, *lws,
-                N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, PREC=precision,
+                log_w, k, dy, amat, dstates, dv, *tabs, _mask_table(L, r.device), T, H, *lws,
+                N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, PREC=precision,
                 LWP=_lw_precision(log_w, precision),
                 num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
             )
         bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
         _check_config(N, L, block_t, precision, impl, block_k=bk)
+        warps = num_warps or CHUNKS_NUM_WARPS
         _wkv6_bwd_keys_kernel[(nc, B * H, N // bk)](
-            r, log_w, k, v, u, states, dstates, dy, dr, dlw, dk, du_part, *tabs, T, H, *lws,
+            r, log_w, k, v, u, states, dstates, glam, dy, dr, dlw, dk, du_part, *tabs, _mask_table(L, r.device), T, H,
+            *lws,
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BK=bk, PREC=precision,
             LWP=_lw_precision(log_w, precision), GP="one" if precision == "tf32" else precision,
-            num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+            # bfloat16 products on the GPU at 4 warps only: at 8, with the state's products split in
+            # two bfloat16 ones, Triton 3.6 (H200) made a kernel that hit an illegal address (the
+            # 8-warp knob test; dA in bfloat16 alone passed; benchmarks/NOTES.md, tenth session)
+            BF16_DOTS=r.is_cuda and warps == 4, num_warps=warps, **vl,
         )
         return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
     inputs = (r, log_w, k)
@@ -1151,8 +1225,8 @@ def wkv6_backward(
     du_part = _empty((nv, nc, B * H, N), torch.float32, r.device)
     dv = _empty((B, T, H, N), v.dtype, r.device)
     dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
-    ds0 = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
-                        scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
+    ds0, _ = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl, precision=precision,
+                           scan_block=sb, scan_num_warps=scan_num_warps, bwd=True)
     _wkv6_bwd_chunks_kernel[(nc, B * H, nv)](
         r, log_w, k, v, u, states, dstates, dy, *parts, du_part, dv, *tabs, T, H, *_lw_strides(log_w),
         vl["n_chunks"], B * T * H * N, N=N, L=L, BT=block_t, LOG2BT=int(math.log2(block_t)), BV=bv,
