@@ -4,6 +4,8 @@ thread, without a GPU (benchmarks/NOTES.md quotes these builds).
     python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv7:_bwd_chunks_kernel N=64 L=16 LOG2L=4 BV=64
     python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv6:_wkv6_recurrent_kernel --warps 2 N=64 BV=32
 
+``--lines N`` also prints the N source lines with the most SASS instructions.
+
 KEY=VALUE sets a constexpr (ints, True/False, strings such as PREC=tf32). Pointer arguments are
 float32 unless named in --bf16 (default: the usual input and gradient names) or --fp16; the chunk tables
 (cu_ptr, chunk_cu_ptr, chunk_seq_ptr) are int32; every pointer is marked 16-byte aligned, as launches
@@ -14,6 +16,7 @@ a build of this Triton for sm_90, not necessarily the GPU machine's Triton.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import re
 import subprocess
@@ -35,7 +38,7 @@ def constexpr_value(text: str):
 
 
 def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg: int | None = None,
-          fp16: frozenset[str] = frozenset()) -> dict:
+          fp16: frozenset[str] = frozenset(), lines: int = 0) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -59,6 +62,10 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
         f.flush()
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        if lines:
+            disasm = subprocess.run([str(tool.parent / "nvdisasm"), "--print-line-info-inline", "-c", f.name],
+                                    capture_output=True, text=True, check=True).stdout
+            print_lines(disasm, lines)
     return {
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
@@ -77,6 +84,31 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
     }
 
 
+def print_lines(disasm: str, top: int) -> None:
+    """The source lines with the most SASS instructions (static: loops counted once), with their
+    commonest opcodes: nvdisasm's line table, as Triton's line info gives it."""
+    counts: collections.Counter = collections.Counter()
+    ops: dict = collections.defaultdict(collections.Counter)
+    where = None
+    for text in disasm.splitlines():
+        found = re.search(r'//## File "([^"]+)", line (\d+)', text)
+        if found:
+            where = (found.group(1), int(found.group(2)))
+            continue
+        inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text)
+        if inst and where:
+            counts[where] += 1
+            ops[where][inst.group(1)] += 1
+    print(f"# instructions by source line (static, {sum(counts.values())} in all)")
+    for (path, line), n in counts.most_common(top):
+        try:
+            code = Path(path).read_text().splitlines()[line - 1].strip()
+        except (OSError, IndexError):
+            code = ""
+        common = " ".join(f"{op} {k}" for op, k in ops[(path, line)].most_common(4))
+        print(f"{n:6d}  {Path(path).name}:{line}  {code[:90]}\n        {common}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("kernel", help="module:function, e.g. rwkvkit.ops.triton.wkv7:_prep_kernel")
@@ -86,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--maxnreg", type=int, help="cap the registers per thread (Triton's maxnreg launch option)")
     p.add_argument("--bf16", default=BF16_DEFAULT, help="pointer arguments holding bf16 (comma-separated)")
     p.add_argument("--fp16", default="", help="pointer arguments holding fp16 (comma-separated)")
+    p.add_argument("--lines", type=int, default=0, metavar="N",
+                   help="also print the N source lines with the most instructions")
     args = p.parse_intermixed_args(argv)
     sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: another tree can be measured
     module, _, name = args.kernel.partition(":")
@@ -97,7 +131,7 @@ def main(argv=None) -> int:
             p.error(f"{name} has no argument {key!r} (arguments: {', '.join(fn.arg_names)})")
         constexprs[key] = constexpr_value(value)
     result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages, args.maxnreg,
-                   frozenset(filter(None, args.fp16.split(","))))
+                   frozenset(filter(None, args.fp16.split(","))), args.lines)
     print(f"{name} warps={args.warps} {constexprs}: {result}")
     return 0
 
