@@ -122,8 +122,8 @@ whose windows are whole 16-row blocks (P, Q and the levels from 4 up) and the su
 gradients are the block-local part (a masked product on [16, 16] tiles) plus the sums of the
 window's other blocks (_wide_sum), not [C, C] masked products: still a sum of
 exactly its terms, and 1504 -> 632 B of spills offline (sm_90, key block 32): 4.24 -> 3.43 ms
-there (H200). The output and dv kernels keep the [C, C] products (the block sums made them
-slower, 2.12 -> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
+there (H200). The output kernel keeps the [C, C] products (the block sums made it slower, 2.12
+-> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are
