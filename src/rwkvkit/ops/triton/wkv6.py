@@ -215,11 +215,16 @@ def _block_exclusive_cumsum(x, ROWS: tl.constexpr, COLS: tl.constexpr, BLK: tl.c
 
 
 @triton.jit
-def _pair_mask(offs_t, LVL: tl.constexpr):
-    """[L, L] mask of the pairs (t, s) of level LVL: one aligned block of 2^(LVL+1) rows, s in its
-    left half, t in its right half."""
-    t = offs_t[:, None]
-    s = offs_t[None, :]
+def _pair_mask(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
+    """Mask of the pairs (t, s) of level LVL: one aligned block of 2^(LVL+1) rows, s in its left
+    half, t in its right half; t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T,
+    the transpose ([s, t] with s in offs_a)."""
+    if A_IS_T:
+        t = offs_a[:, None]
+        s = offs_b[None, :]
+    else:
+        s = offs_a[:, None]
+        t = offs_b[None, :]
     return ((t >> (LVL + 1)) == (s >> (LVL + 1))) & (((t >> LVL) & 1) == 1) & (((s >> LVL) & 1) == 0)
 
 
@@ -266,10 +271,11 @@ def _intra_matrix(r, k, lwp, lwn, u, offs_t, BT: tl.constexpr, LOG2BT: tl.conste
     t = offs_t[:, None]
     s = offs_t[None, :]
     A = tl.where(t == s, tl.sum(r * u[None, :] * k, axis=1)[:, None], 0.0)
-    A += tl.where(_pair_mask(offs_t, 0), tl.dot(r, tl.trans(k), input_precision=PREC), 0.0)
+    A += tl.where(_pair_mask(offs_t, offs_t, 0, True), tl.dot(r, tl.trans(k), input_precision=PREC), 0.0)
     for lvl in tl.static_range(1, LOG2BT):
         e = _level_decay(lwp, lwn, offs_t, lvl, BT, N)
-        A += tl.where(_pair_mask(offs_t, lvl), tl.dot(r * e, tl.trans(k * e), input_precision=PREC), 0.0)
+        A += tl.where(_pair_mask(offs_t, offs_t, lvl, True), tl.dot(r * e, tl.trans(k * e), input_precision=PREC),
+                      0.0)
     return A
 
 
@@ -486,7 +492,7 @@ def _wkv6_bwd_chunks_kernel(
         dlw += dlam[None, :]
 
         # level 0: no decay between the pairs
-        m = _pair_mask(offs_t, 0)
+        m = _pair_mask(offs_t, offs_t, 0, True)
         dAm = tl.where(m, dA, 0.0)
         dr += tl.dot(dAm, k, input_precision=PREC)
         dk += tl.dot(tl.trans(dAm), r, input_precision=PREC)
@@ -494,7 +500,7 @@ def _wkv6_bwd_chunks_kernel(
             e = _level_decay(lwp, lwn, offs_t, lvl, BT, N)
             Rh = r * e
             Kh = k * e
-            m = _pair_mask(offs_t, lvl)
+            m = _pair_mask(offs_t, offs_t, lvl, True)
             dAm = tl.where(m, dA, 0.0)
             dRh = tl.dot(dAm, Kh, input_precision=PREC)  # zero outside right-half rows
             dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)  # zero outside left-half rows
@@ -611,19 +617,6 @@ def _dot_in(a, b, PREC: tl.constexpr, BF16_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _pair_mask_ts(offs_a, offs_b, LVL, A_IS_T: tl.constexpr):
-    """_pair_mask with t in ``offs_a`` and s in ``offs_b`` ([t, s]) or, if not A_IS_T, the
-    transpose ([s, t] with s in offs_a)."""
-    if A_IS_T:
-        t = offs_a[:, None]
-        s = offs_b[None, :]
-    else:
-        s = offs_a[:, None]
-        t = offs_b[None, :]
-    return ((t >> (LVL + 1)) == (s >> (LVL + 1))) & (((t >> LVL) & 1) == 1) & (((s >> LVL) & 1) == 0)
-
-
-@triton.jit
 def _mask(masks_ptr, lvl, KIND: tl.constexpr, TRANS: tl.constexpr, offs_a, offs_b, L: tl.constexpr):
     """The 0/1 matrix of the exponent sums of level ``lvl``, KIND and TRANS (_mask_table), rows
     offs_a and columns offs_b of its [L, L] entry (offs in [0, SUB) give its top-left block, the
@@ -696,15 +689,15 @@ def _wkv6_chunk_out_kernel(
         lw3 = _sub(lw, L, SUB, BK)
         eye = (offs_s[:, None] == offs_s[None, :])[None, :, :]
         A3 += tl.where(eye, tl.sum(a3 * u[None, None, :] * b3, axis=2)[:, :, None], 0.0)
-        A3 += tl.where(_pair_mask_ts(offs_s, offs_s, 0, not BWD)[None, :, :],
+        A3 += tl.where(_pair_mask(offs_s, offs_s, 0, not BWD)[None, :, :],
                        tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
             e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
-            A3 += tl.where(_pair_mask_ts(offs_s, offs_s, lvl, not BWD)[None, :, :],
+            A3 += tl.where(_pair_mask(offs_s, offs_s, lvl, not BWD)[None, :, :],
                            tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(LOG2S, LOG2L):
             e = tl.exp(_mask_dot(_mask(masks_ptr, lvl, 2, False, offs_t, offs_t, L), lw, LWP))
-            A += tl.where(_pair_mask_ts(offs_t, offs_t, lvl, not BWD),
+            A += tl.where(_pair_mask(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
         g = tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 1 if BWD else 0, False, offs_t, offs_t, L), lw, LWP))
@@ -858,7 +851,7 @@ def _wkv6_bwd_keys_kernel(
             dYl = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
             vl = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
             dA = _dot_in(dYl, tl.trans(vl), PREC, BF16_DOTS)
-            dAm = tl.where(_pair_mask_ts(offs_t, offs_t, lvl, True), dA, 0.0)
+            dAm = tl.where(_pair_mask(offs_t, offs_t, lvl, True), dA, 0.0)
             dRh = tl.dot(dAm, Kh, input_precision=PREC)
             dKh = tl.dot(tl.trans(dAm), Rh, input_precision=PREC)
             dr += dRh * e
@@ -876,14 +869,14 @@ def _wkv6_bwd_keys_kernel(
     # the levels below LOG2S, batched over the aligned blocks of SUB rows; level 0 has no decay
     r3 = _sub(r, L, SUB, BK)
     k3 = _sub(k, L, SUB, BK)
-    dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
+    dAm3 = tl.where(_pair_mask(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
     dr3 = tl.dot(dAm3, k3, input_precision=PREC)
     dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
     for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
         e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
         Rh3 = r3 * e3
         Kh3 = k3 * e3
-        dAm3 = tl.where(_pair_mask_ts(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
+        dAm3 = tl.where(_pair_mask(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
         dRh3 = tl.dot(dAm3, Kh3, input_precision=PREC)  # zero outside right-half rows
         dKh3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), Rh3, input_precision=PREC)  # zero outside left-half rows
         dr3 += dRh3 * e3
