@@ -86,14 +86,16 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
 
 def print_lines(disasm: str, top: int) -> None:
     """The source lines with the most SASS instructions (static: loops counted once), with their
-    commonest opcodes: nvdisasm's line table, as Triton's line info gives it."""
+    commonest opcodes: nvdisasm's line table, as Triton's line info gives it (the innermost frame
+    outside Triton's own files; code inlined from a helper often keeps only its call site)."""
     counts: collections.Counter = collections.Counter()
     ops: dict = collections.defaultdict(collections.Counter)
     where = None
     for text in disasm.splitlines():
-        found = re.search(r'//## File "([^"]+)", line (\d+)', text)
-        if found:
-            where = (found.group(1), int(found.group(2)))
+        if "//##" in text:
+            frames = re.findall(r'"([^"]+)", line (\d+)', text)
+            ours = [(f, int(n)) for f, n in frames if "/triton/" not in f]
+            where = (ours or [(f, int(n)) for f, n in frames] or [where])[0]
             continue
         inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text)
         if inst and where:
