@@ -617,6 +617,14 @@ def _dot_in(a, b, PREC: tl.constexpr, BF16_DOTS: tl.constexpr):
 
 
 @triton.jit
+def _dot_split(ah, x):
+    """ah @ x for bfloat16 ah and float32 x: x split into two bfloat16 parts (16 of its mantissa
+    bits, where a tf32 operand keeps 10), two exact bfloat16 products with float32 sums."""
+    xh = x.to(tl.bfloat16)
+    return tl.dot(ah, (x - xh.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(ah, xh))
+
+
+@triton.jit
 def _mask(masks_ptr, lvl, KIND: tl.constexpr, TRANS: tl.constexpr, offs_a, offs_b, L: tl.constexpr):
     """The 0/1 matrix of the exponent sums of level ``lvl``, KIND and TRANS (_mask_table), rows
     offs_a and columns offs_b of its [L, L] entry (offs in [0, SUB) give its top-left block, the
@@ -819,10 +827,8 @@ def _wkv6_bwd_keys_kernel(
     S0 = tl.load(states_ptr + s_offs)
     dS = tl.load(dstates_ptr + s_offs)
     if BF16_DOTS and dY.dtype == tl.bfloat16 and v.dtype == tl.bfloat16 and PREC == "tf32":
-        s0h = S0.to(tl.bfloat16)
-        dr = tl.dot(dY, (S0 - s0h.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(dY, s0h))
-        dsh = dS.to(tl.bfloat16)
-        dk = tl.dot(v, (dS - dsh.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(v, dsh))
+        dr = _dot_split(dY, S0)
+        dk = _dot_split(v, dS)
     else:
         dr = tl.dot(dY.to(tl.float32), S0, input_precision=PREC)
         dk = tl.dot(v.to(tl.float32), dS, input_precision=PREC)
