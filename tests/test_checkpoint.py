@@ -220,11 +220,14 @@ def test_cpu_float32_matrices_are_column_major(tmp_path, official, seed):
         if isinstance(m, torch.nn.Linear):
             m.weight.data = m.weight.data.contiguous()
     tokens = torch.randint(0, 100, (2, 9))
-    assert rel_err(model(tokens)[0], plain(tokens)[0]) < 1e-6
+    # The two layouts take different float32 matrix kernels, which round differently: the step's
+    # logits differ by 3e-7 typically and 1.2e-6 at worst seen (150 seeds, and seed 3327483495);
+    # a wrong layout gives errors of order 1.
+    assert rel_err(model(tokens)[0], plain(tokens)[0]) < 1e-5
     state = model.init_state(2)
     plain_state = plain.init_state(2)
     with torch.no_grad():
-        assert rel_err(model.step_(tokens[:, 0], state), plain.step_(tokens[:, 0], plain_state)) < 1e-6
+        assert rel_err(model.step_(tokens[:, 0], state), plain.step_(tokens[:, 0], plain_state)) < 1e-5
     assert all(t.is_contiguous() for t in load_file(model.save(tmp_path / "s") / "model.safetensors").values())
     bf16 = load_model(official[0], dtype=torch.bfloat16)
     assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))

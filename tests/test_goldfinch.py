@@ -247,8 +247,8 @@ def test_save_and_load_model_directory(tmp_path, seed):
     sd, sd_again = model.state_dict(), again.state_dict()
     assert sd.keys() == sd_again.keys() and all(torch.equal(sd[k], sd_again[k]) for k in sd)
     # the same weights; on the CPU load_model stores float32 matrices column-major, so the
-    # products may round differently
-    assert rel_err(again(tokens)[0], model(tokens)[0]) < 1e-6
+    # products may round differently (up to ~1e-6 in float32: test_checkpoint's layout test)
+    assert rel_err(again(tokens)[0], model(tokens)[0]) < 1e-5
     # official files carry time_faaaa, which Finch-C2 does not use: accepted and dropped
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd.update({f"blocks.{i}.att.time_faaaa": torch.zeros(2, 32) for i in range(model.first_gold)})

@@ -40,9 +40,11 @@ def test_step_equals_forward(tmp_path, seed, arch, start):
         expected, ref_state = model(tokens[:, t : t + 1], ref_state)
         logits = model.step_(tokens[:, t], live)
         assert logits.shape == (B, V) and logits.dtype == torch.float32 and not logits.requires_grad
-        assert rel_err(logits, expected[:, 0]) < 3e-6, f"token {t}, seed {seed}"
+        # float32 rounding of two code paths: median 0, 99th percentile 6.5e-7, worst 4.0e-6 (RWKV-7,
+        # seed 2591257292) over 6,480 steps; a wrong step is off by 1e-3 and more
+        assert rel_err(logits, expected[:, 0]) < 1e-5, f"token {t}, seed {seed}"
     for name, t in ref_state.tensor_fields().items():
-        assert rel_err(getattr(live, name), t) < 3e-6, f"{name}, seed {seed}"
+        assert rel_err(getattr(live, name), t) < 1e-5, f"{name}, seed {seed}"
     assert {n: t.data_ptr() for n, t in live.tensor_fields().items()} == tensors, "the state is updated in place"
 
 
@@ -52,7 +54,8 @@ def test_step_in_bfloat16_follows_forward(tmp_path, seed):
     live = state.clone()
     for t in torch.randint(0, V, (6, 2)):
         expected, state = model(t[:, None], state)
-        assert rel_err(model.step_(t, live), expected[:, 0]) < 2e-2
+        # bfloat16 rounding in two orders: median 1.1e-2, worst 2.0e-2 over 360 steps (60 seeds)
+        assert rel_err(model.step_(t, live), expected[:, 0]) < 5e-2
 
 
 def test_step_checks_shapes_not_values(tmp_path, seed):
