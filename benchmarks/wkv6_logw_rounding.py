@@ -1,12 +1,12 @@
 """What rounding a float32 log w to tf32 costs in accuracy, on the CPU in float64.
 
 The WKV-6 whole-chunk kernels sum log w (the decay exponents) by masked tensor-core products.
-At precision tf32 a float32 log w is rounded to the nearest tf32 value as it is loaded
-(``_lw_precision`` "round"), so that one product sums it exactly. This script measures the
+A float32 log w takes two tf32 products to be summed exactly (its tf32 head and the rest); one
+product is exact if log w is first rounded to the nearest tf32 value. This script measures the
 effect of that rounding alone: the float64 chunked form with the exact log w against the same
-with log w rounded to tf32 (nearest, ties to even, as the kernels do; and truncated, as a tf32
-product of the raw float32 value would), on the benchmark's RWKV-6-like inputs. The kernels'
-own errors against float32 (bench_wkv.py --logw-fp32) are about 2e-3.
+with log w rounded to tf32 (nearest, ties to even; and truncated, as a tf32 product of the raw
+float32 value would take it), on the benchmark's RWKV-6-like inputs. The kernels' own errors
+against float32 (bench_wkv.py --logw-fp32) are about 2e-3.
 
     python benchmarks/wkv6_logw_rounding.py [--shape B,T,H,N]
 """
