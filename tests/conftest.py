@@ -14,6 +14,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--tolerance-audit", type=int, default=0, metavar="N",
+                     help="run each test N times and print the distribution of every rel_err line (tests/tolerance_audit.py)")
+
+
+def pytest_configure(config):
+    if config.getoption("--tolerance-audit"):
+        from tolerance_audit import ToleranceAudit
+
+        config.pluginmanager.register(ToleranceAudit(config.getoption("--tolerance-audit")), "tolerance_audit")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread per test: the tests' models are tiny, and on a busy 2-core machine
