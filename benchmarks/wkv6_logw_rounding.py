@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_wkv import wkv6_inputs  # noqa: E402
+from bench_wkv import rel_err, wkv6_inputs  # noqa: E402
 
 from rwkvkit.ops.chunked import wkv6_chunked  # noqa: E402
 
@@ -61,7 +61,7 @@ def main() -> None:
         for mode in ("nearest", "truncate"):
             # the rounded value forward, the gradient taken as for the exact one
             got = run(xs, lambda x: x + (to_tf32(x, mode).double() - x).detach(), dy, ds)
-            errs = [((a - b).norm() / b.norm()).item() for a, b in zip(got, ref)]
+            errs = [rel_err(a, b) for a, b in zip(got, ref)]
             print(f"{decay:9s} {mode:8s} " + "  ".join(f"{n} {e:.1e}" for n, e in zip(NAMES, errs)))
 
 
