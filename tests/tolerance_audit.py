@@ -5,7 +5,7 @@ every value that ``rel_err`` returns, by the test-file line that called it. The 
 per line, the number of values, their median, 99th percentile and maximum, the threshold written
 on that line (when it is a literal ``rel_err(...) < X``) and max / threshold. A tolerance should
 sit well above the worst value seen over many seeds (rounding has long tails: one seed in a
-few thousand can give 3x the 99th percentile) and far below what a wrong result gives.
+few thousand can give several times the 99th percentile) and far below what a wrong result gives.
 
     python -m pytest -q --tolerance-audit 50 tests/test_step.py
 """
