@@ -262,6 +262,32 @@ def test_bad_config_json(tmp_path, official):
                                                  "head_size": 32, "lora": {"w": 8, "a": 16, "v": 24, "g": 32}}))
     with pytest.raises(StateDictError, match="missing key"):
         load_model(out)
+    good = json.loads(json.dumps(load_model(official[0]).config.to_dict()))
+    bad_fields = [
+        ({"head_sizee": 64}, "unknown field.*'head_sizee'"),  # a misspelt field is not dropped
+        ({"ffn_dim": -5}, r"config.json: ffn_dim must be a non-negative integer \(0: the default\), got -5"),
+        ({"ffn_dim": "512"}, "ffn_dim must be a non-negative integer .*, got '512'"),
+        ({"lora": [1, 2]}, r"lora must be a dict of low-rank sizes by name, got \[1, 2\]"),
+        ({"lora": {"w": True}}, "lora size 'w' must be a positive integer, got True"),
+        ({"arch": ["rwkv7"]}, "arch must be a string"),
+        ({"format_version": 99}, "format_version 99; this rwkvkit reads 1 to 1"),
+        ({"tokenizer": "world"}, "tokenizer must be an object"),
+    ]
+    for change, message in bad_fields:
+        (out / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConfigError, match=message):
+            load_model(out)
+
+
+def test_misshapen_size_keys_are_named(tmp_path, official):
+    """The tensors a config is inferred from must have two dimensions; the error names the file,
+    the key and its shape (not an unpacking error from inside the model class)."""
+    sd = dict(official[1])
+    sd["blocks.0.att.r_k"] = sd["blocks.0.att.r_k"].flatten()
+    torch.save(sd, tmp_path / "bad.pth")
+    n = sd["blocks.0.att.r_k"].numel()
+    with pytest.raises(StateDictError, match=rf"bad\.pth: key 'blocks\.0\.att\.r_k' has shape \[{n}\], expected 2 dimensions"):
+        load_model(tmp_path / "bad.pth")
 
 
 def test_truncated_safetensors(tmp_path, official):

@@ -28,7 +28,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
 )
-from .models.base import LanguageModel
+from .models.base import FORMAT_VERSION, LanguageModel
 from .models.registry import model_class
 from .state import RecurrentState
 
@@ -282,7 +282,16 @@ def load_model(
             meta = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config_path}: not valid JSON ({exc})") from None
-        config = ModelConfig.from_dict(meta, source=str(config_path))
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object, got {type(meta).__name__}")
+        version = meta.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+            raise ConfigError(f"{config_path}: format_version {version!r}; this rwkvkit reads 1 to {FORMAT_VERSION}")
+        if meta.get("tokenizer") is not None and not isinstance(meta["tokenizer"], dict):
+            raise ConfigError(f"{config_path}: tokenizer must be an object (as save() writes it), "
+                              f"got {meta['tokenizer']!r}")
+        fields = {k: v for k, v in meta.items() if k not in ("format_version", "tokenizer")}
+        config = ModelConfig.from_dict(fields, source=str(config_path))
         sd, _ = read_safetensors(weights)
         default_state = _state_from_tensors(config.arch, sd, "default_state.")
         sd = {k: v for k, v in sd.items() if not k.startswith("default_state.")}
@@ -293,10 +302,13 @@ def load_model(
         sd = read_pth(path)
         arch = detect_arch(sd, str(path))
         cls = model_class(arch)
-        config = cls.config_from_state_dict(sd)
-        if extra:
-            config.extra = {**config.extra, **extra}
-        default_state = cls.default_state_from_state_dict(sd)
+        try:  # (errors of the sizes inferred from the tensors name the file)
+            config = cls.config_from_state_dict(sd)
+            if extra:
+                config.extra = {**config.extra, **extra}
+            default_state = cls.default_state_from_state_dict(sd)
+        except (StateDictError, ConfigError) as exc:
+            raise type(exc)(f"{path}: {exc}") from None
         model = build_model(config, sd, device=device, dtype=dtype, source=str(path))
         if config.vocab_size == 65536:
             model.tokenizer = _bundled_world_tokenizer()

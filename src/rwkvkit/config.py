@@ -43,6 +43,8 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.arch, str):
+            raise ConfigError(f"config: arch must be a string such as 'rwkv7', got {self.arch!r}")
         for name in ("n_layer", "n_embd", "vocab_size", "head_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -51,8 +53,12 @@ class ModelConfig:
             raise ConfigError(
                 f"config: n_embd {self.n_embd} is not a multiple of head_size {self.head_size}"
             )
+        if not isinstance(self.ffn_dim, int) or isinstance(self.ffn_dim, bool) or self.ffn_dim < 0:
+            raise ConfigError(f"config: ffn_dim must be a non-negative integer (0: the default), got {self.ffn_dim!r}")
+        if not isinstance(self.lora, dict):
+            raise ConfigError(f"config: lora must be a dict of low-rank sizes by name, got {self.lora!r}")
         for name, size in self.lora.items():
-            if not isinstance(size, int) or size <= 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
                 raise ConfigError(f"config: lora size {name!r} must be a positive integer, got {size!r}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"config: extra must be a dict of options, got {type(self.extra).__name__}")
@@ -79,10 +85,14 @@ class ModelConfig:
         missing = [n for n in ("arch", "n_layer", "n_embd", "vocab_size") if n not in data]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-        values = {k: v for k, v in data.items() if k in known}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(sorted(known))})")
+        values = dict(data)
         try:
             return cls(**values)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+            raise ConfigError(f"{source}: {str(exc).removeprefix('config: ')}") from None
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from None

@@ -37,11 +37,15 @@ def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
 
 
-def shape_of(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    """The shape of ``sd[key]``, or a StateDictError naming the key needed to infer sizes."""
+def shape_of(sd: dict[str, torch.Tensor], key: str, ndim: int = 2) -> tuple[int, ...]:
+    """The shape of ``sd[key]`` (``ndim`` sizes), or a StateDictError naming the key needed to
+    infer sizes, or its shape when it has another number of dimensions."""
     if key not in sd:
         raise StateDictError(f"missing key {key!r}, needed to infer the model's sizes")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim:
+        raise StateDictError(f"key {key!r} has shape {list(shape)}, expected {ndim} dimensions")
+    return shape
 
 
 def layer_count(sd: dict[str, torch.Tensor]) -> int:
