@@ -416,6 +416,22 @@ def test_prefill_chunks_agree(world_model, seed):
     assert rel_err(l1, l2) < 1e-4 and rel_err(s1.wkv, s2.wkv) < 1e-4
 
 
+def test_prefill_takes_one_prompt_or_a_batch(world_model):
+    """[T] or [B, T] token ids (tensor, list, range, nested lists); anything else, a string or
+    three dimensions (once flattened silently into one prompt), is a GenerationError."""
+    ids = [[5, 6, 7], [8, 9, 10]]
+    batch, _ = prefill(world_model, torch.tensor(ids))
+    assert batch.shape == (2, 65536)
+    assert torch.equal(prefill(world_model, ids)[0], batch)
+    for one in (ids[1], range(8, 11), torch.tensor(ids[1])):  # (batch 1 rounds differently from batch 2)
+        assert rel_err(prefill(world_model, one)[0], batch[1:]) < 1e-5
+    for bad, message in [(torch.tensor(ids)[:, None], r"\[T\] or \[B, T\] token ids, got shape \[2, 1, 3\]"),
+                         ("hello", "got str; encode text"), (None, "got NoneType"), (5, "got int"),
+                         ([[1, 2], [3]], "not token ids")]:
+        with pytest.raises(GenerationError, match=message):
+            prefill(world_model, bad)
+
+
 def test_prefill_default_chunk_follows_the_device(world_model, monkeypatch):
     from rwkvkit import generation
 

@@ -388,10 +388,18 @@ def occurrence_weights(tokenizer: Any) -> Callable[[int], float]:
 
 # -- prefill -------------------------------------------------------------------------------------
 def _as_batch(tokens: Any) -> torch.Tensor:
-    if isinstance(tokens, torch.Tensor):
-        t = tokens if tokens.dim() == 2 else tokens.reshape(1, -1)
-    else:
-        t = torch.tensor([list(tokens)], dtype=torch.long)
+    """Token ids [T] or [B, T] (a tensor or a sequence of ints) as a [B, T] tensor."""
+    if not isinstance(tokens, torch.Tensor):
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise GenerationError(f"prefill: tokens must be token ids (a tensor or a sequence of ints), got "
+                                  f"{type(tokens).__name__}; encode text with the model's tokenizer first")
+        try:
+            tokens = torch.as_tensor(tokens if hasattr(tokens, "__len__") else list(tokens))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise GenerationError(f"prefill: tokens are not token ids ({exc})") from None
+    if tokens.dim() not in (1, 2):
+        raise GenerationError(f"prefill: tokens must be [T] or [B, T] token ids, got shape {list(tokens.shape)}")
+    t = tokens if tokens.dim() == 2 else tokens[None]
     if t.shape[-1] == 0:
         raise GenerationError("prefill: no tokens given")
     return t
