@@ -16,6 +16,7 @@ from rwkvkit.checkpoint import detect_arch, inspect_checkpoint
 from rwkvkit.errors import (
     CheckpointError,
     ConfigError,
+    InputError,
     StateDictError,
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
@@ -277,6 +278,15 @@ def test_bad_config_json(tmp_path, official):
         (out / "config.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(ConfigError, match=message):
             load_model(out)
+
+
+def test_bad_device_and_dtype(official):
+    for device, message in [("foo", "device 'foo': not a torch device"), ("meta", "holds no values")]:
+        with pytest.raises(InputError, match=message):
+            load_model(official[0], device=device)
+    for dtype in ("bf16", torch.int64):
+        with pytest.raises(InputError, match=f"dtype must be a floating-point torch.dtype .*got {dtype!r}"):
+            load_model(official[0], dtype=dtype)
 
 
 def test_misshapen_size_keys_are_named(tmp_path, official):

@@ -121,7 +121,7 @@ QUIET = dict(temperature=0, presence_penalty=0, frequency_penalty=0)
         ("temperature", -0.1), ("temperature", float("nan")), ("top_p", 1.5), ("top_p", -0.1),
         ("top_k", -1), ("top_k", 2.5), ("penalty_decay", 1.5), ("presence_penalty", float("inf")),
         ("max_new_tokens", -1), ("stop_strings", [""]), ("ban_tokens", [-3]), ("seed", "x"),
-        ("stop_tokens", "abc"),
+        ("seed", 2**64), ("stop_tokens", "abc"),
     ],
 )
 def test_bad_settings_name_field_and_value(field, value):

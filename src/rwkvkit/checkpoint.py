@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .errors import (
     CheckpointError,
     ConfigError,
+    InputError,
     StateDictError,
     UnsafeCheckpointError,
     UnsupportedArchitectureError,
@@ -267,6 +268,10 @@ def load_model(
     from .tokenizer import load_tokenizer
 
     check_mode(quantize)
+    device = usable_device(device)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InputError(f"load_model: dtype must be a floating-point torch.dtype such as torch.bfloat16 "
+                         f"(or None: the file's), got {dtype!r}")
 
     path = _newest_checkpoint(Path(path))
     if extra and (path.is_dir() or path.suffix == ".safetensors"):
@@ -320,6 +325,24 @@ def load_model(
     else:
         _decode_layout(model)
     return model
+
+
+def usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device that can hold tensors here, or an InputError saying why not
+    (an unknown name, no CUDA, the meta device)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device {str(device)!r}: not a torch device") from None
+    if dev.type == "meta":
+        raise InputError("device 'meta' holds no values; load the model on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(dev)!r}: CUDA is not available (no GPU, or a CPU-only PyTorch)")
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise InputError(f"device {str(dev)!r} is not usable here ({str(exc).split('. ')[0]})") from None
+    return dev
 
 
 def _decode_layout(model: nn.Module) -> None:

@@ -127,15 +127,9 @@ def _sampling_params(args: argparse.Namespace, base: Any) -> Any:
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
-    from .checkpoint import DEFAULT_MODEL_DIR, load_model
+    from .checkpoint import DEFAULT_MODEL_DIR, load_model, usable_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CliError(f"--device {device!r}: not a torch device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {device}: CUDA is not available")
+    dev = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("fp32" if dev.type == "cpu" else "bf16")
     path = args.model if args.model is not None else DEFAULT_MODEL_DIR
     return load_model(path, device=dev, dtype=getattr(torch, _DTYPES[dtype_name]), quantize=args.quantize)

@@ -123,12 +123,14 @@ def _real(name: str, value: Any, lo: float | None = None, hi: float | None = Non
     return value
 
 
-def _int(name: str, value: Any, lo: int | None = 0) -> int:
+def _int(name: str, value: Any, lo: int | None = 0, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _fail(name, value, "must be an integer")
     value = int(value)
     if lo is not None and value < lo:
         raise _fail(name, value, f"must be >= {lo}")
+    if hi is not None and value > hi:
+        raise _fail(name, value, f"must be <= {hi}")
     return value
 
 
@@ -202,7 +204,7 @@ class SamplingParams:
         put("stop_strings", _strings("stop_strings", self.stop_strings))
         put("max_new_tokens", _int("max_new_tokens", self.max_new_tokens))
         if self.seed is not None:
-            put("seed", _int("seed", self.seed, lo=None))
+            put("seed", _int("seed", self.seed, lo=-(2**63), hi=2**64 - 1))  # (what torch.Generator takes)
 
     def replace(self, **changes: Any) -> "SamplingParams":
         """A copy with some fields changed (checked like the constructor)."""
