@@ -60,7 +60,7 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        found = re.search(r"(?:GLOBAL|global) ([\w.]+(?: [\w.]+)?)", msg)
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", msg)  # the dotted name only
         if "Weights only load failed" in msg and found:
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: the pickle holds objects other than tensors "
