@@ -281,7 +281,7 @@ def test_bad_config_json(tmp_path, official):
 
 
 def test_bad_device_and_dtype(official):
-    for device, message in [("foo", "device 'foo': not a torch device"), ("meta", "holds no values")]:
+    for device, message in [("foo", "device 'foo': not a torch device"), ("meta", "device meta holds no values")]:
         with pytest.raises(InputError, match=message):
             load_model(official[0], device=device)
     for dtype in ("bf16", torch.int64):

@@ -140,3 +140,22 @@ def test_chunked_no_tokens_returns_a_new_state():
     s0 = torch.randn(1, 2, 8, 8)
     for y, s in (wkv7_chunked(*x, s0), wkv6_chunked(*x[:4], torch.zeros(2, 8), s0)):
         assert y.shape == (1, 0, 2, 8) and torch.equal(s, s0) and s.data_ptr() != s0.data_ptr()
+
+
+def test_dispatchers_name_bad_shapes():
+    """wkv7 and wkv6 check what they are given: one [B, T, H, N] shape for the inputs, a
+    floating-point [B, H, N, N] state (no broadcasting of a batch-1 state), u [H, N]."""
+    from rwkvkit.errors import InputError
+    from rwkvkit.ops import wkv6
+
+    *x, s0 = wkv7_inputs(2, 5, 2, 16)
+    with pytest.raises(InputError, match=r"wkv7: r, log_w, k, v, a, b must share one \[B, T, H, N\] shape"):
+        wkv7(x[0], x[1], x[2][:, :3], *x[3:], s0)
+    for state in (s0[:1], s0[0], s0.long()):
+        with pytest.raises(InputError, match=r"wkv7: state must be a floating-point \[2, 2, 16, 16\] tensor"):
+            wkv7(*x, state)
+    r, lw, k, v = x[:4]
+    with pytest.raises(InputError, match=r"wkv6: u must be \[2, 16\], got \[2, 17\]"):
+        wkv6(r, lw, k, v, torch.zeros(2, 17), s0)
+    with pytest.raises(InputError, match=r"wkv6: state must be"):
+        wkv6(r, lw, k, v, torch.zeros(2, 16), s0[:, :1])

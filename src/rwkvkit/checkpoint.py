@@ -327,21 +327,22 @@ def load_model(
     return model
 
 
-def usable_device(device: torch.device | str) -> torch.device:
+def usable_device(device: torch.device | str, what: str = "device") -> torch.device:
     """``device`` as a torch.device that can hold tensors here, or an InputError saying why not
-    (an unknown name, no CUDA, the meta device)."""
+    (an unknown name, the meta device, no CUDA or another backend missing); ``what`` names it in
+    the message (the CLI: "--device")."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"device {str(device)!r}: not a torch device") from None
+        raise InputError(f"{what} {device!r}: not a torch device") from None
     if dev.type == "meta":
-        raise InputError("device 'meta' holds no values; load the model on cpu or cuda")
+        raise InputError(f"{what} meta holds no values; load the model on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {str(dev)!r}: CUDA is not available (no GPU, or a CPU-only PyTorch)")
+        raise InputError(f"{what} {dev}: CUDA is not available (no GPU, or a CPU-only PyTorch)")
     try:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as exc:
-        raise InputError(f"device {str(dev)!r} is not usable here ({str(exc).split('. ')[0]})") from None
+        raise InputError(f"{what} {dev} is not usable here ({str(exc).split('. ')[0]})") from None
     return dev
 
 

@@ -129,7 +129,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     from .checkpoint import DEFAULT_MODEL_DIR, load_model, usable_device
 
-    dev = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     dtype_name = args.dtype or ("fp32" if dev.type == "cpu" else "bf16")
     path = args.model if args.model is not None else DEFAULT_MODEL_DIR
     return load_model(path, device=dev, dtype=getattr(torch, _DTYPES[dtype_name]), quantize=args.quantize)

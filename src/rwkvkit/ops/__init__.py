@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..errors import InputError
 from .chunked import wkv6_chunked, wkv7_chunked
 from .inplace import wkv7_step_
 from .reference import wkv6_reference, wkv6_step, wkv7_reference, wkv7_step
@@ -32,6 +33,19 @@ __all__ = [
     "wkv7_step",
     "wkv7_timemix_step_",
 ]
+
+
+def _check(fn: str, names: str, xs: tuple[torch.Tensor, ...], state: torch.Tensor) -> tuple[int, int, int, int]:
+    """The shapes the dispatchers need: every input one [B, T, H, N] shape, the state
+    [B, H, N, N] floating point (an InputError naming them otherwise); returns (B, T, H, N)."""
+    r = xs[0]
+    if r.dim() != 4 or any(x.shape != r.shape for x in xs):
+        raise InputError(f"{fn}: {names} must share one [B, T, H, N] shape, got {[list(x.shape) for x in xs]}")
+    B, T, H, N = r.shape
+    if state.shape != (B, H, N, N) or not state.is_floating_point():
+        raise InputError(f"{fn}: state must be a floating-point [{B}, {H}, {N}, {N}] tensor, "
+                         f"got {list(state.shape)} {state.dtype}")
+    return B, T, H, N
 
 
 def _triton_enabled(x: torch.Tensor) -> bool:
@@ -53,6 +67,7 @@ def wkv7(
     in the state's dtype. On CUDA: the step-by-step kernel for a few tokens without
     gradients (decoding), the chunked kernels otherwise.
     """
+    _check("wkv7", "r, log_w, k, v, a, b", (r, log_w, k, v, a, b), state)
     if _triton_enabled(r):
         from .triton import wkv7_recurrent, wkv7_triton, wkv7_triton_supports
 
@@ -168,6 +183,9 @@ def wkv6(
     gradients (decoding; ``RWKVKIT_WKV6_RECURRENT=0`` turns it off), else the chunked kernels
     for T > 1.
     """
+    _, _, H, N = _check("wkv6", "r, log_w, k, v", (r, log_w, k, v), state)
+    if u.shape != (H, N):
+        raise InputError(f"wkv6: u must be [{H}, {N}], got {list(u.shape)}")
     if _triton_enabled(r):
         from .triton import wkv6_recurrent, wkv6_triton, wkv6_triton_supports
 
