@@ -68,3 +68,6 @@ def test_step_checks_shapes_not_values(tmp_path, seed):
     with pytest.raises(StateError, match="float32"):
         model.step_(torch.tensor([1, 2]), state._replace(wkv=state.wkv.double()))
     assert model.step_(torch.tensor([1, 2], dtype=torch.int32), state).shape == (2, V)
+    for batch_size in (0, -1, 1.5, "2", None):
+        with pytest.raises(InputError, match=f"init_state: batch_size must be a positive integer, got {batch_size!r}"):
+            model.init_state(batch_size)

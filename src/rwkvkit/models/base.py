@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -154,3 +155,10 @@ class LanguageModel(nn.Module):
             save_file(tensors, str(tmp), metadata={"arch": self.arch, "format": "rwkvkit"})
         atomic_write_text(directory / "config.json", json.dumps(meta, indent=2) + "\n")
         return directory
+
+
+def check_batch_size(batch_size: Any) -> int:
+    """``init_state``'s batch size: a positive int, or an InputError naming the value."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InputError(f"init_state: batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)

@@ -60,6 +60,7 @@ from ..errors import ConfigError, StateDictError, StateError
 from ..state import GoldFinchState
 from .attention import check_rope_base, chunked_causal_attention, rope
 from .recurrent import BlockStackModel, RWKVModel, layer_count, official_matrix_init, shape_of, token_shift
+from .base import check_batch_size
 from .registry import register
 from .rwkv6 import (
     RWKV56_MATRIX_GAINS,
@@ -367,7 +368,7 @@ class GoldFinch(BlockStackModel):
     # -- state --------------------------------------------------------------------------------------
     def init_state(self, batch_size: int = 1) -> GoldFinchState:
         """The state before any token: zero recurrent state, empty cache."""
-        return self._zero_state(batch_size, self.device)
+        return self._zero_state(check_batch_size(batch_size), self.device)
 
     def state_template(self) -> GoldFinchState:
         return self._zero_state(1, torch.device("meta"))

@@ -26,6 +26,7 @@ from ..errors import ConfigError, StateError
 from ..state import KVCacheState
 from .attention import causal_attention, check_rope_base, rope
 from .recurrent import BlockStackModel, layer_count, official_matrix_init, shape_of
+from .base import check_batch_size
 from .registry import register
 
 LLAMA_OPTIONS = ("rope_base", "norm")
@@ -119,7 +120,7 @@ class Llama(BlockStackModel):
     # -- state --------------------------------------------------------------------------------------
     def init_state(self, batch_size: int = 1) -> KVCacheState:
         """An empty key/value cache."""
-        return self._empty_cache(batch_size, self.device)
+        return self._empty_cache(check_batch_size(batch_size), self.device)
 
     def state_template(self) -> KVCacheState:
         return self._empty_cache(1, torch.device("meta"))

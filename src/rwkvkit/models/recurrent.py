@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from ..errors import ConfigError, InputError, StateDictError, StateError
 from ..state import ModelState, RecurrentState
-from .base import LanguageModel
+from .base import LanguageModel, check_batch_size
 
 
 def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -137,6 +137,8 @@ class BlockStackModel(LanguageModel):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
             what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise InputError(f"step_: tokens must be integer ids of shape [B], got {what}")
+        if state is None:  # (the state is advanced where it lies: there must be one)
+            raise StateError("step_: state is None; start from model.init_state(B) or generation.prefill")
         logits, new = self(tokens[:, None], state, last_only=True)
         for name, t in new.tensor_fields().items():
             setattr(state, name, t)
@@ -179,6 +181,7 @@ class RWKVModel(BlockStackModel):
 
     def init_state(self, batch_size: int = 1) -> RecurrentState:
         """The initial state for ``batch_size`` rows: the tuned state if any, else zeros."""
+        check_batch_size(batch_size)
         if self.default_state is None:
             return self._zero_state(batch_size, self.device)
         template, s = self.state_template(), self.default_state.expand(batch_size)
