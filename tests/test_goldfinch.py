@@ -420,7 +420,7 @@ def test_step_advances_the_state_in_place(seed, arch):
         assert rel_err(getattr(state, name), t) < TOL if t.is_floating_point() else torch.equal(getattr(state, name), t)
     with pytest.raises(InputError, match="shape \\[B\\]"):
         model.step_(tokens, state)
-    with pytest.raises(StateError, match="step_: state is None"):
+    with pytest.raises(StateError, match=r"step_: state must be a \w+State, got NoneType"):
         model.step_(tokens[:, 0], None)
 
 

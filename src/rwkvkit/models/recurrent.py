@@ -138,7 +138,8 @@ class BlockStackModel(LanguageModel):
             what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise InputError(f"step_: tokens must be integer ids of shape [B], got {what}")
         if state is None:  # (the state is advanced where it lies: there must be one)
-            raise StateError("step_: state is None; start from model.init_state(B) or generation.prefill")
+            raise StateError(f"step_: state must be a {type(self.state_template()).__name__}, got NoneType "
+                             "(start from model.init_state(B) or generation.prefill)")
         logits, new = self(tokens[:, None], state, last_only=True)
         for name, t in new.tensor_fields().items():
             setattr(state, name, t)
