@@ -416,6 +416,17 @@ def test_prefill_chunks_agree(world_model, seed):
     assert rel_err(l1, l2) < 1e-4 and rel_err(s1.wkv, s2.wkv) < 1e-4
 
 
+def test_nothing_drawable_is_a_generation_error(world_model):
+    """A row with no finite logit (NaN, +inf, or every token banned) cannot be sampled: a
+    GenerationError, not torch.multinomial's RuntimeError."""
+    for logits in (torch.full((5,), float("nan")), torch.tensor([0.0, float("inf"), 1.0]),
+                   torch.tensor([[0.0, 1.0], [-float("inf"), -float("inf")]])):
+        with pytest.raises(GenerationError, match="no token can be drawn"):
+            sample_logits(logits, SamplingParams())
+    with pytest.raises(GenerationError, match="every token banned"):
+        complete(world_model, [5, 6], SamplingParams(ban_tokens=range(65536)), max_new_tokens=1)
+
+
 def test_prefill_takes_one_prompt_or_a_batch(world_model):
     """[T] or [B, T] token ids (tensor, list, range, nested lists); anything else, a string or
     three dimensions (once flattened silently into one prompt), is a GenerationError."""

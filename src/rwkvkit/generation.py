@@ -295,7 +295,12 @@ def sample_logits(
     (see :func:`sampling_probs`). Returns a LongTensor of shape [] or [B] (``int(...)`` /
     ``.tolist()`` for Python ints). The same ``generator`` state gives the same tokens."""
     probs = sampling_probs(logits, params)
-    if bool(((probs > 0).sum(dim=-1) == 1).all()):  # one candidate per row (greedy): no draw
+    kept = (probs > 0).sum(dim=-1)
+    greedy, drawable = torch.stack([(kept == 1).all(), (torch.isfinite(probs).all(dim=-1) & (kept > 0)).all()]).tolist()
+    if not drawable:  # (one read of the device for both checks)
+        raise GenerationError("no token can be drawn: a row of logits has no finite value (every token banned, "
+                              "or NaN / inf logits)")
+    if greedy:  # one candidate per row: no draw
         return probs.argmax(dim=-1)
     if generator is not None and probs.device != generator.device:
         probs = probs.to(generator.device)
