@@ -11,6 +11,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -219,6 +220,12 @@ def test_decode_end_of_text_and_bad_ids():
             TOK.decode([*ids, bad])
         with pytest.raises(TokenizerError, match=str(bad)):
             TOK.decoder().feed(bad)
+    assert TOK.decode(torch.tensor(ids)) == TOK.decode(range(0)) + "hello world"
+    for bad, message in [(torch.tensor([ids]), "one flat sequence of integer token ids, found \\["),
+                         ([65.0], "found 65.0"), ([True], "found True"), (5, "got int"), (None, "got NoneType"),
+                         ("hello", "got str")]:
+        with pytest.raises(TokenizerError, match=message):
+            TOK.decode(bad)
 
 
 def test_decode_split_character():

@@ -280,6 +280,12 @@ class WorldTokenizer:
         """
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TokenizerError(f"decode: ids must be a sequence of token ids, got {type(ids).__name__}")
+        ids = list(ids)
+        bad = next((i for i in ids if not isinstance(i, int) or isinstance(i, bool)), None)
+        if bad is not None:
+            raise TokenizerError(f"decode: ids must be one flat sequence of integer token ids, found {bad!r}")
         try:
             return b"".join(map(self._id_to_bytes.__getitem__, ids))
         except KeyError as exc:
