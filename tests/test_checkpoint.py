@@ -86,7 +86,17 @@ def test_missing_keys_listed(tmp_path):
 def test_missing_size_key_named(tmp_path):
     sd = make_rwkv7_state_dict(**SIZES)
     del sd["blocks.0.att.w1"]
-    with pytest.raises(StateDictError, match="blocks.0.att.w1"):
+    with pytest.raises(StateDictError, match=r"\.pth: missing key 'blocks.0.att.w1', needed to infer"):
+        load_model(save_pth(tmp_path, sd))
+
+
+def test_every_kind_of_key_fault_in_one_message(tmp_path):
+    sd = make_rwkv7_state_dict(**SIZES)
+    del sd["blocks.1.ffn.value.weight"]
+    sd["blocks.1.att.extra"] = torch.zeros(3)
+    sd["blocks.1.att.value.weight"] = torch.zeros(64, 63)
+    with pytest.raises(StateDictError, match=r"missing key\(s\): blocks.1.ffn.value.weight; unexpected key\(s\): "
+                                             r"blocks.1.att.extra; wrong shape\(s\): blocks.1.att.value.weight"):
         load_model(save_pth(tmp_path, sd))
 
 
@@ -157,6 +167,9 @@ def test_corrupt_and_truncated(tmp_path, official):
     (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_model(tmp_path / "trunc.pth")
+    (tmp_path / "head.pth").write_bytes(data[:1000])  # torch's long message: its first sentence
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated checkpoint \([^.()]*\)$"):
+        load_model(tmp_path / "head.pth")
     (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint" * 100)
     with pytest.raises(CheckpointError, match="garbage.pth"):
         load_model(tmp_path / "garbage.pth")

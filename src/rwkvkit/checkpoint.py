@@ -70,8 +70,9 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (KeyError, TypeError):  # the unpickler choking on bytes that are no pickle at all
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint") from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, IndexError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__  # its first sentence
+        first = first if len(first) <= 200 else first[:197] + "..."
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first})") from None
     return _as_tensor_dict(obj, path)
 
 
@@ -184,20 +185,15 @@ def _check_keys(model: LanguageModel, sd: dict[str, torch.Tensor], ignored: set[
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(k for k in expected if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected and k not in ignored)
-    if missing:
-        raise StateDictError(f"{source}: missing key(s): {_listed(missing)}")
-    if unexpected:
-        raise StateDictError(f"{source}: unexpected key(s): {_listed(unexpected)}")
-    wrong = [
-        f"{k} expected {list(shape)} found {list(sd[k].shape)}"
-        for k, shape in expected.items()
-        if tuple(sd[k].shape) != shape
-    ]
-    if wrong:
-        raise StateDictError(f"{source}: wrong shape(s): {_listed(wrong)}")
-    not_float = [f"{k} ({sd[k].dtype})" for k in expected if not sd[k].is_floating_point()]
-    if not_float:
-        raise StateDictError(f"{source}: expected floating-point weights: {_listed(not_float)}")
+    present = [k for k in expected if k in sd]
+    wrong = [f"{k} expected {list(expected[k])} found {list(sd[k].shape)}" for k in present
+             if tuple(sd[k].shape) != expected[k]]
+    not_float = [f"{k} ({sd[k].dtype})" for k in present if not sd[k].is_floating_point()]
+    faults = [f"{what}: {_listed(keys)}" for what, keys in (
+        ("missing key(s)", missing), ("unexpected key(s)", unexpected), ("wrong shape(s)", wrong),
+        ("expected floating-point weights", not_float)) if keys]
+    if faults:  # every kind at once, so that one run shows all that is wrong
+        raise StateDictError(f"{source}: {'; '.join(faults)}")
 
 
 def build_model(
