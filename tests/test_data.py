@@ -419,6 +419,8 @@ def test_header_file_problems(tmp_path):
     (tmp_path / "t.json").unlink()
     with pytest.raises(DataError, match=r"t\.json: missing header"):
         TokenFile(tmp_path / "t.tokens")
+    with pytest.raises(DataError, match=r"nope\.tokens: no such token file \(nope\.tokens and nope\.json\)"):
+        TokenFile(tmp_path / "nope.tokens")
     make_token_file(tmp_path, "u")
     (tmp_path / "u.tokens").unlink()
     with pytest.raises(DataError, match=r"u\.tokens: no such file"):

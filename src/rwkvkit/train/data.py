@@ -249,6 +249,8 @@ class TokenFile(TokenData):
         self.path = _with_suffix(prefix, ".tokens")
         self.header_path = _with_suffix(prefix, ".json")
         if not self.header_path.is_file():
+            if not self.path.is_file():
+                raise DataError(f"{path}: no such token file ({self.path.name} and {self.header_path.name})")
             raise DataError(f"{self.header_path}: missing header (every .tokens file needs its .json beside it)")
         try:
             header = json.loads(self.header_path.read_text(encoding="utf-8"))
