@@ -160,3 +160,18 @@ def test_entry_leaves_torchrun_workers_through_os_exit(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit):
         cli.entry()
+
+
+def test_text_commands_need_a_tokenizer(tmp_path, capsys):
+    """generate and chat on a saved model without a tokenizer: one line naming the model and
+    what to do (not the Python API's tokenizer=... advice); info still works."""
+    from rwkvkit.config import ModelConfig
+    from rwkvkit.models.registry import model_class
+
+    saved = model_class("rwkv7")(ModelConfig(arch="rwkv7", n_layer=1, n_embd=64, head_size=32, vocab_size=50))
+    saved.save(tmp_path / "notok")
+    for argv in (["generate", "-m", tmp_path / "notok", "hi"], ["chat", "-m", tmp_path / "notok"]):
+        code, out, err = run(argv, capsys)
+        assert code == 1 and out == "" and err.count("\n") == 1
+        assert f"{tmp_path / 'notok'}: the model has no tokenizer" in err and "tokenizer=..." not in err
+    assert run(["info", tmp_path / "notok"], capsys)[0] == 0

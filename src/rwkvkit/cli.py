@@ -124,6 +124,17 @@ def _sampling_params(args: argparse.Namespace, base: Any) -> Any:
     )
 
 
+def _load_with_tokenizer(args: argparse.Namespace) -> Any:
+    """_load, for the commands that read and write text: a model without a tokenizer is a
+    one-line error here (the API's advice, tokenizer=..., is not a CLI option)."""
+    model = _load(args)
+    if model.tokenizer is None:
+        raise CliError(f"{args.model}: the model has no tokenizer (its config.json names none), so the CLI "
+                       "cannot read text for it; save it with one (model.tokenizer = WorldTokenizer() or "
+                       "load_tokenizer(...), then model.save(...))")
+    return model
+
+
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
@@ -159,7 +170,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
-    model = _load(args)
+    model = _load_with_tokenizer(args)
     out = sys.stdout
     for piece in stream(model, prompt, params, cuda_graphs=args.cuda_graphs):
         _write(out, piece)
@@ -182,7 +193,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     from .generation import ChatSession, SamplingParams
 
     params = _sampling_params(args, SamplingParams.chat())
-    model = _load(args)
+    model = _load_with_tokenizer(args)
     system = _unescape(args.system) if args.system else None
     session = ChatSession(model, params, system=system, cuda_graphs=args.cuda_graphs)
     out, interactive = sys.stdout, sys.stdin.isatty()
