@@ -101,6 +101,9 @@ def test_bad_inputs(seed):
     _, state = model(torch.tensor([[1, 2], [3, 4]]))
     with pytest.raises(StateError, match="batch size 2"):
         model(torch.tensor([[1, 2]]), state)
+    state.wkv = state.wkv[:, :1]  # one field of another batch size
+    with pytest.raises(StateError, match="fields disagree on the batch size: .*'wkv': 1"):
+        model(torch.tensor([[1, 2], [3, 4]]), state)
     other = random_model(seed, n_layer=2, n_embd=64, head_size=32, vocab_size=50)
     with pytest.raises(StateError, match="att_shift"):
         other(torch.tensor([[1]]), model.init_state(1))

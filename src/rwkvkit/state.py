@@ -246,6 +246,9 @@ class ModelState:
                 if name in self.LENGTH_AXIS:
                     want = tuple("N" if i == self.LENGTH_AXIS[name] else s for i, s in enumerate(want))
                 raise StateError(f"{what}: field {name} has shape {tuple(o.shape)}, the model expects {want}")
+        batch = {name: t.shape[self.batch_axis(name)] for name, t in other.tensor_fields().items()}
+        if len(set(batch.values())) > 1:
+            raise StateError(f"{what}: its fields disagree on the batch size: {batch}")
         if other.value_fields() != self.value_fields():
             raise StateError(f"{what}: {other.value_fields()}, the model expects {self.value_fields()}")
 
