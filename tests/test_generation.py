@@ -427,6 +427,17 @@ def test_nothing_drawable_is_a_generation_error(world_model):
         complete(world_model, [5, 6], SamplingParams(ban_tokens=range(65536)), max_new_tokens=1)
 
 
+def test_wrong_argument_types_are_generation_errors(world_model):
+    for kw, message in [(dict(state="x"), "state must be a model state .*got str"),
+                        (dict(tokenizer="world"), "tokenizer must be a tokenizer object .*got str")]:
+        with pytest.raises(GenerationError, match=message):
+            generate(world_model, "hi", max_new_tokens=1, **kw)
+    with pytest.raises(GenerationError, match="a chat message must be a str, got NoneType"):
+        ChatSession(world_model).send(None)
+    with pytest.raises(GenerationError, match="system must be a str, got int"):
+        ChatSession(world_model, system=5)
+
+
 def test_prefill_takes_one_prompt_or_a_batch(world_model):
     """[T] or [B, T] token ids (tensor, list, range, nested lists); anything else, a string or
     three dimensions (once flattened silently into one prompt), is a GenerationError."""

@@ -709,7 +709,16 @@ def _run(
 
 
 def _tokenizer_of(model: Any, tokenizer: Any) -> Any:
+    if tokenizer is not None and not (hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode")):
+        raise GenerationError(f"tokenizer must be a tokenizer object (with encode and decode, e.g. "
+                              f"WorldTokenizer()), got {type(tokenizer).__name__}")
     return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+
+def _check_state_arg(state: Any) -> None:
+    if state is not None and not isinstance(state, ModelState):
+        raise GenerationError(f"state must be a model state (from model.init_state, forward or prefill), "
+                              f"got {type(state).__name__}")
 
 
 def stream(
@@ -738,6 +747,7 @@ def stream(
     _check_ids_in_vocab(params, model.config.vocab_size)
     if params.stop_strings and tokenizer is None:
         raise GenerationError("stop_strings need a tokenizer to decode the generated text")
+    _check_state_arg(state)
     if state is not None and state.batch_size != 1:
         raise GenerationError(f"state has batch size {state.batch_size}; a single prompt needs a batch-1 state")
 
@@ -918,6 +928,8 @@ def format_user_message(message: str) -> str:
     """A user message as one chat turn's text: line ends normalised, surrounding whitespace
     removed, and blank lines collapsed ("\\n\\n" -> "\\n"), because a blank line ends a
     turn in the RWKV World chat format (as the RWKV-7 model card recommends)."""
+    if not isinstance(message, str):
+        raise GenerationError(f"a chat message must be a str, got {type(message).__name__}")
     text = message.replace("\r\n", "\n").replace("\r", "\n").strip()
     while "\n\n" in text:
         text = text.replace("\n\n", "\n")
@@ -962,6 +974,9 @@ class ChatSession:
             raise GenerationError("chat needs a tokenizer: the model has none; pass tokenizer=...")
         self.chunk_len = chunk_len
         self.cuda_graphs = cuda_graphs
+        _check_state_arg(state)
+        if system is not None and not isinstance(system, str):
+            raise GenerationError(f"system must be a str, got {type(system).__name__}")
         self.initial_state = state
         if system:
             text = system.rstrip("\n") + "\n\n"
