@@ -140,6 +140,19 @@ def test_module_entry_point_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("encoding", ["utf-8:strict", "utf-8:surrogateescape"])
+def test_stdin_that_is_not_utf8(encoding):
+    """Bytes that are not UTF-8 on standard input: one line, whether Python's stdin raises
+    (strict) or reads them as lone surrogates."""
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONIOENCODING": encoding}
+    proc = subprocess.run([sys.executable, "-m", "rwkvkit", "generate", "--max-tokens", "1", "-"],
+                          input=b"hi \xff there", capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and proc.stdout == b"" and err.count("\n") == 1
+    assert err.startswith("rwkvkit: error: standard input is not UTF-8 text")
+
+
 def test_entry_leaves_torchrun_workers_through_os_exit(monkeypatch):
     """entry(): main's code through sys.exit, or through os._exit in a torchrun worker."""
     import rwkvkit.cli as cli

@@ -124,6 +124,22 @@ def _sampling_params(args: argparse.Namespace, base: Any) -> Any:
     )
 
 
+def _stdin_text(read: Callable[[], str]) -> str:
+    """Text read from standard input by ``read``, or a CliError if it was not UTF-8 (depending
+    on the locale Python raises, or reads such bytes as lone surrogates, which no tokenizer
+    takes)."""
+    try:
+        text = read()
+    except UnicodeDecodeError as exc:
+        raise CliError(f"standard input is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CliError(f"standard input is not UTF-8 text (byte {exc.object[exc.start].encode('utf-8', 'surrogateescape')!r} "
+                       f"at character {exc.start})") from None
+    return text
+
+
 def _load_with_tokenizer(args: argparse.Namespace) -> Any:
     """_load, for the commands that read and write text: a model without a tokenizer is a
     one-line error here (the API's advice, tokenizer=..., is not a CLI option)."""
@@ -167,7 +183,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args, SamplingParams())  # settings errors before loading
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _stdin_text(sys.stdin.read)
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
     model = _load_with_tokenizer(args)
@@ -202,7 +218,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             _write(out, "User: ")
-        line = sys.stdin.readline()
+        line = _stdin_text(sys.stdin.readline)
         if not line:
             if interactive:
                 _write(out, "\n")
