@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -134,6 +135,9 @@ def test_folder_order_is_sorted_and_recursive(tmp_path):
     assert got == ["a/a.jsonl", "a/b.txt", "m.jsonl.gz", "z.txt"]
     with pytest.raises(DataError, match="no such file"):
         find_input_files([tmp_path / "missing.txt"])
+    if Path(os.devnull).exists():  # it exists, but holds no text
+        with pytest.raises(DataError, match="not a regular file or folder"):
+            find_input_files([os.devnull])
     with pytest.raises(DataError, match="unknown input type"):
         find_input_files([tmp_path / "readme.rst"])
     (tmp_path / "empty").mkdir()

@@ -758,6 +758,8 @@ def find_input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
                 raise DataError(f"{p}: unknown input type (expected .txt, .md, .text, .jsonl, .json, "
                                 ".ndjson, optionally .gz)")
             files.append(p)
+        elif p.exists():
+            raise DataError(f"{p}: not a regular file or folder")
         else:
             raise DataError(f"{p}: no such file or directory")
     return files
