@@ -135,8 +135,8 @@ def _stdin_text(read: Callable[[], str]) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise CliError(f"standard input is not UTF-8 text (byte {exc.object[exc.start].encode('utf-8', 'surrogateescape')!r} "
-                       f"at character {exc.start})") from None
+        byte = exc.object[exc.start].encode("utf-8", "surrogateescape")
+        raise CliError(f"standard input is not UTF-8 text (byte {byte!r} at character {exc.start})") from None
     return text
 
 

@@ -89,9 +89,8 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(map(repr, unknown))} "
                               f"(known: {', '.join(sorted(known))})")
-        values = dict(data)
         try:
-            return cls(**values)
+            return cls(**data)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {str(exc).removeprefix('config: ')}") from None
         except TypeError as exc:

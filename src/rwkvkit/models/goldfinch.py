@@ -59,8 +59,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError, StateDictError, StateError
 from ..state import GoldFinchState
 from .attention import check_rope_base, chunked_causal_attention, rope
-from .recurrent import BlockStackModel, RWKVModel, layer_count, official_matrix_init, shape_of, token_shift
 from .base import check_batch_size
+from .recurrent import BlockStackModel, RWKVModel, layer_count, official_matrix_init, shape_of, token_shift
 from .registry import register
 from .rwkv6 import (
     RWKV56_MATRIX_GAINS,

@@ -25,8 +25,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError, StateError
 from ..state import KVCacheState
 from .attention import causal_attention, check_rope_base, rope
-from .recurrent import BlockStackModel, layer_count, official_matrix_init, shape_of
 from .base import check_batch_size
+from .recurrent import BlockStackModel, layer_count, official_matrix_init, shape_of
 from .registry import register
 
 LLAMA_OPTIONS = ("rope_base", "norm")

@@ -182,7 +182,7 @@ class RWKVModel(BlockStackModel):
 
     def init_state(self, batch_size: int = 1) -> RecurrentState:
         """The initial state for ``batch_size`` rows: the tuned state if any, else zeros."""
-        check_batch_size(batch_size)
+        batch_size = check_batch_size(batch_size)
         if self.default_state is None:
             return self._zero_state(batch_size, self.device)
         template, s = self.state_template(), self.default_state.expand(batch_size)
