@@ -147,6 +147,7 @@ cumulative sums, the states and all accumulation are float32 everywhere.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -521,6 +522,22 @@ def _wkv6_bwd_chunks_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+# e^x by one ex2 with subnormal results flushed to 0 on the GPU (tl.exp adds a range check and
+# two scalings for subnormal results: 5 instructions for 2; a decay factor below 2^-126 is 0 for
+# every sum it enters). The Triton CPU interpreter runs no PTX: tl.exp there.
+_FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
+
+
+@triton.jit
+def _exp(x):
+    if _FAST_EXP:
+        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.exp(x)
+    return out
+
+
 @triton.jit
 def _mask_dot(m, x, PREC: tl.constexpr):
     """m @ x for a 0/1 matrix m [L, L] and x [L, N] float32, to float32 accuracy: every output
@@ -700,15 +717,16 @@ def _wkv6_chunk_out_kernel(
         A3 += tl.where(_pair_mask(offs_s, offs_s, 0, not BWD)[None, :, :],
                        tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
+            # tl.exp, not _exp: with _exp the compiler unrolled this loop and spilled (offline 128 B)
             e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
             A3 += tl.where(_pair_mask(offs_s, offs_s, lvl, not BWD)[None, :, :],
                            tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(_mask_dot(_mask(masks_ptr, lvl, 2, False, offs_t, offs_t, L), lw, LWP))
+            e = _exp(_mask_dot(_mask(masks_ptr, lvl, 2, False, offs_t, offs_t, L), lw, LWP))
             A += tl.where(_pair_mask(offs_t, offs_t, lvl, not BWD),
                           tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
-        g = tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 1 if BWD else 0, False, offs_t, offs_t, L), lw, LWP))
+        g = _exp(_mask_dot(_mask(masks_ptr, LOG2L, 1 if BWD else 0, False, offs_t, offs_t, L), lw, LWP))
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
         out = tl.dot(a * g, tl.trans(S), acc=out, input_precision=PREC)
     x = tl.load(x_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
@@ -759,7 +777,7 @@ def _wkv6_bwd_values_kernel(
     for i_k in range(N // BK):
         offs_k = i_k * BK + tl.arange(0, BK)
         k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
-        gq = tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 1, False, offs_t, offs_t, L),
+        gq = _exp(_mask_dot(_mask(masks_ptr, LOG2L, 1, False, offs_t, offs_t, L),
                               _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k), LWP))  # e^{Q}
         dS = tl.load(dstates_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :])  # [BV, BK]
         dv = tl.dot(k * gq, tl.trans(dS), acc=dv, input_precision=PREC)
@@ -837,8 +855,8 @@ def _wkv6_bwd_keys_kernel(
     # state side: P, Q over the chunk
     lw3 = _sub(lw, L, SUB, BK)
     G: tl.constexpr = LOG2L - LOG2S  # P and Q span the chunk's 2^G blocks
-    dr *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, G, 0, False, LWP, masks_ptr, L, LOG2S), (L, BK)))  # e^{P}
-    dk *= tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, G, 1, False, LWP, masks_ptr, L, LOG2S), (L, BK)))  # e^{Q}
+    dr *= _exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, G, 0, False, LWP, masks_ptr, L, LOG2S), (L, BK)))  # e^{P}
+    dk *= _exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, G, 1, False, LWP, masks_ptr, L, LOG2S), (L, BK)))  # e^{Q}
     # d log w: the reverse exclusive sums of dP = drq r e^{P}, the forward ones of dQ = dke k e^{Q},
     # dLam on every row
     dlw3 = _wide_sum(_sub(dr * r, L, SUB, BK), offs_s, offs_b, G, 0, True, GP, masks_ptr, L, LOG2S)
@@ -848,7 +866,7 @@ def _wkv6_bwd_keys_kernel(
     # the levels from LOG2S up, on [L, L] tiles
     if LOG2L > LOG2S:
         for lvl in range(LOG2S, LOG2L):
-            e = tl.exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, LWP, masks_ptr, L, LOG2S),
+            e = _exp(tl.reshape(_wide_sum(lw3, offs_s, offs_b, lvl - LOG2S, 2, False, LWP, masks_ptr, L, LOG2S),
                                   (L, BK)))
             Rh = r * e
             Kh = k * e
@@ -879,7 +897,7 @@ def _wkv6_bwd_keys_kernel(
     dr3 = tl.dot(dAm3, k3, input_precision=PREC)
     dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
     for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
-        e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
+        e3 = _exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
         Rh3 = r3 * e3
         Kh3 = k3 * e3
         dAm3 = tl.where(_pair_mask(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
@@ -929,11 +947,11 @@ def _wkv6_chunk_update_kernel(
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
-    a *= tl.exp(_mask_dot(_mask(masks_ptr, LOG2L, 0 if BWD else 1, False, offs_t, offs_t, L), lw, LWP))
+    a *= _exp(_mask_dot(_mask(masks_ptr, LOG2L, 0 if BWD else 1, False, offs_t, offs_t, L), lw, LWP))
     x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     slot = i_bh * NC + c
     tl.store(u_ptr + slot * N * N + offs_k[:, None] * N + offs_k[None, :], tl.dot(tl.trans(x), a, input_precision=PREC))
-    tl.store(g_ptr + slot * N + offs_k, tl.exp(tl.sum(lw, axis=0)))  # Lam: a sum of same-sign terms
+    tl.store(g_ptr + slot * N + offs_k, _exp(tl.sum(lw, axis=0)))  # Lam: a sum of same-sign terms
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
