@@ -451,14 +451,52 @@ def test_chunks_impl_precisions_fp32(seed, precision, tol):
 
 
 def test_log_w_sum_precision_rule():
-    """One product for the exponents' sums only where log w is exact in tf32 (bfloat16,
-    float16); a float32 log w keeps the two-part split at tf32 and tf32x3, and ieee stays ieee."""
+    """One product for the exponents' sums where log w is exact in tf32 (bfloat16, float16) and
+    for a float32 log w at tf32 (rounded to tf32 as loaded); the two-part split at tf32x3; ieee
+    stays ieee."""
     lw = {d: torch.zeros(1, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16)}
     assert kernels._lw_precision(lw[torch.bfloat16], "tf32") == "one"
     assert kernels._lw_precision(lw[torch.float16], "tf32x3") == "one"
-    assert kernels._lw_precision(lw[torch.float32], "tf32") == "tf32"
+    assert kernels._lw_precision(lw[torch.float32], "tf32") == "round"
     assert kernels._lw_precision(lw[torch.float32], "tf32x3") == "tf32x3"
     assert kernels._lw_precision(lw[torch.bfloat16], "ieee") == "ieee"
+
+
+def tf32_nearest(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 11 significant bits (tf32), ties to even, through float64 frexp."""
+    m, e = torch.frexp(x.double())
+    return torch.ldexp(torch.round(m * 2048) / 2048, e).float()  # torch.round: ties to even
+
+
+@pytest.mark.parametrize("lwp", ["round", "one"])
+def test_log_w_rounded_to_tf32_as_loaded(lwp):
+    """LWP "round": the kernels load a float32 log w rounded to the nearest tf32 value, ties to
+    even (random values, exact ties either way, bfloat16 values kept, -inf as -1e30 rounded);
+    "one" loads it as it is."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def load(lw_ptr, out_ptr, LWP: tl.constexpr):
+        t = tl.arange(0, 16)
+        offs = tl.arange(0, 16)
+        tl.store(out_ptr + t[:, None] * 16 + offs[None, :],
+                 kernels._load_lw_chunk(lw_ptr, 0, t, (t < 16)[:, None], 16, offs, LWP))
+
+    lw = -torch.exp(torch.randn(256) * 4)
+    ties = torch.tensor([0x3F801000, 0x3F803000, 0xBF801000, 0xBF803000, 0x3F800FFF, 0x3F801001], dtype=torch.int64)
+    lw[:6] = ties.to(torch.int32).view(torch.float32)  # 1 + 2^-11 (down), 1 + 3 * 2^-11 (up), negated; off-tie
+    lw[6] = -float("inf")
+    lw[7:12] = torch.tensor([0.0, -1e-30, -1e4, -3.0, -1.5]).to(torch.bfloat16).float()
+    out = torch.empty(256)
+    x, o = lw.to(DEVICE), out.to(DEVICE)
+    load[(1,)](x, o, LWP=lwp)
+    want = torch.maximum(lw, torch.tensor(-1e30))
+    if lwp == "round":
+        want = tf32_nearest(want)
+        assert torch.equal(want[:6].view(torch.int32) & 0x1FFF, torch.zeros(6, dtype=torch.int32))
+        assert torch.equal(want[7:12], lw[7:12])
+    assert torch.equal(o.cpu(), want)
 
 
 @pytest.mark.parametrize("L", [16, 64])
@@ -485,11 +523,10 @@ def test_mask_table_sums(L):
 @gpu_only
 @pytest.mark.parametrize("decay", ["realistic", "mixed"])
 def test_bfloat16_log_w_summed_in_one_product(seed, decay):
-    """A bfloat16 log w is exact in tf32, so the exponents' sums take one tensor-core product
-    where a float32 log w takes two (its tf32 head and the rest): the same log w values as
-    float32 or as bfloat16 give the same outputs and gradients (float32 r, k, v at precision
-    tf32, so that nothing else differs; a tf32 rounding of the exponents would be off by
-    ~|x| * 5e-4)."""
+    """A bfloat16 log w is exact in tf32 (one tensor-core product for the exponents' sums), and
+    a float32 log w rounded to tf32 as it is loaded keeps bfloat16 values as they are: the same
+    log w values as float32 or as bfloat16 give the same outputs and gradients (float32 r, k, v
+    at precision tf32, so that nothing else differs)."""
     r, lw, k, v, u, s0 = make_inputs(2, 200, 2, 64, decay=decay)
     lw = lw.to(torch.bfloat16).float()
     outs = []

@@ -550,7 +550,7 @@ def _mask_dot(m, x, PREC: tl.constexpr):
     at most 10 mantissa bits), else each term rounded to tf32 (~2^-11)."""
     if PREC == "ieee":
         out = tl.dot(m, x, input_precision="ieee")
-    elif PREC == "one":
+    elif PREC == "one" or PREC == "round":
         out = tl.dot(m, x, input_precision="tf32")
     else:
         hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
@@ -654,11 +654,18 @@ def _mask(masks_ptr, lvl, KIND: tl.constexpr, TRANS: tl.constexpr, offs_a, offs_
 
 
 @triton.jit
-def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k):
+def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP: tl.constexpr):
     """log w of a chunk's rows t [L, N], float32; 0 past T; -inf (and anything below -1e30)
-    as -1e30: the same factor e^x = 0, and finite, as the masked products need."""
+    as -1e30: the same factor e^x = 0, and finite, as the masked products need. LWP "round":
+    each value rounded to the nearest tf32 value (ties to even), which the one-product sums
+    (_mask_dot) then add exactly."""
     p = lw_ptr + lw_base + t.to(tl.int64)[:, None] * lw_st + offs_k[None, :]
-    return tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
+    lw = tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
+    if LWP == "round":  # (a tf32 operand keeps the top 10 of float32's 23 mantissa bits)
+        bits = lw.to(tl.uint32, bitcast=True)
+        bits += 0xFFF + ((bits >> 13) & 1)
+        lw = (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return lw
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
@@ -707,7 +714,7 @@ def _wkv6_chunk_out_kernel(
         offs_k = i_k * BK + tl.arange(0, BK)
         a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
-        lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
+        lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP)
         u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
         a3 = _sub(a, L, SUB, BK)
         b3 = _sub(b, L, SUB, BK)
@@ -778,7 +785,7 @@ def _wkv6_bwd_values_kernel(
         offs_k = i_k * BK + tl.arange(0, BK)
         k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
         gq = _exp(_mask_dot(_mask(masks_ptr, LOG2L, 1, False, offs_t, offs_t, L),
-                              _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k), LWP))  # e^{Q}
+                              _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP), LWP))  # e^{Q}
         dS = tl.load(dstates_ptr + slot * N * N + offs_v[:, None] * N + offs_k[None, :])  # [BV, BK]
         dv = tl.dot(k * gq, tl.trans(dS), acc=dv, input_precision=PREC)
     tl.store(dv_ptr + row + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=tmask)
@@ -828,7 +835,7 @@ def _wkv6_bwd_keys_kernel(
     pk = row + offs_k[None, :]
     r = tl.load(r_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pk, mask=tmask, other=0.0).to(tl.float32)
-    lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
+    lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP)
     v = tl.load(v_ptr + row + offs_n[None, :], mask=tmask, other=0.0)  # [L, N] (all values), as stored
     dY = tl.load(dy_ptr + row + offs_n[None, :], mask=tmask, other=0.0)
     u = tl.load(u_ptr + i_h * N + offs_k).to(tl.float32)
@@ -946,7 +953,7 @@ def _wkv6_chunk_update_kernel(
     tmask = (t < T)[:, None]
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
-    lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k)
+    lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP)
     a *= _exp(_mask_dot(_mask(masks_ptr, LOG2L, 0 if BWD else 1, False, offs_t, offs_t, L), lw, LWP))
     x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     slot = i_bh * NC + c
@@ -1110,8 +1117,13 @@ def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: s
 def _lw_precision(log_w: torch.Tensor, precision: str) -> str:
     """The precision of the masked products that sum log w (the exponents): "one" (one tf32
     product, exact) when log w is bfloat16 or float16, whose values tf32 holds exactly, unless
-    ``precision`` is "ieee"; else ``precision`` (tf32: the two-part split of _mask_dot)."""
-    return "one" if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16) else precision
+    ``precision`` is "ieee"; a float32 log w at tf32: "round", each value rounded to the nearest
+    tf32 value as it is loaded, then one exact product (a relative error of at most 2^-11 per
+    term, as every other tf32 operand has); else ``precision`` (tf32x3: the two-part split of
+    _mask_dot; ieee)."""
+    if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16):
+        return "one"
+    return "round" if precision == "tf32" else precision
 
 
 def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int, tuple, dict]:
