@@ -92,10 +92,15 @@ carried, no state replay, no scans. Every exponent (P, Q, pre_h / suf_h) and eve
 sum of an exponent's gradient is a product with a 0/1 matrix (pre_h and suf_h in one matrix
 per level, chosen by the row's half), so each output is still a sum of exactly the terms it
 spans (a masked-out term adds an exact 0: log w is clamped at -1e30 to stay finite). With
-tensor cores, the exponents' sums of a float32 log w split it into its tf32 head and the rest
-(two products, ~2^-21 per term: an exponent's error is multiplied by its size); a bfloat16 or
-float16 log w is exact in tf32, one product (H200, B=8, T=4096, H=32, bf16: forward 1.55 ->
-1.36 ms, forward + backward 6.10 -> 5.66). The sums of the exponents' gradients are plain sums:
+tensor cores, a bfloat16 or float16 log w is exact in tf32: one product (H200, B=8, T=4096, H=32,
+bf16: forward 1.55 -> 1.36 ms, forward + backward 6.10 -> 5.66); a float32 log w at precision
+tf32 is rounded to the nearest tf32 value as it is loaded (relative 2^-11 at most, as every
+other tf32 operand; float64 emulation: y +5.7e-5, d log w +8.6e-5 relative,
+benchmarks/wkv6_logw_rounding.py), then one product, exact on the rounded values (H200, 8, 4096,
+32, float32 log w: 5.95 -> 5.16 ms); at tf32x3 it is split into its tf32 head and the rest (two
+products, ~2^-21 per term). Every exponential of these kernels is one ``ex2.approx.ftz`` (a
+factor below 2^-126 is 0 for every sum it enters; tl.exp's subnormal handling cost 5
+instructions for 2: 4.88 -> 4.68 ms at 8, 4096, 32, bf16). The sums of the exponents' gradients are plain sums:
 one tf32 product at precision tf32 (each term rounded as in the kernels' other products: the
 key-side kernel 3.25 -> 3.02 ms, dlog w's error 2.46e-3 -> 2.56e-3 against fla's 2.67e-3), split
 at tf32x3. Everything key-side is separable in the key index, so the kernels work in blocks of
