@@ -577,6 +577,23 @@ def _mask_dot_sub(m, x3, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
+def _dot_mask_sub(x3, m, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+    """x3 [L / SUB, C, SUB] @ m for a 0/1 matrix m [SUB, SUB], every block: _mask_dot_sub
+    transposed (x3 the left operand, split as _mask_dot splits it), the same sums of exactly
+    the selected terms."""
+    m3 = tl.broadcast_to(m[None, :, :], (L // SUB, SUB, SUB))
+    if PREC == "ieee":
+        out = tl.dot(x3, m3, input_precision="ieee")
+    elif PREC == "one" or PREC == "round":
+        out = tl.dot(x3, m3, input_precision="tf32")
+    else:
+        hi = (x3.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        out = tl.dot(hi, m3, input_precision="tf32")
+        out = tl.dot(x3 - hi, m3, acc=out, input_precision="tf32")
+    return out
+
+
+@triton.jit
 def _wide_prefix_blocks(offs_b, G, KIND: tl.constexpr):
     """Per block of SUB rows (offs_b: the chunk's NB blocks), whether an exponent of a window of
     2^G blocks is a prefix sum there (else a suffix sum): KIND 0 always, 1 never, 2 in the right
@@ -902,26 +919,35 @@ def _wkv6_bwd_keys_kernel(
     dk += ruk * r
     du = tl.sum(bd[:, None] * r * k, axis=0)
 
-    # the levels below LOG2S, batched over the aligned blocks of SUB rows; level 0 has no decay
-    r3 = _sub(r, L, SUB, BK)
-    k3 = _sub(k, L, SUB, BK)
+    # the levels below LOG2S, batched over the aligned blocks of SUB rows; level 0 has no decay.
+    # Transposed, [L / SUB, BK, SUB] (key channel, row): every level's products take the key side
+    # (Rh, Kh, the dlog w terms) as their left operand, which an MMA result is already laid out
+    # for, and the 0/1 matrices (the table's transposes) and dA on the right; as [SUB, BK] right
+    # operands Rh, Kh and the dlog w terms were re-laid out by shuffles at every level. The same
+    # sums of exactly their terms. Offline (sm_90, key block 32): 4,984 -> 4,568 instructions,
+    # 554 -> 458 shuffles, stack 360 -> 384 B.
+    r3t = tl.permute(_sub(r, L, SUB, BK), (0, 2, 1))
+    k3t = tl.permute(_sub(k, L, SUB, BK), (0, 2, 1))
+    lw3t = tl.permute(lw3, (0, 2, 1))
+    dlw3t = tl.permute(dlw3, (0, 2, 1))
     dAm3 = tl.where(_pair_mask(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
-    dr3 = tl.dot(dAm3, k3, input_precision=PREC)
-    dk3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), r3, input_precision=PREC)
+    dr3t = tl.dot(k3t, tl.permute(dAm3, (0, 2, 1)), input_precision=PREC)
+    dk3t = tl.dot(r3t, dAm3, input_precision=PREC)
     for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
-        e3 = _exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
-        Rh3 = r3 * e3
-        Kh3 = k3 * e3
+        e3t = _exp(_dot_mask_sub(lw3t, _mask(masks_ptr, lvl, 2, True, offs_s, offs_s, L), L, SUB, LWP))
+        Rh3t = r3t * e3t
+        Kh3t = k3t * e3t
         dAm3 = tl.where(_pair_mask(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
-        dRh3 = tl.dot(dAm3, Kh3, input_precision=PREC)  # zero outside right-half rows
-        dKh3 = tl.dot(tl.permute(dAm3, (0, 2, 1)), Rh3, input_precision=PREC)  # zero outside left-half rows
-        dr3 += dRh3 * e3
-        dk3 += dKh3 * e3
+        dRh3t = tl.dot(Kh3t, tl.permute(dAm3, (0, 2, 1)), input_precision=PREC)  # zero outside right-half rows
+        dKh3t = tl.dot(Rh3t, dAm3, input_precision=PREC)  # zero outside left-half rows
+        dr3t += dRh3t * e3t
+        dk3t += dKh3t * e3t
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
-        dlw3 += _mask_dot_sub(_mask(masks_ptr, lvl, 2, True, offs_s, offs_s, L), dRh3 * Rh3 + dKh3 * Kh3, L, SUB,
-                              GP)
-    dr += tl.reshape(dr3, (L, BK))
-    dk += tl.reshape(dk3, (L, BK))
+        dlw3t = dlw3t + _dot_mask_sub(dRh3t * Rh3t + dKh3t * Kh3t, _mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L),
+                                      L, SUB, GP)
+    dr += tl.reshape(tl.permute(dr3t, (0, 2, 1)), (L, BK))
+    dk += tl.reshape(tl.permute(dk3t, (0, 2, 1)), (L, BK))
+    dlw3 = tl.permute(dlw3t, (0, 2, 1))
 
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
