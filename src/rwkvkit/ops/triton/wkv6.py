@@ -925,14 +925,16 @@ def _wkv6_bwd_keys_kernel(
     # for, and the 0/1 matrices (the table's transposes) and dA on the right; as [SUB, BK] right
     # operands Rh, Kh and the dlog w terms were re-laid out by shuffles at every level. The same
     # sums of exactly their terms. Offline (sm_90, key block 32): 4,984 -> 4,568 instructions,
-    # 554 -> 458 shuffles, stack 360 -> 384 B.
+    # 554 -> 458 shuffles, stack 360 -> 384 B. dr and dk enter as the accumulators of level 0 and
+    # leave transposed back once (4,528 instructions: one re-layout each, not one plus an add).
     r3t = tl.permute(_sub(r, L, SUB, BK), (0, 2, 1))
     k3t = tl.permute(_sub(k, L, SUB, BK), (0, 2, 1))
     lw3t = tl.permute(lw3, (0, 2, 1))
     dlw3t = tl.permute(dlw3, (0, 2, 1))
     dAm3 = tl.where(_pair_mask(offs_s, offs_s, 0, True)[None, :, :], dA3, 0.0)
-    dr3t = tl.dot(k3t, tl.permute(dAm3, (0, 2, 1)), input_precision=PREC)
-    dk3t = tl.dot(r3t, dAm3, input_precision=PREC)
+    dr3t = tl.dot(k3t, tl.permute(dAm3, (0, 2, 1)), acc=tl.permute(_sub(dr, L, SUB, BK), (0, 2, 1)),
+                  input_precision=PREC)
+    dk3t = tl.dot(r3t, dAm3, acc=tl.permute(_sub(dk, L, SUB, BK), (0, 2, 1)), input_precision=PREC)
     for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
         e3t = _exp(_dot_mask_sub(lw3t, _mask(masks_ptr, lvl, 2, True, offs_s, offs_s, L), L, SUB, LWP))
         Rh3t = r3t * e3t
@@ -945,8 +947,8 @@ def _wkv6_bwd_keys_kernel(
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
         dlw3t = dlw3t + _dot_mask_sub(dRh3t * Rh3t + dKh3t * Kh3t, _mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L),
                                       L, SUB, GP)
-    dr += tl.reshape(tl.permute(dr3t, (0, 2, 1)), (L, BK))
-    dk += tl.reshape(tl.permute(dk3t, (0, 2, 1)), (L, BK))
+    dr = tl.reshape(tl.permute(dr3t, (0, 2, 1)), (L, BK))
+    dk = tl.reshape(tl.permute(dk3t, (0, 2, 1)), (L, BK))
     dlw3 = tl.permute(dlw3t, (0, 2, 1))
 
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
