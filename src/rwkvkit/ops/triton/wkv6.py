@@ -544,23 +544,33 @@ def _exp(x):
 
 
 @triton.jit
-def _mask_dot(m, x, PREC: tl.constexpr):
-    """m @ x for a 0/1 matrix m [L, L] and x [L, N] float32, to float32 accuracy: every output
-    is a sum of exactly the rows of x that m selects (the others add an exact 0, never a value
-    added and subtracted again), so these products are the block-local (exclusive) cumulative
-    sums of the module docstring, on tensor cores. tf32: x split into its tf32 head (the top
-    10 mantissa bits, exact in tf32) and the rest, two products; the 0/1 matrix is exact in
-    tf32, so the relative error per term is ~2^-21 (x must be finite). PREC "one": one tf32
-    product with float32 sums, exact where x is exact in tf32 (log w from bfloat16 or float16:
-    at most 10 mantissa bits), else each term rounded to tf32 (~2^-11)."""
+def _mask_dot(m, x, PREC: tl.constexpr, X_LEFT: tl.constexpr = False):
+    """m @ x for a 0/1 matrix m [L, L] and x [L, N] float32 (X_LEFT: x [N, L] @ m), to float32
+    accuracy: every output is a sum of exactly the terms of x that m selects (the others add an
+    exact 0, never a value added and subtracted again), so these products are the block-local
+    (exclusive) cumulative sums of the module docstring, on tensor cores. tf32: x split into its
+    tf32 head (the top 10 mantissa bits, exact in tf32) and the rest, two products; the 0/1 matrix
+    is exact in tf32, so the relative error per term is ~2^-21 (x must be finite). PREC "one": one
+    tf32 product with float32 sums, exact where x is exact in tf32 (log w from bfloat16 or
+    float16: at most 10 mantissa bits), else each term rounded to tf32 (~2^-11)."""
     if PREC == "ieee":
-        out = tl.dot(m, x, input_precision="ieee")
+        out = _dot_either(m, x, X_LEFT, "ieee", None)
     elif PREC == "one" or PREC == "round":
-        out = tl.dot(m, x, input_precision="tf32")
+        out = _dot_either(m, x, X_LEFT, "tf32", None)
     else:
         hi = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        out = tl.dot(m, hi, input_precision="tf32")
-        out = tl.dot(m, x - hi, acc=out, input_precision="tf32")
+        out = _dot_either(m, hi, X_LEFT, "tf32", None)
+        out = _dot_either(m, x - hi, X_LEFT, "tf32", out)
+    return out
+
+
+@triton.jit
+def _dot_either(m, x, X_LEFT: tl.constexpr, PREC: tl.constexpr, acc):
+    """m @ x, or x @ m if X_LEFT, plus acc (None: nothing)."""
+    if X_LEFT:
+        out = tl.dot(x, m, acc=acc, input_precision=PREC)
+    else:
+        out = tl.dot(m, x, acc=acc, input_precision=PREC)
     return out
 
 
@@ -571,26 +581,10 @@ def _sub(x, L: tl.constexpr, SUB: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _mask_dot_sub(m, x3, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
-    """_mask_dot of the same 0/1 matrix m [SUB, SUB] with every block of x3 [L / SUB, SUB, C]."""
-    return _mask_dot(tl.broadcast_to(m[None, :, :], (L // SUB, SUB, SUB)), x3, PREC)
-
-
-@triton.jit
-def _dot_mask_sub(x3, m, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
-    """x3 [L / SUB, C, SUB] @ m for a 0/1 matrix m [SUB, SUB], every block: _mask_dot_sub
-    transposed (x3 the left operand, split as _mask_dot splits it), the same sums of exactly
-    the selected terms."""
-    m3 = tl.broadcast_to(m[None, :, :], (L // SUB, SUB, SUB))
-    if PREC == "ieee":
-        out = tl.dot(x3, m3, input_precision="ieee")
-    elif PREC == "one" or PREC == "round":
-        out = tl.dot(x3, m3, input_precision="tf32")
-    else:
-        hi = (x3.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-        out = tl.dot(hi, m3, input_precision="tf32")
-        out = tl.dot(x3 - hi, m3, acc=out, input_precision="tf32")
-    return out
+def _mask_dot_sub(m, x3, L: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr, X_LEFT: tl.constexpr = False):
+    """_mask_dot of the same 0/1 matrix m [SUB, SUB] with every block of x3 [L / SUB, SUB, C]
+    (X_LEFT: x3 [L / SUB, C, SUB] @ m, every block)."""
+    return _mask_dot(tl.broadcast_to(m[None, :, :], (L // SUB, SUB, SUB)), x3, PREC, X_LEFT)
 
 
 @triton.jit
@@ -936,7 +930,7 @@ def _wkv6_bwd_keys_kernel(
                   input_precision=PREC)
     dk3t = tl.dot(r3t, dAm3, acc=tl.permute(_sub(dk, L, SUB, BK), (0, 2, 1)), input_precision=PREC)
     for lvl in tl.static_range(1, LOG2S):  # unrolled (H200: 3.02 -> 2.98 ms); the levels above stay a loop
-        e3t = _exp(_dot_mask_sub(lw3t, _mask(masks_ptr, lvl, 2, True, offs_s, offs_s, L), L, SUB, LWP))
+        e3t = _exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, True, offs_s, offs_s, L), lw3t, L, SUB, LWP, True))
         Rh3t = r3t * e3t
         Kh3t = k3t * e3t
         dAm3 = tl.where(_pair_mask(offs_s, offs_s, lvl, True)[None, :, :], dA3, 0.0)
@@ -945,8 +939,8 @@ def _wkv6_bwd_keys_kernel(
         dr3t += dRh3t * e3t
         dk3t += dKh3t * e3t
         # d pre_h on right-half rows, d suf_h on left-half rows, summed back over log w
-        dlw3t = dlw3t + _dot_mask_sub(dRh3t * Rh3t + dKh3t * Kh3t, _mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L),
-                                      L, SUB, GP)
+        dlw3t += _mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), dRh3t * Rh3t + dKh3t * Kh3t,
+                               L, SUB, GP, True)
     dr = tl.reshape(tl.permute(dr3t, (0, 2, 1)), (L, BK))
     dk = tl.reshape(tl.permute(dk3t, (0, 2, 1)), (L, BK))
     dlw3 = tl.permute(dlw3t, (0, 2, 1))
