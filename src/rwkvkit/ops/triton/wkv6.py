@@ -128,7 +128,10 @@ gradients are the block-local part (a masked product on [16, 16] tiles) plus the
 window's other blocks (_wide_sum), not [C, C] masked products: still a sum of
 exactly its terms, and 1504 -> 632 B of spills offline (sm_90, key block 32): 4.24 -> 3.43 ms
 there (H200). The output kernel keeps the [C, C] products (the block sums made it slower, 2.12
--> 2.30 ms for y and dV). See benchmarks/NOTES.md. The block kernels above
+-> 2.30 ms for y and dV). The key side's levels below 4 run transposed ([C/16, block_k, 16]: the
+key side the left operand of each product, which is how an MMA result is laid out; as right
+operands its tiles were re-laid out by shuffles at every level): 4,984 -> 4,528 instructions
+offline, 2.46 -> 2.25 ms (H200, 8, 4096, 32). See benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are
