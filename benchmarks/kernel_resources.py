@@ -88,13 +88,16 @@ def print_lines(disasm: str, top: int) -> None:
     """The source lines with the most SASS instructions (static: loops counted once), with their
     commonest opcodes: nvdisasm's line table, as Triton's line info gives it (the innermost frame
     outside Triton's own files; code inlined from a helper often keeps only its call site)."""
+    import triton
+
+    own = str(Path(triton.__file__).resolve().parent) + "/"  # Triton's files (not ops/triton/: ours)
     counts: collections.Counter = collections.Counter()
     ops: dict = collections.defaultdict(collections.Counter)
     where = None
     for text in disasm.splitlines():
         if "//##" in text:
             frames = re.findall(r'"([^"]+)", line (\d+)', text)
-            ours = [(f, int(n)) for f, n in frames if "/triton/" not in f]
+            ours = [(f, int(n)) for f, n in frames if not str(Path(f).resolve()).startswith(own)]
             where = (ours or [(f, int(n)) for f, n in frames] or [where])[0]
             continue
         inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text)
