@@ -4,7 +4,12 @@ thread, without a GPU (benchmarks/NOTES.md quotes these builds).
     python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv7:_bwd_chunks_kernel N=64 L=16 LOG2L=4 BV=64
     python benchmarks/kernel_resources.py rwkvkit.ops.triton.wkv6:_wkv6_recurrent_kernel --warps 2 N=64 BV=32
 
-``--lines N`` also prints the N source lines with the most SASS instructions.
+``--lines N`` also prints the N source lines with the most SASS instructions. ``--trips 3,2``
+adds "executed": the instructions one thread runs, each loop's body (a branch back to an earlier
+label) counted as many times as its trip count, the counts given in the loops' address order
+(the loops found are printed; a loop not given runs once). Static counts have mispredicted the
+GPU where a loop went from unrolled to rolled (benchmarks/NOTES.md, twelfth session). Both sides
+of an if are counted.
 
 KEY=VALUE sets a constexpr (ints, True/False, strings such as PREC=tf32). Pointer arguments are
 float32 unless named in --bf16 (default: the usual input and gradient names) or --fp16; the chunk tables
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -38,7 +44,7 @@ def constexpr_value(text: str):
 
 
 def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg: int | None = None,
-          fp16: frozenset[str] = frozenset(), lines: int = 0) -> dict:
+          fp16: frozenset[str] = frozenset(), lines: int = 0, trips: list[int] | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,10 +68,13 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
         f.flush()
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        if lines:
+        disasm = ""
+        if lines or trips is not None:
             disasm = subprocess.run([str(tool.parent / "nvdisasm"), "--print-line-info-inline", "-c", f.name],
                                     capture_output=True, text=True, check=True).stdout
+        if lines:
             print_lines(disasm, lines)
+    extra = {"executed": executed(disasm, trips)} if trips is not None else {}
     return {
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
         "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
@@ -81,26 +90,61 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
         "shuffles": sass.count("SHFL"),
         "shared_ld_st": len(re.findall(r"\b(?:LDS|STS|LDSM|STSM)\b", sass)),
         "selects": len(re.findall(r"\b(?:SEL|FSEL)\b", sass)),
+        **extra,
     }
+
+
+_INST = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(.*)")  # opcode, operands
+
+
+def _frame(line_info: str, before):
+    """(file, line) of an nvdisasm line-info comment: the innermost frame outside Triton's own
+    files (ours under ops/triton/ count as ours); ``before`` if it names none."""
+    import triton
+
+    own = str(Path(triton.__file__).resolve().parent) + "/"
+    frames = [(f, int(n)) for f, n in re.findall(r'"([^"]+)", line (\d+)', line_info)]
+    ours = [fr for fr in frames if not str(Path(fr[0]).resolve()).startswith(own)]
+    return (ours or frames or [before])[0]
+
+
+def executed(disasm: str, trips: list[int]) -> int:
+    """Instructions one thread runs (see the module docstring: --trips), from nvdisasm's listing;
+    prints each loop found: its instructions, its trip count and its commonest source lines."""
+    insts, labels, where = [], {}, None
+    for text in disasm.splitlines():
+        if "//##" in text:
+            where = _frame(text, where)
+        elif label := re.match(r"^(\.L_x_\d+):", text):
+            labels[label.group(1)] = len(insts)
+        elif inst := _INST.match(text):
+            insts.append((inst.group(1), inst.group(2), where))
+    times = [1] * len(insts)
+    loops = [(labels[m.group(1)], i) for i, (op, rest, _) in enumerate(insts) if op == "BRA"
+             and (m := re.search(r"\((\.L_x_\d+)\)", rest)) and labels.get(m.group(1), i) < i]  # (not the BRA to
+    # itself that ends every kernel)
+    for n, (first, last) in enumerate(loops):
+        trip = trips[n] if n < len(trips) else 1
+        for j in range(first, last + 1):
+            times[j] *= trip  # (nested loops multiply)
+        where_from = collections.Counter(insts[j][2] for j in range(first, last + 1)).most_common(3)
+        print(f"# loop {n}: {last - first + 1} instructions, trips {trip}; lines "
+              + ", ".join(f"{Path(w[0]).name}:{w[1]} ({k})" for w, k in where_from if w))
+    return sum(times)
 
 
 def print_lines(disasm: str, top: int) -> None:
     """The source lines with the most SASS instructions (static: loops counted once), with their
     commonest opcodes: nvdisasm's line table, as Triton's line info gives it (the innermost frame
     outside Triton's own files; code inlined from a helper often keeps only its call site)."""
-    import triton
-
-    own = str(Path(triton.__file__).resolve().parent) + "/"  # Triton's files (not ops/triton/: ours)
     counts: collections.Counter = collections.Counter()
     ops: dict = collections.defaultdict(collections.Counter)
     where = None
     for text in disasm.splitlines():
         if "//##" in text:
-            frames = re.findall(r'"([^"]+)", line (\d+)', text)
-            ours = [(f, int(n)) for f, n in frames if not str(Path(f).resolve()).startswith(own)]
-            where = (ours or [(f, int(n)) for f, n in frames] or [where])[0]
+            where = _frame(text, where)
             continue
-        inst = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", text)
+        inst = _INST.match(text)
         if inst and where:
             counts[where] += 1
             ops[where][inst.group(1)] += 1
@@ -125,8 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--fp16", default="", help="pointer arguments holding fp16 (comma-separated)")
     p.add_argument("--lines", type=int, default=0, metavar="N",
                    help="also print the N source lines with the most instructions")
+    p.add_argument("--trips", metavar="N[,N...]",
+                   help="the loops' trip counts in address order: adds the executed instruction count")
     args = p.parse_intermixed_args(argv)
     sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: another tree can be measured
+    # a fresh Triton cache: a cached binary of the same source built from another tree would
+    # carry that tree's file paths in its line table (--lines would quote the wrong file)
+    cache = tempfile.TemporaryDirectory(prefix="kernel_resources_")
+    os.environ["TRITON_CACHE_DIR"] = cache.name
     module, _, name = args.kernel.partition(":")
     fn = getattr(importlib.import_module(module), name)
     constexprs = {}
@@ -136,7 +186,8 @@ def main(argv=None) -> int:
             p.error(f"{name} has no argument {key!r} (arguments: {', '.join(fn.arg_names)})")
         constexprs[key] = constexpr_value(value)
     result = build(fn, constexprs, set(filter(None, args.bf16.split(","))), args.warps, args.stages, args.maxnreg,
-                   frozenset(filter(None, args.fp16.split(","))), args.lines)
+                   frozenset(filter(None, args.fp16.split(","))), args.lines,
+                   None if args.trips is None else [int(t) for t in args.trips.split(",") if t])
     print(f"{name} warps={args.warps} {constexprs}: {result}")
     return 0
 
