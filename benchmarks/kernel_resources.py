@@ -6,8 +6,9 @@ thread, without a GPU (benchmarks/NOTES.md quotes these builds).
 
 ``--lines N`` also prints the N source lines with the most SASS instructions. ``--trips 3,2``
 adds "executed": the instructions one thread runs, each loop's body (a branch back to an earlier
-label) counted as many times as its trip count, the counts given in the loops' address order
-(the loops found are printed; a loop not given runs once). Static counts have mispredicted the
+label) counted as many times as its trip count, the counts given in the order of the loops' first
+instructions, an outer loop before its inner ones (the loops found are printed; a loop not given
+runs once; nested loops multiply). Static counts have mispredicted the
 GPU where a loop went from unrolled to rolled (benchmarks/NOTES.md, twelfth session). Both sides
 of an if are counted.
 
@@ -120,9 +121,9 @@ def executed(disasm: str, trips: list[int]) -> int:
         elif inst := _INST.match(text):
             insts.append((inst.group(1), inst.group(2), where))
     times = [1] * len(insts)
-    loops = [(labels[m.group(1)], i) for i, (op, rest, _) in enumerate(insts) if op == "BRA"
-             and (m := re.search(r"\((\.L_x_\d+)\)", rest)) and labels.get(m.group(1), i) < i]  # (not the BRA to
-    # itself that ends every kernel)
+    loops = sorted((labels[m.group(1)], i) for i, (op, rest, _) in enumerate(insts) if op == "BRA"
+             and (m := re.search(r"\((\.L_x_\d+)\)", rest)) and labels.get(m.group(1), i) < i)  # (not the BRA to
+    # itself that ends every kernel), by their first instruction: an outer loop before its inner ones
     for n, (first, last) in enumerate(loops):
         trip = trips[n] if n < len(trips) else 1
         for j in range(first, last + 1):
