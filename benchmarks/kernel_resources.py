@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib
 import os
 import re
@@ -98,14 +99,19 @@ def build(fn, constexprs: dict, bf16: set[str], warps: int, stages: int, maxnreg
 _INST = re.compile(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(.*)")  # opcode, operands
 
 
-def _frame(line_info: str, before):
-    """(file, line) of an nvdisasm line-info comment: the innermost frame outside Triton's own
-    files (ours under ops/triton/ count as ours); ``before`` if it names none."""
+@functools.cache
+def _in_triton(path: str) -> bool:
+    """Whether ``path`` is one of Triton's own files (ours under ops/triton/ are not)."""
     import triton
 
-    own = str(Path(triton.__file__).resolve().parent) + "/"
+    return Path(path).resolve().is_relative_to(Path(triton.__file__).resolve().parent)
+
+
+def _frame(line_info: str, before):
+    """(file, line) of an nvdisasm line-info comment: the innermost frame outside Triton's own
+    files; ``before`` if it names none."""
     frames = [(f, int(n)) for f, n in re.findall(r'"([^"]+)", line (\d+)', line_info)]
-    ours = [fr for fr in frames if not str(Path(fr[0]).resolve()).startswith(own)]
+    ours = [fr for fr in frames if not _in_triton(fr[0])]
     return (ours or frames or [before])[0]
 
 

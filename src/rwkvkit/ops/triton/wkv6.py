@@ -100,8 +100,8 @@ benchmarks/wkv6_logw_rounding.py), then one product, exact on the rounded values
 32, float32 log w: 5.95 -> 5.16 ms); at tf32x3 it is split into its tf32 head and the rest (two
 products, ~2^-21 per term). Every exponential of these kernels is one ``ex2.approx.ftz`` (a
 factor below 2^-126 is 0 for every sum it enters; tl.exp's subnormal handling cost 5
-instructions for 2: 4.88 -> 4.68 ms at 8, 4096, 32, bf16). The sums of the exponents' gradients are plain sums:
-one tf32 product at precision tf32 (each term rounded as in the kernels' other products: the
+instructions for 2: 4.88 -> 4.68 ms at 8, 4096, 32, bf16). The sums of the exponents' gradients
+are plain sums: one tf32 product at precision tf32 (each term rounded as in the kernels' other products: the
 key-side kernel 3.25 -> 3.02 ms, dlog w's error 2.46e-3 -> 2.56e-3 against fla's 2.67e-3), split
 at tf32x3. Everything key-side is separable in the key index, so the kernels work in blocks of
 ``block_k`` key channels: forward, Y = (r e^{P}) S0^T + A V with A summed over the key blocks;
@@ -553,11 +553,12 @@ def _mask_dot(m, x, PREC: tl.constexpr, X_LEFT: tl.constexpr = False):
     """m @ x for a 0/1 matrix m [L, L] and x [L, N] float32 (X_LEFT: x [N, L] @ m), to float32
     accuracy: every output is a sum of exactly the terms of x that m selects (the others add an
     exact 0, never a value added and subtracted again), so these products are the block-local
-    (exclusive) cumulative sums of the module docstring, on tensor cores. tf32: x split into its
-    tf32 head (the top 10 mantissa bits, exact in tf32) and the rest, two products; the 0/1 matrix
-    is exact in tf32, so the relative error per term is ~2^-21 (x must be finite). PREC "one": one
-    tf32 product with float32 sums, exact where x is exact in tf32 (log w from bfloat16 or
-    float16: at most 10 mantissa bits), else each term rounded to tf32 (~2^-11)."""
+    (exclusive) cumulative sums of the module docstring, on tensor cores. PREC "tf32x3" (or
+    "tf32"): x split into its tf32 head (the top 10 mantissa bits, exact in tf32) and the rest, two
+    products; the 0/1 matrix is exact in tf32, so the relative error per term is ~2^-21 (x must be
+    finite). "one": one tf32 product with float32 sums, exact where x is exact in tf32 (log w from
+    bfloat16 or float16: at most 10 mantissa bits), else each term rounded to tf32 (~2^-11);
+    "round" the same, for a log w that _load_lw_chunk rounded to tf32 (exact)."""
     if PREC == "ieee":
         out = _dot_either(m, x, X_LEFT, "ieee", None)
     elif PREC == "one" or PREC == "round":
