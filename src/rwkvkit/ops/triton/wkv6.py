@@ -768,8 +768,8 @@ def _wkv6_chunk_out_kernel(
             bt = (tl.arange(0, L // SUB) * SUB)[:, None, None]
             tl.store(a_base + (bt + offs_s[None, :, None]) * L + bt + offs_s[None, None, :], A3)
             if LOG2L > LOG2S:
-                other = (offs_t[:, None] >> LOG2S) != (offs_t[None, :] >> LOG2S)
-                tl.store(a_base + offs_t[:, None] * L + offs_t[None, :], A, mask=other)
+                below = (offs_t[:, None] >> LOG2S) > (offs_t[None, :] >> LOG2S)  # A's blocks above are 0: not stored
+                tl.store(a_base + offs_t[:, None] * L + offs_t[None, :], A, mask=below)
     tl.store(out_ptr + row + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=tmask)
 
 
@@ -801,7 +801,10 @@ def _wkv6_bwd_values_kernel(
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     slot = i_bh * NC + c
     dY = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-    At = tl.load(amat_ptr + slot * L * L + offs_t[None, :] * L + offs_t[:, None])  # [s, t]
+    # [s, t]: A's upper triangle (s > t) is 0 and is not read (the forward stores only its
+    # blocks on and below the diagonal)
+    At = tl.load(amat_ptr + slot * L * L + offs_t[None, :] * L + offs_t[:, None],
+                 mask=offs_t[None, :] >= offs_t[:, None], other=0.0)
     dv = tl.dot(At, dY, input_precision=PREC)
     for i_k in range(N // BK):
         offs_k = i_k * BK + tl.arange(0, BK)
@@ -821,7 +824,7 @@ def _wkv6_bwd_keys_kernel(
     glam_ptr,  # [B, H, NC, N] float32: e^{Lam} of every chunk (from _chunk_states)
     dy_ptr,  # [B, T, H, N]
     dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
-    du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
+    du_ptr,  # [H, N, B, NC] float32: partial sums over batch and chunks
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
@@ -960,7 +963,8 @@ def _wkv6_bwd_keys_kernel(
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(dlw_ptr + pk, tl.reshape(dlw3, (L, BK)).to(dlw_ptr.dtype.element_ty), mask=tmask)
-    tl.store(du_ptr + (c * n_bh + i_bh) * N + offs_k, du)
+    n_b = n_bh // H  # du's partial sums [H, N, batch, chunk programs]: summed over the last two by one inner reduction
+    tl.store(du_ptr + ((i_h * N + offs_k) * n_b + i_bh // H) * tl.num_programs(0) + c, du)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1251,7 +1255,7 @@ def wkv6_backward(
     nv = N // bv
     if impl == "chunks":
         dr, dlw, dk = (_empty((B, T, H, N), x.dtype, r.device) for x in (r, log_w, k))
-        du_part = _empty((nc, B * H, N), torch.float32, r.device)
+        du_part = _empty((H, N, B * nc), torch.float32, r.device)
         dv = _empty((B, T, H, N), v.dtype, r.device)
         dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
         ds0, glam = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl,
@@ -1284,7 +1288,7 @@ def wkv6_backward(
             # 8-warp knob test; dA in bfloat16 alone passed; benchmarks/NOTES.md, tenth session)
             BF16_DOTS=r.is_cuda and warps == 4, num_warps=warps, **vl,
         )
-        return dr, dlw, dk, dv, du_part.view(nc, B, H, N).sum((0, 1)).to(u.dtype), ds0
+        return dr, dlw, dk, dv, du_part.sum(2).to(u.dtype), ds0
     inputs = (r, log_w, k)
     if nv == 1:
         parts = [_empty((1, B, T, H, N), x.dtype, r.device) for x in inputs]
