@@ -963,8 +963,9 @@ def _wkv6_bwd_keys_kernel(
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(dlw_ptr + pk, tl.reshape(dlw3, (L, BK)).to(dlw_ptr.dtype.element_ty), mask=tmask)
-    n_b = n_bh // H  # du's partial sums [H, N, batch, chunk programs]: summed over the last two by one inner reduction
-    tl.store(du_ptr + ((i_h * N + offs_k) * n_b + i_bh // H) * tl.num_programs(0) + c, du)
+    # du's partial sums [H, N, batch, chunk programs], summed over the last two by one inner reduction
+    n_part = (tl.num_programs(1) // H) * tl.num_programs(0)
+    tl.store(du_ptr + (i_h * N + offs_k) * n_part + (tl.program_id(1) // H) * tl.num_programs(0) + c, du)
 
 
 # --------------------------------------------------------------------------------------------
