@@ -113,6 +113,23 @@ def test_small_chunks_impl(seed, decay):
                     block_k=NVB // 2, bwd_block_k=NVB // 2)
 
 
+@pytest.mark.parametrize("lean", [False, True])
+def test_small_chunks_impl_output_kernel_builds(seed, monkeypatch, lean):
+    """Both builds of the forward's output kernel (_lean_out picks the lean one only at N = C =
+    64 with one key and value block, so the interpreter's small heads never reach it unless
+    told): bf16 and float32 log w, the forward alone and with the backward (A saved)."""
+    monkeypatch.setattr(kernels, "_lean_out", lambda *a: lean)
+    x = make_inputs(1, 150, 2, NVB, decay="huge")
+    run_and_compare(x, dtype=torch.bfloat16, **CHUNKS)
+    run_and_compare(x, dtype=torch.bfloat16, logw_dtype=torch.float32, **CHUNKS)
+    r, lw, k, v, u, s0 = (t.to(DEVICE).bfloat16() for t in x)
+    u.requires_grad_()
+    with torch.no_grad():  # no A stored: the output kernel's other specialisation
+        y0, _ = wkv6_triton(r, lw, k, v, u, s0, impl="chunks")
+    y1, _ = wkv6_triton(r, lw, k, v, u, s0, impl="chunks")
+    assert rel_err(y1.detach(), y0) < 1e-5
+
+
 def test_small_chunks_impl_small_chunks(seed):
     """impl "chunks" at chunk 16 (four levels) and 32, bf16 inputs with a float32 log_w, two
     value blocks in the dv kernel; and without an initial state."""

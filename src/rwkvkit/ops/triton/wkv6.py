@@ -182,6 +182,7 @@ DEFAULT_IMPL = "blocks"  # the kernels' own default where a chunk is too long fo
 CHUNKS_BLOCK_K = 64
 CHUNKS_KEYS_BLOCK_K = 32
 CHUNKS_NUM_WARPS = 4
+OUT_LEAN_MAXNREG = 168  # the forward's output kernel where _lean_out: three programs of 4 warps per SM
 SUB_ROWS = 16  # the whole-chunk kernels' levels inside aligned blocks of 16 rows run batched on [16, 16] tiles
 DEFAULT_NUM_WARPS = 4  # the "blocks" chunk kernels (H200 sweep: 8 warps 4.0 / 14.2 ms, 4 warps 3.0 / 11.75 ms)
 BWD_BLOCK_T_MAX = 32  # the "blocks" backward at 64-row blocks needs 233-246 KB of shared memory (sm_90: 227 KB)
@@ -690,6 +691,24 @@ def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP: tl.constexpr):
     return lw
 
 
+@triton.jit
+def _level_term(a3, b3, e3, offs_s, lvl, A_IS_T: tl.constexpr, PREC: tl.constexpr):
+    """A level below LOG2S of _wkv6_chunk_out_kernel, batched over the blocks of SUB rows: its
+    pairs' entries of (a e) (b e)^T, 0 elsewhere."""
+    return tl.where(_pair_mask(offs_s, offs_s, lvl, A_IS_T)[None, :, :],
+                    tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
+
+
+@triton.jit
+def _upper_level_term(a, b, lw, masks_ptr, pair_offs, pair_lvl, lvl, L: tl.constexpr, A_IS_T: tl.constexpr,
+                      PREC: tl.constexpr, LWP: tl.constexpr):
+    """A level from LOG2S up on [L, L] tiles; its pairs by _pair_mask(pair_offs, pair_offs,
+    pair_lvl): the rows' indices at level lvl, or the blocks' at lvl - LOG2S (the same pairs)."""
+    e = _exp(_mask_dot(_mask(masks_ptr, lvl, 2, False, tl.arange(0, L), tl.arange(0, L), L), lw, LWP))
+    return tl.where(_pair_mask(pair_offs, pair_offs, pair_lvl, A_IS_T),
+                    tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
+
+
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
 def _wkv6_chunk_out_kernel(
     a_ptr, lw_ptr, b_ptr,  # forward: r, log w, k; backward: k, log w, r   [B, T, H, N]
@@ -703,7 +722,7 @@ def _wkv6_chunk_out_kernel(
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
     BK: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
-    STORE_A: tl.constexpr,
+    STORE_A: tl.constexpr, LEAN: tl.constexpr = False,
 ):
     """One whole chunk per (chunk, batch*head, value block), nothing carried:
     forward  Y  = (r e^{P}) S0^T + A V,
@@ -713,7 +732,8 @@ def _wkv6_chunk_out_kernel(
     one aligned block of SUB = 2^LOG2S rows: they (and the bonus) are batched over those blocks
     ([L/SUB, SUB, SUB] tiles, A3), the levels above take [L, L] tiles (A).
     STORE_A (forward): A is also stored, for the backward's _wkv6_bwd_values_kernel (which then
-    reads it rather than rebuilding it)."""
+    reads it rather than rebuilding it). LEAN: the levels' loops built for a register cap
+    (_lean_out)."""
     SUB: tl.constexpr = 1 << LOG2S
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -745,15 +765,26 @@ def _wkv6_chunk_out_kernel(
         A3 += tl.where(eye, tl.sum(a3 * u[None, None, :] * b3, axis=2)[:, :, None], 0.0)
         A3 += tl.where(_pair_mask(offs_s, offs_s, 0, not BWD)[None, :, :],
                        tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC), 0.0)
-        for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
-            # tl.exp, not _exp: with _exp the compiler unrolled this loop and spilled (offline 128 B)
-            e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
-            A3 += tl.where(_pair_mask(offs_s, offs_s, lvl, not BWD)[None, :, :],
-                           tl.dot(a3 * e3, tl.permute(b3 * e3, (0, 2, 1)), input_precision=PREC), 0.0)
-        for lvl in range(LOG2S, LOG2L):
-            e = _exp(_mask_dot(_mask(masks_ptr, lvl, 2, False, offs_t, offs_t, L), lw, LWP))
-            A += tl.where(_pair_mask(offs_t, offs_t, lvl, not BWD),
-                          tl.dot(a * e, tl.trans(b * e), input_precision=PREC), 0.0)
+        if LEAN:
+            # built for three programs per SM (the launch caps the registers at OUT_LEAN_MAXNREG):
+            # the low levels a loop that is not software-pipelined (num_stages=1: without the mask
+            # tiles' copies in flight the fast exponential no longer makes the compiler unroll it
+            # and spill), the upper levels unrolled with their pairs on the blocks' indices (as a
+            # loop Triton pipelined their mask loads over 3 stages: 80 KB of shared memory, which
+            # left room for two programs). H200, 8, 4096, 32, bf16: 0.914 -> 0.883 ms with A saved,
+            # forward alone 1.28 -> 1.19 ms; uncapped, these loops were slower (0.96 -> 1.02)
+            for lvl in tl.range(1, LOG2S, num_stages=1):
+                e3 = _exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
+                A3 += _level_term(a3, b3, e3, offs_s, lvl, not BWD, PREC)
+            for lvl in tl.static_range(LOG2S, LOG2L):
+                A += _upper_level_term(a, b, lw, masks_ptr, offs_t >> LOG2S, lvl - LOG2S, lvl, L, not BWD, PREC, LWP)
+        else:
+            for lvl in range(1, LOG2S):  # a loop, not unrolled: fewer live registers
+                # tl.exp, not _exp: with _exp the compiler unrolled this loop and spilled (offline 128 B)
+                e3 = tl.exp(_mask_dot_sub(_mask(masks_ptr, lvl, 2, False, offs_s, offs_s, L), lw3, L, SUB, LWP))
+                A3 += _level_term(a3, b3, e3, offs_s, lvl, not BWD, PREC)
+            for lvl in range(LOG2S, LOG2L):
+                A += _upper_level_term(a, b, lw, masks_ptr, offs_t, lvl, lvl, L, not BWD, PREC, LWP)
         # forward: e^{P} (prefix, kind 0); backward: e^{Q} (suffix, kind 1) over the whole chunk
         g = _exp(_mask_dot(_mask(masks_ptr, LOG2L, 1 if BWD else 0, False, offs_t, offs_t, L), lw, LWP))
         S = tl.load(s_base + offs_k[None, :])  # [BV, BK]
@@ -782,8 +813,8 @@ def _wkv6_bwd_values_kernel(
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
-    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-    PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
+    N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """dV = A^T dY + (k e^{Q}) dS^T of one chunk and BV value channels with the forward's A
     (one product in place of rebuilding A from its levels, as _wkv6_chunk_out_kernel does when
@@ -801,10 +832,10 @@ def _wkv6_bwd_values_kernel(
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     slot = i_bh * NC + c
     dY = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
-    # [s, t]: A's upper triangle (s > t) is 0 and is not read (the forward stores only its
-    # blocks on and below the diagonal)
+    # [s, t]: A's blocks of 2^LOG2S rows above the diagonal are 0 and not stored by the forward,
+    # so not read (a mask constant over each block's rows keeps the loads vectorised)
     At = tl.load(amat_ptr + slot * L * L + offs_t[None, :] * L + offs_t[:, None],
-                 mask=offs_t[None, :] >= offs_t[:, None], other=0.0)
+                 mask=(offs_t[None, :] // (1 << LOG2S)) >= (offs_t[:, None] // (1 << LOG2S)), other=0.0)
     dv = tl.dot(At, dY, input_precision=PREC)
     for i_k in range(N // BK):
         offs_k = i_k * BK + tl.arange(0, BK)
@@ -824,7 +855,7 @@ def _wkv6_bwd_keys_kernel(
     glam_ptr,  # [B, H, NC, N] float32: e^{Lam} of every chunk (from _chunk_states)
     dy_ptr,  # [B, T, H, N]
     dr_ptr, dlw_ptr, dk_ptr,  # [B, T, H, N]
-    du_ptr,  # [H, N, B, NC] float32: partial sums over batch and chunks
+    du_ptr,  # [NC, B*H, N] float32: partial sums over chunks
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
     masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
@@ -963,9 +994,7 @@ def _wkv6_bwd_keys_kernel(
     tl.store(dr_ptr + pk, dr.to(dr_ptr.dtype.element_ty), mask=tmask)
     tl.store(dk_ptr + pk, dk.to(dk_ptr.dtype.element_ty), mask=tmask)
     tl.store(dlw_ptr + pk, tl.reshape(dlw3, (L, BK)).to(dlw_ptr.dtype.element_ty), mask=tmask)
-    # du's partial sums [H, N, batch, chunk programs], summed over the last two by one inner reduction
-    n_part = (tl.num_programs(1) // H) * tl.num_programs(0)
-    tl.store(du_ptr + (i_h * N + offs_k) * n_part + (tl.program_id(1) // H) * tl.num_programs(0) + c, du)
+    tl.store(du_ptr + (c * n_bh + i_bh) * N + offs_k, du)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1118,6 +1147,15 @@ def _mask_table(L: int, device: torch.device) -> torch.Tensor:
     return _MASK_TABLES[key]
 
 
+def _lean_out(N: int, L: int, bv: int, bk: int, lwp: str, save_a: bool, num_warps: int | None) -> bool:
+    """Whether the forward's output kernel is built lean, for OUT_LEAN_MAXNREG registers (three
+    programs of 4 warps per SM in place of two): where it was measured faster (H200, N = C = 64,
+    one key and one value block; bfloat16 log w, or no A saved). With A saved and a float32 log w
+    (rounded to tf32 as it is loaded) the cap spilled more and the kernel went 0.92 -> 0.95 ms."""
+    return (N == L == bv == bk == 64 and num_warps in (None, CHUNKS_NUM_WARPS)
+            and not (save_a and lwp == "round"))
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Output allocation (tests replace it to poison outputs with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -1217,12 +1255,14 @@ def wkv6_forward(
     amat = None
     if impl == "chunks":
         amat = _empty((B, H, nc, L, L), torch.float32, r.device) if save_a else None
+        lwp = _lw_precision(log_w, precision)
+        lean = _lean_out(N, L, bv, bk, lwp, save_a, num_warps)
         _wkv6_chunk_out_kernel[(nc, B * H, N // bv)](
             r, log_w, k, v, u, states, y, y if amat is None else amat, *tabs, _mask_table(L, r.device), T, H,
             *_lw_strides(log_w),
             N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, BWD=False, PREC=precision,
-            LWP=_lw_precision(log_w, precision),
-            STORE_A=amat is not None, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+            LWP=lwp, STORE_A=amat is not None, LEAN=lean, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+            **({"maxnreg": OUT_LEAN_MAXNREG} if lean and r.is_cuda else {}),
         )
     else:
         _wkv6_fwd_out_kernel[(nc, B * H, N // bv)](
@@ -1256,7 +1296,7 @@ def wkv6_backward(
     nv = N // bv
     if impl == "chunks":
         dr, dlw, dk = (_empty((B, T, H, N), x.dtype, r.device) for x in (r, log_w, k))
-        du_part = _empty((H, N, B * nc), torch.float32, r.device)
+        du_part = _empty((nc, B * H, N), torch.float32, r.device)
         dv = _empty((B, T, H, N), v.dtype, r.device)
         dstates = _empty((B, H, nc, N, N), torch.float32, r.device)
         ds0, glam = _chunk_states(r, log_w, dy, dsT, dstates, L=L, n_seqs=S, tabs=tabs, vl=vl,
@@ -1272,7 +1312,7 @@ def wkv6_backward(
         else:
             _wkv6_bwd_values_kernel[(nc, B * H, nv)](
                 log_w, k, dy, amat, dstates, dv, *tabs, _mask_table(L, r.device), T, H, *lws,
-                N=N, L=L, LOG2L=int(math.log2(L)), BV=bv, BK=bk, PREC=precision,
+                N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, PREC=precision,
                 LWP=_lw_precision(log_w, precision),
                 num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
             )
@@ -1289,7 +1329,10 @@ def wkv6_backward(
             # 8-warp knob test; dA in bfloat16 alone passed; benchmarks/NOTES.md, tenth session)
             BF16_DOTS=r.is_cuda and warps == 4, num_warps=warps, **vl,
         )
-        return dr, dlw, dk, dv, du_part.sum(2).to(u.dtype), ds0
+        # du summed over the chunks, then the batch: two short reductions with many outputs (one over
+        # both, 2,048 outputs of 512 terms at 8, 4096, 32, took 20 us on the H200; these ~5)
+        du = du_part.view(nc, B * H * N).sum(0).view(B, H, N).sum(0)
+        return dr, dlw, dk, dv, du.to(u.dtype), ds0
     inputs = (r, log_w, k)
     if nv == 1:
         parts = [_empty((1, B, T, H, N), x.dtype, r.device) for x in inputs]
