@@ -106,8 +106,9 @@ key-side kernel 3.25 -> 3.02 ms, dlog w's error 2.46e-3 -> 2.56e-3 against fla's
 at tf32x3. Everything key-side is separable in the key index, so the kernels work in blocks of
 ``block_k`` key channels: forward, Y = (r e^{P}) S0^T + A V with A summed over the key blocks;
 when a backward follows, the forward also stores every chunk's A (float32 [C, C] per chunk and
-head: as many bytes as the chunk states at N = C = 64, kept for the backward like them), and
-the backward's dV = (k e^{Q}) dS^T + A^T dY takes it from there (_wkv6_bwd_values_kernel: one
+head, kept for the backward like the chunk states; only its 16-row blocks on and below the
+diagonal are written and read, 10 of 16 at C = 64: the output kernel 0.95 -> 0.91 ms at 8,
+4096, 32), and the backward's dV = (k e^{Q}) dS^T + A^T dY takes it from there (_wkv6_bwd_values_kernel: one
 product for A^T dY in place of the levels; H200, B=8, T=4096, H=32: the dV kernel 1.06 ->
 0.54 ms, the forward's +0.03; without a saved A, e.g. after an impl "blocks" forward, the
 output kernel rebuilds A^T). A second backward kernel, one program per (chunk, batch*head,
@@ -133,7 +134,10 @@ key side the left operand of each product, which is how an MMA result is laid ou
 operands its tiles were re-laid out by shuffles at every level): 4,984 -> 4,528 instructions
 offline, 2.46 -> 2.25 ms (H200, 8, 4096, 32); the upper levels' pair masks are built on the
 16-row blocks' indices (the same masks, with the runtime level's index arithmetic folded): 2.25
--> 2.16 ms. See benchmarks/NOTES.md. The block kernels above
+-> 2.16 ms. The forward's output kernel has a lean build (_lean_out: N = C = 64, where it was
+measured faster) for three programs per SM under a cap of 168 registers, its loops arranged to
+spill little under it: 0.91 -> 0.88 ms with A saved, the forward alone 1.28 -> 1.19 ms (H200, 8,
+4096, 32, bf16). See benchmarks/NOTES.md. The block kernels above
 remain for chunks of 128 and as a second implementation the tests hold the first against.
 
 Packed variable-length batches (``cu_seqlens``, both impls, every chunk size). The inputs are
@@ -833,7 +837,9 @@ def _wkv6_bwd_values_kernel(
     slot = i_bh * NC + c
     dY = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
     # [s, t]: A's blocks of 2^LOG2S rows above the diagonal are 0 and not stored by the forward,
-    # so not read (a mask constant over each block's rows keeps the loads vectorised)
+    # so not read. The mask is constant over each block's rows, so the copies stay vectorised (an
+    # elementwise t >= s mask made them scalar: this kernel 0.41 -> 0.43 ms at 8, 4096, 32, H200;
+    # with this one 0.41, and the forward's output kernel 0.95 -> 0.91 for the 6 blocks not stored)
     At = tl.load(amat_ptr + slot * L * L + offs_t[None, :] * L + offs_t[:, None],
                  mask=(offs_t[None, :] // (1 << LOG2S)) >= (offs_t[:, None] // (1 << LOG2S)), other=0.0)
     dv = tl.dot(At, dY, input_precision=PREC)
@@ -1329,8 +1335,8 @@ def wkv6_backward(
             # 8-warp knob test; dA in bfloat16 alone passed; benchmarks/NOTES.md, tenth session)
             BF16_DOTS=r.is_cuda and warps == 4, num_warps=warps, **vl,
         )
-        # du summed over the chunks, then the batch: two short reductions with many outputs (one over
-        # both, 2,048 outputs of 512 terms at 8, 4096, 32, took 20 us on the H200; these ~5)
+        # du summed over the chunks, then the batch: two reductions with many outputs (one over both,
+        # 2,048 outputs of 512 terms at 8, 4096, 32, took 20 us on the H200; these two 9 us)
         du = du_part.view(nc, B * H * N).sum(0).view(B, H, N).sum(0)
         return dr, dlw, dk, dv, du.to(u.dtype), ds0
     inputs = (r, log_w, k)
