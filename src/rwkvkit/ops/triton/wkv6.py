@@ -161,13 +161,13 @@ cumulative sums, the states and all accumulation are float32 everywhere.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .chunk_table import ChunkTable, varlen_table
+from .fastmath import fast_exp as _exp  # one ex2.approx.ftz on the GPU (fastmath.py)
 from .recurrent import launch, state_block
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -535,22 +535,6 @@ def _wkv6_bwd_chunks_kernel(
 # --------------------------------------------------------------------------------------------
 # Whole-chunk kernels (impl="chunks"): one program per chunk, nothing carried, no scans
 # --------------------------------------------------------------------------------------------
-
-
-# e^x by one ex2 with subnormal results flushed to 0 on the GPU (tl.exp adds a range check and
-# two scalings for subnormal results: 5 instructions for 2; a decay factor below 2^-126 is 0 for
-# every sum it enters). The Triton CPU interpreter runs no PTX: tl.exp there.
-_FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
-
-
-@triton.jit
-def _exp(x):
-    if _FAST_EXP:
-        out = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
-                                        dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        out = tl.exp(x)
-    return out
 
 
 @triton.jit
