@@ -424,20 +424,31 @@ def time_shapes(op: WkvOp, impls: dict, shapes, dtype, logw_dtype, bw: float, *,
 
 
 def print_table(rows: list[dict], shapes) -> None:
+    """One line per (shape, implementation); with --profile also the ratio of the kernels' own
+    times per forward+backward (summed), which host overheads between launches do not enter."""
+    profiled = any("kernels_ms" in r for r in rows)
     print(f"\n{'shape (B,T,H,N)':22s} {'impl':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'fwd floor':>10s}"
-          f" {'ours/floor':>10s} {'impl/ours fwd':>14s} {'impl/ours f+b':>14s}")
+          f" {'ours/floor':>10s} {'impl/ours fwd':>14s} {'impl/ours f+b':>14s}"
+          + (f" {'kernels f+b':>12s} {'impl/ours kern':>15s}" if profiled else ""))
     for shape in shapes:
         mine = next((r for r in rows if r["shape"] == shape and r["impl"] == "ours"), {})
+        mine = {**mine, **({"kernels_sum_ms": sum(mine["kernels_ms"].values())} if "kernels_ms" in mine else {})}
         for r in (r for r in rows if r["shape"] == shape):
+            if "kernels_ms" in r:  # (a copy: the rows go to the JSON as measured)
+                r = {**r, "kernels_sum_ms": sum(r["kernels_ms"].values())}
+
             def ratio(key):
                 return f"{r[key] / mine[key]:.2f}" if key in r and key in mine else "-"
 
             def ms(key):
                 return f"{r[key]:.3f}" if key in r else "error"
 
-            print(f"{str(shape):22s} {r['impl']:10s} {ms('fwd_ms'):>9s} {ms('fwdbwd_ms'):>11s} "
-                  f"{r['fwd_floor_ms']:>10.3f} {(mine.get('fwd_ms', float('nan')) / r['fwd_floor_ms']):>10.2f} "
-                  f"{ratio('fwd_ms'):>14s} {ratio('fwdbwd_ms'):>14s}")
+            line = (f"{str(shape):22s} {r['impl']:10s} {ms('fwd_ms'):>9s} {ms('fwdbwd_ms'):>11s} "
+                    f"{r['fwd_floor_ms']:>10.3f} {(mine.get('fwd_ms', float('nan')) / r['fwd_floor_ms']):>10.2f} "
+                    f"{ratio('fwd_ms'):>14s} {ratio('fwdbwd_ms'):>14s}")
+            if profiled:
+                line += f" {ms('kernels_sum_ms') if 'kernels_sum_ms' in r else '-':>12s} {ratio('kernels_sum_ms'):>15s}"
+            print(line)
 
 
 # --- accuracy ---------------------------------------------------------------------------------
