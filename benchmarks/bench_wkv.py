@@ -430,12 +430,12 @@ def print_table(rows: list[dict], shapes) -> None:
     print(f"\n{'shape (B,T,H,N)':22s} {'impl':10s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'fwd floor':>10s}"
           f" {'ours/floor':>10s} {'impl/ours fwd':>14s} {'impl/ours f+b':>14s}"
           + (f" {'kernels f+b':>12s} {'impl/ours kern':>15s}" if profiled else ""))
+    def with_sum(row: dict) -> dict:  # a copy: the rows go to the JSON as measured
+        return {**row, "kernels_sum_ms": sum(row["kernels_ms"].values())} if "kernels_ms" in row else row
+
     for shape in shapes:
-        mine = next((r for r in rows if r["shape"] == shape and r["impl"] == "ours"), {})
-        mine = {**mine, **({"kernels_sum_ms": sum(mine["kernels_ms"].values())} if "kernels_ms" in mine else {})}
-        for r in (r for r in rows if r["shape"] == shape):
-            if "kernels_ms" in r:  # (a copy: the rows go to the JSON as measured)
-                r = {**r, "kernels_sum_ms": sum(r["kernels_ms"].values())}
+        mine = with_sum(next((r for r in rows if r["shape"] == shape and r["impl"] == "ours"), {}))
+        for r in (with_sum(r) for r in rows if r["shape"] == shape):
 
             def ratio(key):
                 return f"{r[key] / mine[key]:.2f}" if key in r and key in mine else "-"
