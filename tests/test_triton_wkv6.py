@@ -537,6 +537,67 @@ def test_mask_table_sums(L):
             torch.testing.assert_close(m[1], m[0].T)
 
 
+def test_bf16_operands_rule():
+    """The update and dv kernels take bfloat16 v / dY as stored (their float32 operand split in
+    two bfloat16 parts) only for bfloat16 inputs at tf32 and 4 warps; a bfloat16 log w is then
+    summed by a bfloat16 product against the bfloat16 mask table."""
+    x = {d: torch.zeros(1, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16)}
+    assert kernels._bf16_ops(x[torch.bfloat16], "tf32", 4)
+    assert not kernels._bf16_ops(x[torch.bfloat16], "tf32", 8)
+    assert not kernels._bf16_ops(x[torch.bfloat16], "tf32x3", 4)
+    assert not kernels._bf16_ops(x[torch.float16], "tf32", 4)
+    assert not kernels._bf16_ops(x[torch.float32], "tf32", 4)
+    assert kernels._lw_precision(x[torch.bfloat16], "tf32", bf16=True) == "bf16"
+    assert kernels._lw_precision(x[torch.float16], "tf32", bf16=True) == "one"
+    assert kernels._lw_precision(x[torch.float32], "tf32", bf16=True) == "round"
+    assert kernels._lw_precision(x[torch.bfloat16], "ieee", bf16=True) == "ieee"
+    assert kernels._mask_table(16, torch.device("cpu"), "bf16").dtype == torch.bfloat16
+    assert torch.equal(kernels._mask_table(16, torch.device("cpu"), "bf16").float(),
+                       kernels._mask_table(16, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("x_left", [False, True])
+def test_split_dot_keeps_16_bits(x_left):
+    """_split_dot: a bfloat16 operand times a float32 one split in two bfloat16 parts, against
+    float64 (random signs, a spread of magnitudes): within 16 mantissa bits of the float32
+    operand (tf32 keeps 10: ~3e-4 here, bfloat16's 8 alone: ~3e-3)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def run(b_ptr, x_ptr, o_ptr, X_LEFT: tl.constexpr):
+        i = tl.arange(0, 32)
+        offs = i[:, None] * 32 + i[None, :]
+        tl.store(o_ptr + offs, kernels._split_dot(tl.load(b_ptr + offs), tl.load(x_ptr + offs), X_LEFT))
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(32, 32, generator=g).to(torch.bfloat16)
+    x = torch.randn(32, 32, generator=g) * torch.exp(torch.randn(32, 32, generator=g) * 2)
+    out = torch.empty(32, 32, device=DEVICE)
+    run[(1,)](b.to(DEVICE), x.to(DEVICE), out, X_LEFT=x_left)
+    want = x.double() @ b.double() if x_left else b.double() @ x.double()
+    assert rel_err(out, want) < 3e-5
+
+
+def test_bf16_operands_keep_16_bits_end_to_end(seed):
+    """Through the kernels with bfloat16 inputs at tf32: the final state of one chunk (the
+    update kernel: V^T (k e^{Q})) and dv from the forward's saved A with no state gradient (the
+    dv kernel: A^T dY) against float64 on the same values, within the 16-bit split (tf32
+    operands give ~3e-4, bfloat16 alone ~3e-3)."""
+    r, lw, k, v, u, _ = (t.to(DEVICE) for t in make_inputs(1, 64, 2, NS))
+    r, lw, k, v = (t.to(torch.bfloat16) for t in (r, lw, k, v))
+    cfg = dict(chunk_size=64, block_t=16, block_v=None, num_warps=None, scan_block=None, scan_num_warps=None,
+               precision="tf32", impl="chunks")
+    y, sT, states, amat = kernels.wkv6_forward(r, lw, k, v, u, None, out_dtype=torch.bfloat16, save_a=True, **cfg)
+    _, s_ref = wkv6_reference(*(t.cpu().double() for t in (r, lw, k, v, u)))
+    assert rel_err(sT, s_ref) < 5e-5
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16)
+    dv = kernels.wkv6_backward(r, lw, k, v.float(), u, states, dy, None, amat=amat, **cfg)[3]  # dv in v's dtype
+    a = torch.tril(amat[0].double().cpu())  # [H, 1, C, C]: A[t, s], s <= t (the blocks above are not stored)
+    want = torch.einsum("hts,thn->shn", a[:, 0], dy[0].double().cpu())
+    assert dv.dtype == torch.float32 and rel_err(dv[0], want) < 5e-5
+
+
 @gpu_only
 @pytest.mark.parametrize("decay", ["realistic", "mixed"])
 def test_bfloat16_log_w_summed_in_one_product(seed, decay):

@@ -167,6 +167,7 @@ import triton
 import triton.language as tl
 
 from .chunk_table import ChunkTable, varlen_table
+from .fastmath import COMPILED
 from .fastmath import fast_exp as _exp  # one ex2.approx.ftz on the GPU (fastmath.py)
 from .recurrent import launch, state_block
 
@@ -547,9 +548,13 @@ def _mask_dot(m, x, PREC: tl.constexpr, X_LEFT: tl.constexpr = False):
     products; the 0/1 matrix is exact in tf32, so the relative error per term is ~2^-21 (x must be
     finite). "one": one tf32 product with float32 sums, exact where x is exact in tf32 (log w from
     bfloat16 or float16: at most 10 mantissa bits), else each term rounded to tf32 (~2^-11);
-    "round" the same, for a log w that _load_lw_chunk rounded to tf32 (exact)."""
+    "round" the same, for a log w that _load_lw_chunk rounded to tf32 (exact); "bf16": m and x
+    bfloat16 (a bfloat16 log w as loaded, the bfloat16 table), one bfloat16 product with float32
+    sums, exact as "one" is, with half the operand bytes."""
     if PREC == "ieee":
         out = _dot_either(m, x, X_LEFT, "ieee", None)
+    elif PREC == "bf16":
+        out = _bdot(x, m) if X_LEFT else _bdot(m, x)
     elif PREC == "one" or PREC == "round":
         out = _dot_either(m, x, X_LEFT, "tf32", None)
     else:
@@ -645,6 +650,33 @@ def _dot_in(a, b, PREC: tl.constexpr, BF16_DOTS: tl.constexpr):
 
 
 @triton.jit
+def _bdot(a, b, acc=None):
+    """a @ b (+ acc) for bfloat16 a and b on the tensor cores: every product exact, float32 sums.
+    Under the Triton CPU interpreter, whose bfloat16 dot is wrong (Triton 3.9), the same
+    products in float32 (exact there too), so the interpreter tests run this path."""
+    if COMPILED:
+        out = tl.dot(a, b, acc=acc)
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _split_dot(b, x, X_LEFT: tl.constexpr):
+    """b @ x (X_LEFT: x @ b) for bfloat16 b and float32 x, x split into two bfloat16 parts (its
+    top 16 mantissa bits, where a tf32 operand keeps 10): two exact bfloat16 products with
+    float32 sums. Where b is an input as stored (v, dY), this moves half the shared-memory bytes
+    of a tf32 product of the two (the update and dv kernels are bound by shared memory: ncu)."""
+    xh = x.to(tl.bfloat16)
+    xl = (x - xh.to(tl.float32)).to(tl.bfloat16)
+    if X_LEFT:
+        out = _bdot(xl, b, _bdot(xh, b))
+    else:
+        out = _bdot(b, xl, _bdot(b, xh))
+    return out
+
+
+@triton.jit
 def _dot_split(ah, x):
     """ah @ x for bfloat16 ah and float32 x: x split into two bfloat16 parts (16 of its mantissa
     bits, where a tf32 operand keeps 10), two exact bfloat16 products with float32 sums."""
@@ -669,9 +701,11 @@ def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP: tl.constexpr):
     """log w of a chunk's rows t [L, N], float32; 0 past T; -inf (and anything below -1e30)
     as -1e30: the same factor e^x = 0, and finite, as the masked products need. LWP "round":
     each value rounded to the nearest tf32 value (ties to even), which the one-product sums
-    (_mask_dot) then add exactly."""
+    (_mask_dot) then add exactly; "bf16": a bfloat16 log w kept bfloat16 (-1e30 in bfloat16)."""
     p = lw_ptr + lw_base + t.to(tl.int64)[:, None] * lw_st + offs_k[None, :]
     lw = tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
+    if LWP == "bf16":  # exact: bfloat16 values, and -1e30 rounded (the interpreter's bfloat16 maximum is wrong)
+        lw = lw.to(tl.bfloat16)
     if LWP == "round":  # (a tf32 operand keeps the top 10 of float32's 23 mantissa bits)
         bits = lw.to(tl.uint32, bitcast=True)
         bits += 0xFFF + ((bits >> 13) & 1)
@@ -799,15 +833,16 @@ def _wkv6_bwd_values_kernel(
     dstates_ptr,  # [B, H, NC, N, N] float32: the gradient of the state leaving each chunk
     dv_ptr,  # [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32 (LWP "bf16": bfloat16): _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
-    BK: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr,
+    BK: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr, BF16_OPS: tl.constexpr,
 ):
     """dV = A^T dY + (k e^{Q}) dS^T of one chunk and BV value channels with the forward's A
     (one product in place of rebuilding A from its levels, as _wkv6_chunk_out_kernel does when
     there is no saved A); Q by a masked product (offline sm_90: 1,656 -> 1,120 instructions and
-    155 -> 128 registers against block sums, _wide_sum)."""
+    155 -> 128 registers against block sums, _wide_sum). BF16_OPS (bfloat16 dY, at tf32): A^T dY
+    with dY as stored and A split in two bfloat16 parts (_split_dot)."""
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2)
@@ -819,14 +854,17 @@ def _wkv6_bwd_values_kernel(
     tmask = (t < T)[:, None]
     row = tok0 + t.to(tl.int64)[:, None] * (H * N)
     slot = i_bh * NC + c
-    dY = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0).to(tl.float32)
+    dY = tl.load(dy_ptr + row + offs_v[None, :], mask=tmask, other=0.0)
     # [s, t]: A's blocks of 2^LOG2S rows above the diagonal are 0 and not stored by the forward,
     # so not read. The mask is constant over each block's rows, so the copies stay vectorised (an
     # elementwise t >= s mask made them scalar: this kernel 0.41 -> 0.43 ms at 8, 4096, 32, H200;
     # with this one 0.41, and the forward's output kernel 0.95 -> 0.91 for the 6 blocks not stored)
     At = tl.load(amat_ptr + slot * L * L + offs_t[None, :] * L + offs_t[:, None],
                  mask=(offs_t[None, :] // (1 << LOG2S)) >= (offs_t[:, None] // (1 << LOG2S)), other=0.0)
-    dv = tl.dot(At, dY, input_precision=PREC)
+    if BF16_OPS:
+        dv = _split_dot(dY, At, X_LEFT=True)
+    else:
+        dv = tl.dot(At, dY.to(tl.float32), input_precision=PREC)
     for i_k in range(N // BK):
         offs_k = i_k * BK + tl.arange(0, BK)
         k = tl.load(k_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
@@ -998,14 +1036,16 @@ def _wkv6_chunk_update_kernel(
     u_ptr,  # [B, H, NC, N, N] float32 out: the chunk's update [value, key]
     g_ptr,  # [B, H, NC, N] float32 out: e^{Lam}, the chunk's decay per key channel
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32: _mask_table
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32 (LWP "bf16": bfloat16): _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
-    LWP: tl.constexpr, VARLEN: tl.constexpr,
+    LWP: tl.constexpr, VARLEN: tl.constexpr, BF16_OPS: tl.constexpr,
 ):
     """One chunk's term of the state recurrence, all chunks in parallel: forward
     V^T (k e^{Q}) (S_next = S diag(e^{Lam}) + this), backward dY^T (r e^{P}) (dS_prev = dS
-    diag(e^{Lam}) + this); the exponent by a masked product, as in _wkv6_chunk_out_kernel."""
+    diag(e^{Lam}) + this); the exponent by a masked product, as in _wkv6_chunk_out_kernel.
+    BF16_OPS (bfloat16 v or dY, at tf32): that x as stored and k e^{Q} (r e^{P}) split in two
+    bfloat16 parts (_split_dot)."""
     c = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     c_loc, T, tok0, lw_base, NC, i_h = _chunk_at(cu_ptr, chunk_cu_ptr, chunk_seq_ptr, c, i_bh, T, H, n_chunks,
@@ -1018,10 +1058,14 @@ def _wkv6_chunk_update_kernel(
     a = tl.load(a_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
     lw = _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP)
     a *= _exp(_mask_dot(_mask(masks_ptr, LOG2L, 0 if BWD else 1, False, offs_t, offs_t, L), lw, LWP))
-    x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row + offs_k[None, :], mask=tmask, other=0.0)
+    if BF16_OPS:
+        upd = _split_dot(tl.trans(x), a, X_LEFT=False)
+    else:
+        upd = tl.dot(tl.trans(x.to(tl.float32)), a, input_precision=PREC)
     slot = i_bh * NC + c
-    tl.store(u_ptr + slot * N * N + offs_k[:, None] * N + offs_k[None, :], tl.dot(tl.trans(x), a, input_precision=PREC))
-    tl.store(g_ptr + slot * N + offs_k, _exp(tl.sum(lw, axis=0)))  # Lam: a sum of same-sign terms
+    tl.store(u_ptr + slot * N * N + offs_k[:, None] * N + offs_k[None, :], upd)
+    tl.store(g_ptr + slot * N + offs_k, _exp(tl.sum(lw.to(tl.float32), axis=0)))  # Lam: same-sign terms
 
 
 @triton.jit(do_not_specialize=["T", "H", "n_chunks"])  # one compile for every T and H
@@ -1090,10 +1134,13 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
     nc = states.shape[2]
     g = _empty((B, H, nc, N), torch.float32, a.device)
     # (H200, B=8, T=4096, H=32: value blocks of 32 or 8 warps were slower, NOTES)
+    warps = 4 if L * N <= 4096 else 8
+    ops = _bf16_ops(x, precision, warps)
+    lwp = _lw_precision(log_w, precision, bf16=ops)
     _wkv6_chunk_update_kernel[(nc, B * H)](
-        a, log_w, x, states, g, *tabs, _mask_table(L, a.device), T, H, *_lw_strides(log_w),
-        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, LWP=_lw_precision(log_w, precision),
-        num_warps=4 if L * N <= 4096 else 8, **vl,
+        a, log_w, x, states, g, *tabs, _mask_table(L, a.device, lwp), T, H, *_lw_strides(log_w),
+        N=N, L=L, LOG2L=int(math.log2(L)), BWD=bwd, PREC=precision, LWP=lwp, BF16_OPS=ops,
+        num_warps=warps, **vl,
     )
     sT = _empty((n_seqs, H, N, N), torch.float32, a.device)
     _wkv6_diag_scan_kernel[(n_seqs * H, N // scan_block)](
@@ -1112,16 +1159,18 @@ def _chunk_states(a, log_w, x, s0, states, *, L: int, n_seqs: int, tabs, vl: dic
 _MASK_TABLES: dict = {}
 
 
-def _mask_table(L: int, device: torch.device) -> torch.Tensor:
-    """The 0/1 matrices of the exponent sums the chunk kernels load (_mask), float32
-    [log2(L) + 1, 3, 2, L, L], made once per chunk size and device. Entry [lvl, kind, 0] at row t,
+def _mask_table(L: int, device: torch.device, lwp: str = "") -> torch.Tensor:
+    """The 0/1 matrices of the exponent sums the chunk kernels load (_mask), float32 (bfloat16
+    for the kernels' LWP "bf16") [log2(L) + 1, 3, 2, L, L], made once per chunk size, dtype and
+    device. Entry [lvl, kind, 0] at row t,
     column q is 1 where q lies in t's aligned block of 2^lvl rows and, kind 0: q < t (an exclusive
     prefix sum), 1: q > t (an exclusive suffix sum), 2: q < t if t is in the right half of its
     2^(lvl+1)-block, else q > t (E_h of the module docstring: pre_h on right-half rows, suf_h on
     left-half rows); [lvl, kind, 1] is its transpose (the sums of the exponents' gradients).
     Multiplied into log w by _mask_dot, row t gets the sum of exactly the log w its exponent
     spans."""
-    key = (L, str(device))
+    dtype = torch.bfloat16 if lwp == "bf16" else torch.float32
+    key = (L, str(device), dtype)
     if key not in _MASK_TABLES:
         i = torch.arange(L)
         t, q = i[:, None], i[None, :]  # row, column
@@ -1133,7 +1182,7 @@ def _mask_table(L: int, device: torch.device) -> torch.Tensor:
             for kind, m in enumerate(kinds):
                 out[lvl, kind, 0] = m.float()
                 out[lvl, kind, 1] = m.float().T
-        _MASK_TABLES[key] = out.to(device)
+        _MASK_TABLES[key] = out.to(device, dtype)
     return _MASK_TABLES[key]
 
 
@@ -1186,16 +1235,27 @@ def _check_config(N: int, chunk_size: int, block_t: int, precision: str, impl: s
         raise ValueError(f"wkv6_triton: precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _lw_precision(log_w: torch.Tensor, precision: str) -> str:
+def _lw_precision(log_w: torch.Tensor, precision: str, bf16: bool = False) -> str:
     """The precision of the masked products that sum log w (the exponents): "one" (one tf32
     product, exact) when log w is bfloat16 or float16, whose values tf32 holds exactly, unless
-    ``precision`` is "ieee"; a float32 log w at tf32: "round", each value rounded to the nearest
-    tf32 value as it is loaded, then one exact product (a relative error of at most 2^-11 per
-    term, as every other tf32 operand has); else ``precision`` (tf32x3: the two-part split of
-    _mask_dot; ieee)."""
+    ``precision`` is "ieee"; "bf16" for a bfloat16 log w in a kernel with ``bf16`` operands
+    (_bf16_ops): one bfloat16 product, as exact; a float32 log w at tf32: "round", each value
+    rounded to the nearest tf32 value as it is loaded, then one exact product (a relative error
+    of at most 2^-11 per term, as every other tf32 operand has); else ``precision`` (tf32x3: the
+    two-part split of _mask_dot; ieee)."""
+    if bf16 and precision != "ieee" and log_w.dtype == torch.bfloat16:
+        return "bf16"
     if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16):
         return "one"
     return "round" if precision == "tf32" else precision
+
+
+def _bf16_ops(x: torch.Tensor, precision: str, num_warps: int) -> bool:
+    """Whether the update and dv kernels take x (v, dY) in bfloat16 as stored, with their float32
+    operand split in two bfloat16 parts (_split_dot): a bfloat16 x at tf32 (16 mantissa bits of
+    the split operand, more than tf32's 10), at 4 warps (the key side's bfloat16 products hit an
+    illegal address at 8 warps with Triton 3.6: NOTES, tenth session)."""
+    return x.dtype == torch.bfloat16 and precision == "tf32" and num_warps == 4
 
 
 def _layout(r: torch.Tensor, L: int, table: ChunkTable | None) -> tuple[int, int, tuple, dict]:
@@ -1300,11 +1360,13 @@ def wkv6_backward(
                 STORE_A=False, num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
             )
         else:
+            warps = num_warps or CHUNKS_NUM_WARPS
+            ops = _bf16_ops(dy, precision, warps)
+            lwp = _lw_precision(log_w, precision, bf16=ops)
             _wkv6_bwd_values_kernel[(nc, B * H, nv)](
-                log_w, k, dy, amat, dstates, dv, *tabs, _mask_table(L, r.device), T, H, *lws,
+                log_w, k, dy, amat, dstates, dv, *tabs, _mask_table(L, r.device, lwp), T, H, *lws,
                 N=N, L=L, LOG2L=int(math.log2(L)), LOG2S=_log2_sub(L), BV=bv, BK=bk, PREC=precision,
-                LWP=_lw_precision(log_w, precision),
-                num_warps=num_warps or CHUNKS_NUM_WARPS, **vl,
+                LWP=lwp, BF16_OPS=ops, num_warps=warps, **vl,
             )
         bk = block_k or min(N, CHUNKS_KEYS_BLOCK_K)
         _check_config(N, L, block_t, precision, impl, block_k=bk)
