@@ -97,6 +97,7 @@ import triton.language as tl
 
 from . import segments
 from .chunk_table import ChunkTable, chunk_of, dense_table, varlen_table
+from .fastmath import fast_exp as _exp  # one ex2.approx.ftz on the GPU (fastmath.py)
 from .recurrent import launch, state_block
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,11 +146,11 @@ def _chunk_keyside(r, lw, k, a, b, offs_t, L: tl.constexpr, PREC: tl.constexpr):
     lam = tl.cumsum(lw, axis=0)  # Lam_t, inclusive
     lamp = lam - lw  # Lam'_t = Lam_{t-1}
     lam_last = tl.sum(tl.where(offs_t[:, None] == L - 1, lam, 0.0), axis=0)  # Lam_L  [N]
-    g = tl.exp(lam)
-    gp = tl.exp(lamp)
-    gi = tl.exp(-lam)
-    ge = tl.exp(lam_last[None, :] - lam)
-    gL = tl.exp(lam_last)
+    g = _exp(lam)
+    gp = _exp(lamp)
+    gi = _exp(-lam)
+    ge = _exp(lam_last[None, :] - lam)
+    gL = _exp(lam_last)
     aq = a * gp
     rq = r * g
     ki = k * gi
