@@ -67,7 +67,11 @@ registers; ``block_t`` 32 or 64 trades more levels and wider tiles for fewer blo
     / the gradient of the state leaving (backward) the chunk: float32 [B, H, T/C, N, N]
     (packed sequences: [1, H, chunks, N, N]). It replaced a sequential scan with one
     [b, C] x [C, b] product per chunk, latency-bound (H200, B=8, T=4096, H=32: 1.13 -> 1.04 ms
-    for both directions; 1, 16384, 12: 1.15 -> 0.38);
+    for both directions; 1, 16384, 12: 1.15 -> 0.38). With bfloat16 inputs at tf32 the update
+    takes v (dY) as stored and k e^{Q} (r e^{P}) split in two bfloat16 parts (_split_dot: 16
+    mantissa bits, where tf32 keeps 10), and a bfloat16 log w is summed by one bfloat16 product:
+    the kernel is bound by shared memory (ncu), and this halves its operands' bytes (0.57 ->
+    0.45 ms for both directions; the final state's error 3.9e-4 -> 2.4e-6);
   * a kernel over all chunks in parallel, grid (T/C, batch*head, N/block_v), whose program walks
     its chunk in blocks of block_t rows: forward, Y = (r e^{P}) S^T + A V block by block while
     the [block_v, N] state advances in registers; backward, the blocks in reverse with dS in
@@ -110,8 +114,9 @@ head, kept for the backward like the chunk states; only its 16-row blocks on and
 diagonal are written and read, 10 of 16 at C = 64: the output kernel 0.95 -> 0.91 ms at 8,
 4096, 32), and the backward's dV = (k e^{Q}) dS^T + A^T dY takes it from there (_wkv6_bwd_values_kernel: one
 product for A^T dY in place of the levels; H200, B=8, T=4096, H=32: the dV kernel 1.06 ->
-0.54 ms, the forward's +0.03; without a saved A, e.g. after an impl "blocks" forward, the
-output kernel rebuilds A^T). A second backward kernel, one program per (chunk, batch*head,
+0.54 ms, the forward's +0.03; with bfloat16 dY at tf32, A^T dY takes dY as stored and A split
+in two bfloat16 parts, as the updates do: 0.41 -> 0.30 ms; without a saved A, e.g. after an
+impl "blocks" forward, the output kernel rebuilds A^T). A second backward kernel, one program per (chunk, batch*head,
 key block), gives dr, dk, dlog w, du, recomputing dA = dY V^T rather than passing it through
 memory (passing it was timed: no faster): on the 16-row blocks once, and whole for each upper
 level from v and dY loaded again (a [C, C] dA held from the start spilled; with bfloat16 v and

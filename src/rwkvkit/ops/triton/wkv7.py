@@ -85,6 +85,8 @@ float32 inputs, tf32 for bf16/fp16 inputs. Accumulation is float32 everywhere. U
 where the backward holds bfloat16 states, its products with them take bfloat16 operands
 instead: exact where the other side is bfloat16 too (v, dY), and with a float32 side split
 into two bfloat16 parts (16 mantissa bits, more than tf32's 10) in two more (_dot_bf16x2).
+The chunk key side's exponentials are one ex2.approx.ftz each (fastmath.fast_exp: a factor
+below 2^-126 is flushed to 0; H200, B=8, T=4096, H=32: forward+backward 5.66 -> 5.55 ms).
 """
 
 from __future__ import annotations
