@@ -549,9 +549,10 @@ def test_bf16_operands_rule():
     assert not kernels._bf16_ops(x[torch.float32], "tf32", 4)
     assert kernels._lw_precision(x[torch.bfloat16], "tf32", bf16=True) == "bf16"
     assert kernels._lw_precision(x[torch.float16], "tf32", bf16=True) == "one"
-    assert kernels._lw_precision(x[torch.float32], "tf32", bf16=True) == "round"
+    assert kernels._lw_precision(x[torch.float32], "tf32", bf16=True) == "round_bf16"
     assert kernels._lw_precision(x[torch.bfloat16], "ieee", bf16=True) == "ieee"
     assert kernels._mask_table(16, torch.device("cpu"), "bf16").dtype == torch.bfloat16
+    assert kernels._mask_table(16, torch.device("cpu"), "round_bf16").dtype == torch.bfloat16
     assert torch.equal(kernels._mask_table(16, torch.device("cpu"), "bf16").float(),
                        kernels._mask_table(16, torch.device("cpu")))
 
@@ -579,13 +580,17 @@ def test_split_dot_keeps_16_bits(x_left):
     assert rel_err(out, want) < 3e-5
 
 
-def test_bf16_operands_keep_16_bits_end_to_end(seed):
+@pytest.mark.parametrize("lw_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_operands_keep_16_bits_end_to_end(seed, lw_dtype):
     """Through the kernels with bfloat16 inputs at tf32: the final state of one chunk (the
     update kernel: V^T (k e^{Q})) and dv from the forward's saved A with no state gradient (the
     dv kernel: A^T dY) against float64 on the same values, within the 16-bit split (tf32
-    operands give ~3e-4, bfloat16 alone ~3e-3)."""
+    operands give ~3e-4, bfloat16 alone ~3e-3). A float32 log w, which the kernels round to
+    tf32 as loaded, is given to the reference rounded the same way: its exponents' sums (two
+    bfloat16 products in the update kernel) are exact."""
     r, lw, k, v, u, _ = (t.to(DEVICE) for t in make_inputs(1, 64, 2, NS))
-    r, lw, k, v = (t.to(torch.bfloat16) for t in (r, lw, k, v))
+    r, k, v = (t.to(torch.bfloat16) for t in (r, k, v))
+    lw = lw.to(torch.bfloat16) if lw_dtype == torch.bfloat16 else tf32_nearest(lw.cpu()).to(DEVICE)
     cfg = dict(chunk_size=64, block_t=16, block_v=None, num_warps=None, scan_block=None, scan_num_warps=None,
                precision="tf32", impl="chunks")
     y, sT, states, amat = kernels.wkv6_forward(r, lw, k, v, u, None, out_dtype=torch.bfloat16, save_a=True, **cfg)

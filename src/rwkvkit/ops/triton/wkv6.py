@@ -555,11 +555,15 @@ def _mask_dot(m, x, PREC: tl.constexpr, X_LEFT: tl.constexpr = False):
     bfloat16 or float16: at most 10 mantissa bits), else each term rounded to tf32 (~2^-11);
     "round" the same, for a log w that _load_lw_chunk rounded to tf32 (exact); "bf16": m and x
     bfloat16 (a bfloat16 log w as loaded, the bfloat16 table), one bfloat16 product with float32
-    sums, exact as "one" is, with half the operand bytes."""
+    sums, exact as "one" is, with half the operand bytes; "round_bf16": m bfloat16 and x a log w
+    rounded to tf32 (11 significant bits, so exactly the sum of two bfloat16 parts), two bfloat16
+    products (_split_dot), exact as "round" is."""
     if PREC == "ieee":
         out = _dot_either(m, x, X_LEFT, "ieee", None)
     elif PREC == "bf16":
         out = _bdot(x, m) if X_LEFT else _bdot(m, x)
+    elif PREC == "round_bf16":
+        out = _split_dot(m, x, X_LEFT)
     elif PREC == "one" or PREC == "round":
         out = _dot_either(m, x, X_LEFT, "tf32", None)
     else:
@@ -711,7 +715,7 @@ def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP: tl.constexpr):
     lw = tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
     if LWP == "bf16":  # exact: bfloat16 values, and -1e30 rounded (the interpreter's bfloat16 maximum is wrong)
         lw = lw.to(tl.bfloat16)
-    if LWP == "round":  # (a tf32 operand keeps the top 10 of float32's 23 mantissa bits)
+    if LWP == "round" or LWP == "round_bf16":  # (a tf32 operand keeps the top 10 of float32's 23 mantissa bits)
         bits = lw.to(tl.uint32, bitcast=True)
         bits += 0xFFF + ((bits >> 13) & 1)
         lw = (bits & 0xFFFFE000).to(tl.float32, bitcast=True)
@@ -838,7 +842,7 @@ def _wkv6_bwd_values_kernel(
     dstates_ptr,  # [B, H, NC, N, N] float32: the gradient of the state leaving each chunk
     dv_ptr,  # [B, T, H, N]
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32 (LWP "bf16": bfloat16): _mask_table
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32 (LWP "bf16", "round_bf16": bfloat16): _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, LOG2S: tl.constexpr, BV: tl.constexpr,
     BK: tl.constexpr, PREC: tl.constexpr, LWP: tl.constexpr, VARLEN: tl.constexpr, BF16_OPS: tl.constexpr,
@@ -1041,7 +1045,7 @@ def _wkv6_chunk_update_kernel(
     u_ptr,  # [B, H, NC, N, N] float32 out: the chunk's update [value, key]
     g_ptr,  # [B, H, NC, N] float32 out: e^{Lam}, the chunk's decay per key channel
     cu_ptr, chunk_cu_ptr, chunk_seq_ptr,  # VARLEN: the chunk table (int32; else unused)
-    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32 (LWP "bf16": bfloat16): _mask_table
+    masks_ptr,  # [LOG2L + 1, 3, 2, L, L] float32 (LWP "bf16", "round_bf16": bfloat16): _mask_table
     T, H, lw_sb, lw_st, lw_sh, n_chunks,
     N: tl.constexpr, L: tl.constexpr, LOG2L: tl.constexpr, BWD: tl.constexpr, PREC: tl.constexpr,
     LWP: tl.constexpr, VARLEN: tl.constexpr, BF16_OPS: tl.constexpr,
@@ -1166,15 +1170,14 @@ _MASK_TABLES: dict = {}
 
 def _mask_table(L: int, device: torch.device, lwp: str = "") -> torch.Tensor:
     """The 0/1 matrices of the exponent sums the chunk kernels load (_mask), float32 (bfloat16
-    for the kernels' LWP "bf16") [log2(L) + 1, 3, 2, L, L], made once per chunk size, dtype and
-    device. Entry [lvl, kind, 0] at row t,
-    column q is 1 where q lies in t's aligned block of 2^lvl rows and, kind 0: q < t (an exclusive
+    for the kernels' LWP "bf16" and "round_bf16") [log2(L) + 1, 3, 2, L, L], made once per chunk
+    size, dtype and device. Entry [lvl, kind, 0] at row t, column q is 1 where q lies in t's aligned block of 2^lvl rows and, kind 0: q < t (an exclusive
     prefix sum), 1: q > t (an exclusive suffix sum), 2: q < t if t is in the right half of its
     2^(lvl+1)-block, else q > t (E_h of the module docstring: pre_h on right-half rows, suf_h on
     left-half rows); [lvl, kind, 1] is its transpose (the sums of the exponents' gradients).
     Multiplied into log w by _mask_dot, row t gets the sum of exactly the log w its exponent
     spans."""
-    dtype = torch.bfloat16 if lwp == "bf16" else torch.float32
+    dtype = torch.bfloat16 if lwp in ("bf16", "round_bf16") else torch.float32
     key = (L, str(device), dtype)
     if key not in _MASK_TABLES:
         i = torch.arange(L)
@@ -1246,13 +1249,16 @@ def _lw_precision(log_w: torch.Tensor, precision: str, bf16: bool = False) -> st
     ``precision`` is "ieee"; "bf16" for a bfloat16 log w in a kernel with ``bf16`` operands
     (_bf16_ops): one bfloat16 product, as exact; a float32 log w at tf32: "round", each value
     rounded to the nearest tf32 value as it is loaded, then one exact product (a relative error
-    of at most 2^-11 per term, as every other tf32 operand has); else ``precision`` (tf32x3: the
-    two-part split of _mask_dot; ieee)."""
+    of at most 2^-11 per term, as every other tf32 operand has), and in a kernel with ``bf16``
+    operands "round_bf16", the same rounding then two exact bfloat16 products against the
+    bfloat16 table; else ``precision`` (tf32x3: the two-part split of _mask_dot; ieee)."""
     if bf16 and precision != "ieee" and log_w.dtype == torch.bfloat16:
         return "bf16"
     if precision != "ieee" and log_w.dtype in (torch.bfloat16, torch.float16):
         return "one"
-    return "round" if precision == "tf32" else precision
+    if precision == "tf32":
+        return "round_bf16" if bf16 else "round"
+    return precision
 
 
 def _bf16_ops(x: torch.Tensor, precision: str, num_warps: int) -> bool:
