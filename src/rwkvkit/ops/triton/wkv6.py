@@ -689,7 +689,10 @@ def _split_dot(b, x, X_LEFT: tl.constexpr):
 @triton.jit
 def _dot_split(ah, x):
     """ah @ x for bfloat16 ah and float32 x: x split into two bfloat16 parts (16 of its mantissa
-    bits, where a tf32 operand keeps 10), two exact bfloat16 products with float32 sums."""
+    bits, where a tf32 operand keeps 10), two exact bfloat16 products with float32 sums. The key
+    side's own copy of _split_dot (which it only calls on the GPU, BF16_DOTS): built through
+    _split_dot its code moved (offline sm_90: 4,384 -> 4,400 instructions), and that was not
+    timed."""
     xh = x.to(tl.bfloat16)
     return tl.dot(ah, (x - xh.to(tl.float32)).to(tl.bfloat16), acc=tl.dot(ah, xh))
 
@@ -709,8 +712,8 @@ def _mask(masks_ptr, lvl, KIND: tl.constexpr, TRANS: tl.constexpr, offs_a, offs_
 @triton.jit
 def _load_lw_chunk(lw_ptr, lw_base, t, tmask, lw_st, offs_k, LWP: tl.constexpr):
     """log w of a chunk's rows t [L, N], float32; 0 past T; -inf (and anything below -1e30)
-    as -1e30: the same factor e^x = 0, and finite, as the masked products need. LWP "round":
-    each value rounded to the nearest tf32 value (ties to even), which the one-product sums
+    as -1e30: the same factor e^x = 0, and finite, as the masked products need. LWP "round"
+    (and "round_bf16"): each value rounded to the nearest tf32 value (ties to even), which the one-product sums
     (_mask_dot) then add exactly; "bf16": a bfloat16 log w kept bfloat16 (-1e30 in bfloat16)."""
     p = lw_ptr + lw_base + t.to(tl.int64)[:, None] * lw_st + offs_k[None, :]
     lw = tl.maximum(tl.load(p, mask=tmask, other=0.0).to(tl.float32), -1e30)
@@ -1172,8 +1175,9 @@ _MASK_TABLES: dict = {}
 def _mask_table(L: int, device: torch.device, lwp: str = "") -> torch.Tensor:
     """The 0/1 matrices of the exponent sums the chunk kernels load (_mask), float32 (bfloat16
     for the kernels' LWP "bf16" and "round_bf16") [log2(L) + 1, 3, 2, L, L], made once per chunk
-    size, dtype and device. Entry [lvl, kind, 0] at row t, column q is 1 where q lies in t's aligned block of 2^lvl rows and, kind 0: q < t (an exclusive
-    prefix sum), 1: q > t (an exclusive suffix sum), 2: q < t if t is in the right half of its
+    size, dtype and device. Entry [lvl, kind, 0] at row t, column q is 1 where q lies in t's
+    aligned block of 2^lvl rows and, kind 0: q < t (an exclusive prefix sum), 1: q > t (an
+    exclusive suffix sum), 2: q < t if t is in the right half of its
     2^(lvl+1)-block, else q > t (E_h of the module docstring: pre_h on right-half rows, suf_h on
     left-half rows); [lvl, kind, 1] is its transpose (the sums of the exponents' gradients).
     Multiplied into log w by _mask_dot, row t gets the sum of exactly the log w its exponent
