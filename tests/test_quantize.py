@@ -6,7 +6,7 @@ import torch
 
 from conftest import rel_err
 from official_files import make_rwkv7_state_dict
-from rwkvkit import load_default_model, load_model
+from rwkvkit import load_default_model, load_model, quantize
 from rwkvkit.errors import ConfigError
 from rwkvkit.models.rwkv7 import TimeMix
 from rwkvkit.quantize import Int8Linear, Int8Rows, int8_rows_supported, quantize_int8_per_channel
@@ -157,8 +157,13 @@ def test_int8_fused_step_follows_the_unfused_step(monkeypatch):
         _unfused(m)
         separate = decode(ids[None])[0]
     in_batch = decode(torch.stack([ids, ids.flip(0)]))[0]
-    assert rel_err(fused, separate) < 1.5e-2  # measured 5.8e-3 (each 6.6e-3 from float32)
-    assert rel_err(fused, in_batch) < 1.5e-2  # measured 7.6e-3
+    # The activations' int8 grid: 8 bits, or 7 where the CPU has no VNNI (x86 AVX2), whose
+    # rounding steps are twice as large. Measured with 8 bits: 5.8e-3 and 7.6e-3 (each 6.6e-3
+    # from float32); with 7 bits (AMD EPYC, AVX2): 1.18e-2 and 1.50e-2 (1.06e-2 and
+    # 1.29e-2 from float32).
+    step = 127 / quantize._fbgemm_activation_levels()
+    assert rel_err(fused, separate) < 1.5e-2 * step
+    assert rel_err(fused, in_batch) < 1.5e-2 * step
 
 
 @needs_fbgemm
