@@ -558,10 +558,11 @@ def test_bf16_operands_rule():
 
 
 @pytest.mark.parametrize("x_left", [False, True])
-def test_split_dot_keeps_16_bits(x_left):
+def test_split_dot_keeps_16_bits(seed, x_left):
     """_split_dot: a bfloat16 operand times a float32 one split in two bfloat16 parts, against
     float64 (random signs, a spread of magnitudes): within 16 mantissa bits of the float32
-    operand (tf32 keeps 10: ~3e-4 here, bfloat16's 8 alone: ~3e-3)."""
+    operand (tf32 keeps 10: ~3e-4 here, bfloat16's 8 alone: ~3e-3; the split at most 5.7e-6
+    over 200 seeds in float64)."""
     import triton
     import triton.language as tl
 
@@ -571,7 +572,7 @@ def test_split_dot_keeps_16_bits(x_left):
         offs = i[:, None] * 32 + i[None, :]
         tl.store(o_ptr + offs, kernels._split_dot(tl.load(b_ptr + offs), tl.load(x_ptr + offs), X_LEFT))
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     b = torch.randn(32, 32, generator=g).to(torch.bfloat16)
     x = torch.randn(32, 32, generator=g) * torch.exp(torch.randn(32, 32, generator=g) * 2)
     out = torch.empty(32, 32, device=DEVICE)
