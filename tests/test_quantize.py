@@ -29,12 +29,20 @@ def linear(out_features, in_features, seed):
     return lin
 
 
+def int8_tol(base: float) -> float:
+    """An int8 tolerance set on CPUs with 8-bit activations, for this CPU: x86 without VNNI
+    quantizes the activations to 7 bits (quantize.py), whose steps are twice as large (AMD EPYC,
+    AVX2: the errors of these tests doubled, and the 8-bit bounds failed on about half the seeds)."""
+    levels = quantize._fbgemm_activation_levels()
+    return base * (127 / levels if levels else 1.0)
+
+
 def test_int8_linear_is_close_to_float(seed):
     lin = linear(96, 200, seed)
     q = Int8Linear.from_linear(lin)
     x = torch.randn(5, 7, 200)
     assert q(x).shape == (5, 7, 96)
-    assert rel_err(q(x), lin(x)) < 1.5e-2, f"seed {seed}"
+    assert rel_err(q(x), lin(x)) < int8_tol(1.5e-2), f"seed {seed}"  # 7 bits: at most 1.66e-2 in 300 seeds
     w, scale = quantize_int8_per_channel(lin.weight)
     assert w.dtype == torch.int8 and w.abs().max() <= 127 and scale.shape == (96,)
     assert rel_err(w.float() * scale[:, None], lin.weight) < 1e-2  # ~6.5e-3 for Gaussian rows
@@ -54,7 +62,7 @@ def test_int8_rows_do_not_depend_on_the_batch(seed):
             tol = 1e-6 * together[row].abs().max()
             assert torch.allclose(alone[i], together[row], rtol=1e-6, atol=tol), (rows, row)
     for row in range(6):
-        assert rel_err(q(x[row : row + 1])[0], lin(x[row])) < 2e-2
+        assert rel_err(q(x[row : row + 1])[0], lin(x[row])) < int8_tol(2e-2)  # 7 bits: at most 2.11e-2
 
 
 needs_fbgemm = pytest.mark.skipif(not int8_rows_supported(), reason="no fbgemm int8 kernels in this PyTorch")
@@ -76,8 +84,10 @@ def test_int8_rows_are_the_separate_products(seed, B):
     y = Int8Rows(weights)(rows)  # [3, B, sum(sizes)]: row block i keeps block i
     out = [y[i].split(sizes, dim=-1)[i] for i in range(len(sizes))]
     assert [tuple(o.shape) for o in out] == [(B, n) for n in sizes]
+    # 7 bits, 3000 seeds: B=1 at most 3.88e-2 (one range for the three rows), B=4 2.02e-2 in 300
+    tol = int8_tol(2.5e-2 if B == 1 else 2e-2)
     for w, x, y in zip(weights, rows, out):
-        assert rel_err(y, x @ w.T) < 2e-2, f"seed {seed}"
+        assert rel_err(y, x @ w.T) < tol, f"seed {seed}"
         if B > 1:
             lin = torch.nn.Linear(96, w.shape[0], bias=False)
             lin.weight.data = w
@@ -114,7 +124,8 @@ def test_quantized_model_layers_save_and_bad_mode(tmp_path, seed):
 
 
 @pytest.mark.parametrize("setting, max_rel_err, min_top1", [
-    (dict(quantize="int8"), 2e-2, 0.97),       # measured 7.4e-3, 98.5% (decoding 6.6e-3, 99.2%)
+    # int8 measured 7.4e-3, 98.5% (decoding 6.6e-3, 99.2%); with 7-bit activations 1.27e-2, 98.5%
+    (dict(quantize="int8"), 2e-2, 0.97),
     (dict(dtype=torch.bfloat16), 1e-2, 0.97),  # measured 3.6e-3 and 98.5%
 ])
 def test_logits_tolerance_against_float32(setting, max_rel_err, min_top1):
@@ -157,13 +168,10 @@ def test_int8_fused_step_follows_the_unfused_step(monkeypatch):
         _unfused(m)
         separate = decode(ids[None])[0]
     in_batch = decode(torch.stack([ids, ids.flip(0)]))[0]
-    # The activations' int8 grid: 8 bits, or 7 where the CPU has no VNNI (x86 AVX2), whose
-    # rounding steps are twice as large. Measured with 8 bits: 5.8e-3 and 7.6e-3 (each 6.6e-3
-    # from float32); with 7 bits (AMD EPYC, AVX2): 1.18e-2 and 1.50e-2 (1.06e-2 and
-    # 1.29e-2 from float32).
-    step = 127 / quantize._fbgemm_activation_levels()
-    assert rel_err(fused, separate) < 1.5e-2 * step
-    assert rel_err(fused, in_batch) < 1.5e-2 * step
+    # Measured with 8-bit activations: 5.8e-3 and 7.6e-3 (each 6.6e-3 from float32); with 7 bits
+    # (int8_tol): 1.18e-2 and 1.50e-2 (1.06e-2 and 1.29e-2 from float32).
+    assert rel_err(fused, separate) < int8_tol(1.5e-2)
+    assert rel_err(fused, in_batch) < int8_tol(1.5e-2)
 
 
 @needs_fbgemm
